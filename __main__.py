@@ -1,0 +1,3 @@
+from stalwart.runtime.cli import main
+
+raise SystemExit(main())

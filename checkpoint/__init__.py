@@ -1,0 +1,1 @@
+"""Sharded checkpoints with atomic commit, integrity, tiers and rollback."""

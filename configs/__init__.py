@@ -1,0 +1,1 @@
+"""Shipped TOML configs: the debug CPU run and one per model flavor."""

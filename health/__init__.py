@@ -1,0 +1,1 @@
+"""Node health daemon, job controller, SDC and straggler detection."""

@@ -1,0 +1,1 @@
+"""Llama 3 architecture, flavors, parameter/FLOP counts and the Hugging Face adapter. No parallelism here."""

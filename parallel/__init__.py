@@ -1,0 +1,1 @@
+"""Device mesh, degree validation and one apply_* function per parallel technique."""

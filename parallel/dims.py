@@ -1,0 +1,129 @@
+"""Parallel degrees, their validation, and the one device mesh every other part looks up by name.
+
+Mesh order is [pp, dp_replicate, dp_shard, cp, tp] (TP innermost, as Llama 3 405B): ranks that
+talk most often are neighbours. Derived, flattened dimensions:
+
+- ``dp``          = dp_replicate × dp_shard: data loading (ranks that see different samples);
+- ``dp_shard_cp`` = dp_shard × cp: what FSDP shards parameters over;
+- ``dp_cp``       = dp_replicate × dp_shard × cp: loss averaging and gradient-norm reduction.
+
+All checks run before any process group exists, so a bad layout costs nothing but the message.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from torch.distributed.device_mesh import DeviceMesh
+
+    from stalwart.model.args import ModelArgs
+
+MESH_DIMS = ("pp", "dp_replicate", "dp_shard", "cp", "tp")
+FLATTENED = {
+    "dp": ("dp_replicate", "dp_shard"),
+    "dp_shard_cp": ("dp_shard", "cp"),
+    "dp_cp": ("dp_replicate", "dp_shard", "cp"),
+}
+
+
+class ParallelLayoutError(ValueError):
+    """A parallel layout that cannot run; the message names the fix."""
+
+
+def _divisors(n: int) -> list[int]:
+    return [d for d in range(1, n + 1) if n % d == 0]
+
+
+def _fmt_set(values: list[int]) -> str:
+    return "{" + ", ".join(map(str, values)) + "}"
+
+
+@dataclass(frozen=True)
+class ParallelDims:
+    dp_replicate: int
+    dp_shard: int
+    cp: int
+    tp: int
+    pp: int
+    world_size: int
+
+    @classmethod
+    def resolve(cls, dp_replicate: int, dp_shard: int, cp: int, tp: int, pp: int, world_size: int) -> ParallelDims:
+        """Fill ``dp_shard = -1`` from the world size and check that the product matches."""
+        for name, value in (("dp_replicate", dp_replicate), ("cp", cp), ("tp", tp), ("pp", pp)):
+            if value < 1:
+                raise ParallelLayoutError(f"parallel.{name} = {value} must be at least 1")
+        if dp_shard == 0 or dp_shard < -1:
+            raise ParallelLayoutError(f"parallel.dp_shard = {dp_shard} must be at least 1, or -1 for 'whatever is left'")
+        others = dp_replicate * cp * tp * pp
+        if dp_shard == -1:
+            if world_size % others:
+                fitting = [w for w in range(others, 4 * others + 1, others)]
+                raise ParallelLayoutError(
+                    f"world size {world_size} is not divisible by dp_replicate×cp×tp×pp = "
+                    f"{dp_replicate}×{cp}×{tp}×{pp} = {others}; run on a multiple of {others} ranks "
+                    f"(e.g. {', '.join(map(str, fitting))}) or lower the degrees"
+                )
+            dp_shard = world_size // others
+        product = others * dp_shard
+        if product != world_size:
+            raise ParallelLayoutError(
+                f"pp×dp_replicate×dp_shard×cp×tp = {pp}×{dp_replicate}×{dp_shard}×{cp}×{tp} = {product} "
+                f"but the world size is {world_size}; make the product equal {world_size} (dp_shard = -1 fills the rest)"
+            )
+        return cls(dp_replicate, dp_shard, cp, tp, pp, world_size)
+
+    @property
+    def dp(self) -> int:
+        return self.dp_replicate * self.dp_shard
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return (self.pp, self.dp_replicate, self.dp_shard, self.cp, self.tp)
+
+    def describe(self) -> str:
+        return " × ".join(f"{n}{d}" for n, d in zip(MESH_DIMS, self.shape) if d > 1) or "single rank"
+
+    def as_dict(self) -> dict[str, int]:
+        return dict(zip(MESH_DIMS, self.shape))
+
+    def validate_model(self, args: ModelArgs, seq_len: int) -> None:
+        """Shape constraints between the layout and the model, each error naming the valid choices."""
+        if self.tp > 1:
+            for what, n in (("n_heads", args.n_heads), ("n_kv_heads", args.n_kv_heads), ("the FFN width", args.ffn_hidden_dim), ("vocab_size", args.vocab_size)):
+                if n % self.tp:
+                    common = [d for d in _divisors(args.n_heads) if args.n_kv_heads % d == 0 and args.ffn_hidden_dim % d == 0 and args.vocab_size % d == 0]
+                    raise ParallelLayoutError(f"tp={self.tp} does not divide {what}={n}; choose tp in {_fmt_set(common)}")
+        if self.cp > 1 and seq_len % (2 * self.cp):
+            valid = [c for c in _divisors(seq_len) if seq_len % (2 * c) == 0]
+            raise ParallelLayoutError(
+                f"2·cp = {2 * self.cp} does not divide seq_len={seq_len} (load-balanced context parallelism "
+                f"splits the sequence into 2·cp chunks); choose cp in {_fmt_set(valid)} or change data.seq_len"
+            )
+        if self.pp > args.n_layers:
+            raise ParallelLayoutError(f"pp={self.pp} is larger than the model's n_layers={args.n_layers}; choose pp <= {args.n_layers}")
+
+    def validate_batch(self, global_batch_size: int, microbatch_size: int, pp_microbatches: int) -> None:
+        """The global batch must split evenly over DP ranks, microbatches and pipeline microbatches."""
+        per_step = self.dp * microbatch_size
+        if global_batch_size % per_step:
+            raise ParallelLayoutError(
+                f"training.global_batch_size={global_batch_size} is not divisible by dp×microbatch_size = "
+                f"{self.dp}×{microbatch_size} = {per_step}; choose a global batch that is a multiple of {per_step}"
+            )
+        if self.pp > 1 and pp_microbatches and microbatch_size % pp_microbatches:
+            raise ParallelLayoutError(
+                f"parallel.pp_microbatches={pp_microbatches} does not divide the local batch "
+                f"training.microbatch_size={microbatch_size}; choose pp_microbatches in {_fmt_set(_divisors(microbatch_size))}"
+            )
+
+    def build_mesh(self, device_type: str) -> DeviceMesh:
+        """The world mesh with the named dims and the flattened ``dp``, ``dp_shard_cp``, ``dp_cp``."""
+        from torch.distributed.device_mesh import init_device_mesh
+
+        mesh = init_device_mesh(device_type, self.shape, mesh_dim_names=MESH_DIMS)
+        for flat, dims in FLATTENED.items():
+            mesh[dims]._flatten(flat)
+        return mesh

@@ -1,0 +1,1 @@
+"""CLI, config, trainer loop, events, goodput accounting and fault injection."""

@@ -1,0 +1,86 @@
+"""``stalwart``: the command line. Subcommands import their machinery lazily (start-up is badput)."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+from stalwart import __version__
+
+
+class UserError(Exception):
+    """Raised for input the user can fix; printed as one line, exit code 2, no traceback."""
+
+
+def _user_errors() -> tuple[type[BaseException], ...]:
+    from stalwart.parallel.dims import ParallelLayoutError
+    from stalwart.runtime.config import ConfigError
+
+    return (UserError, ConfigError, ParallelLayoutError, FileNotFoundError)
+
+
+def _under_launcher() -> bool:
+    return "TORCHELASTIC_RUN_ID" in os.environ or "RANK" in os.environ
+
+
+def cmd_train(args: argparse.Namespace, overrides: list[str]) -> int:
+    from stalwart.runtime.config import load_config
+    from stalwart.runtime.train import plan_job
+
+    cfg = load_config(args.config, overrides)
+    if _under_launcher() or args.nproc_per_node == 1:
+        from stalwart.runtime.train import train
+
+        train(cfg)
+        return 0
+    plan = plan_job(cfg, args.nproc_per_node)
+    print(f"stalwart train: {args.nproc_per_node} ranks, layout {plan.dims.describe()}, run dir {cfg.run_dir}", flush=True)
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+    from torch.distributed.run import get_args_parser, run
+
+    torchrun_args = get_args_parser().parse_args(
+        ["--standalone", f"--nproc-per-node={args.nproc_per_node}", "--module", "stalwart", "train", "--config", args.config, *overrides]
+    )
+    try:
+        run(torchrun_args)
+    except ChildFailedError as e:
+        first = next(iter(e.failures.values()))
+        print(f"stalwart train: rank {first.local_rank} exited with code {first.exitcode}; see its log above", file=sys.stderr)
+        return 1
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="stalwart", description="Fault-tolerant distributed training for Llama-style LLMs.")
+    parser.add_argument("--version", action="version", version=f"stalwart {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+
+    train = sub.add_parser(
+        "train",
+        help="train a model from a TOML config (one process, or --nproc-per-node ranks on this machine)",
+        description="Train from a TOML config. Extra --section.key VALUE arguments override the config.",
+    )
+    train.add_argument("--config", required=True, help="TOML file, or a shipped config name (debug, 1B, 8B, ...)")
+    train.add_argument("--nproc-per-node", type=int, default=1, help="ranks to start on this machine (default 1)")
+    train.set_defaults(func=cmd_train)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args, overrides = parser.parse_known_args(argv)
+    if args.command is None:
+        parser.print_help()
+        return 0
+    try:
+        return args.func(args, overrides)
+    except _user_errors() as e:
+        print(f"stalwart {args.command}: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

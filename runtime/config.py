@@ -1,0 +1,271 @@
+"""Typed job configuration loaded from TOML, with ``--section.key value`` overrides.
+
+Every key is a dataclass field, so a typo is an error that names the valid keys instead of a
+silently ignored setting. Values are coerced from TOML or command-line strings by the field's
+type; ``Literal`` fields list their allowed values in the error.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import tomllib
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+CONFIGS_DIR = Path(__file__).resolve().parent.parent / "configs"
+
+
+class ConfigError(ValueError):
+    """A bad configuration value; the message names the key and what is allowed."""
+
+
+@dataclass
+class JobConfig:
+    name: str = "stalwart"
+    run_dir: str = "runs/{name}"
+    """Where events, checkpoints and reports go; ``{name}`` expands to ``job.name``."""
+    seed: int = 0
+    description: str = ""
+
+
+@dataclass
+class ModelConfig:
+    flavor: str = "debug"
+    """One of model.args.FLAVORS: debug, 1B, 3B, 8B, 70B, 405B."""
+    vocab_size: int = 0
+    """0 keeps the flavor's vocabulary; set it to match a custom tokenizer."""
+    n_layers: int = 0
+    """0 keeps the flavor's depth; a smaller value gives a cheap model of the same width."""
+
+
+@dataclass
+class DataConfig:
+    source: Literal["stdlib", "files"] = "stdlib"
+    path: str = ""
+    """File or folder of .txt/.jsonl/.py text, required when source = "files"."""
+    jsonl_field: str = "text"
+    tokenizer: str = "byte"
+    """"byte" or the path of a Hugging Face tokenizer.json (or its folder)."""
+    seq_len: int = 128
+    shuffle: bool = True
+    max_tokens: int = 0
+    """0 uses the whole corpus; a positive cap makes tests and demos cheap."""
+
+
+@dataclass
+class TrainingConfig:
+    steps: int = 300
+    global_batch_size: int = 32
+    """Samples per optimizer step for the whole job; kept constant when DP changes."""
+    microbatch_size: int = 8
+    """Samples per forward/backward on one data-parallel rank; the rest is accumulation."""
+    lr: float = 3e-3
+    min_lr_ratio: float = 0.1
+    warmup_steps: int = 20
+    decay: Literal["cosine", "linear", "constant"] = "cosine"
+    weight_decay: float = 0.1
+    beta1: float = 0.9
+    beta2: float = 0.95
+    eps: float = 1e-8
+    max_grad_norm: float = 1.0
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    dtype: Literal["auto", "float32", "bfloat16"] = "auto"
+    """auto: bf16 autocast on CUDA, fp32 on CPU."""
+    threads_per_rank: int = 0
+    """CPU intra-op threads per rank; 0 divides the machine's cores among the local ranks."""
+
+
+@dataclass
+class ParallelConfig:
+    dp_replicate: int = 1
+    dp_shard: int = -1
+    """-1 takes whatever the other degrees leave of the world size."""
+    cp: int = 1
+    tp: int = 1
+    pp: int = 1
+    pp_schedule: Literal["1F1B", "Interleaved1F1B", "ZBVZeroBubble", "GPipe"] = "1F1B"
+    pp_microbatches: int = 0
+    """0 uses one pipeline microbatch per pipeline stage."""
+
+
+@dataclass
+class LoggingConfig:
+    log_every: int = 1
+    peak_tflops: float = 0.0
+    """Peak dense bf16 TFLOP/s of one accelerator for MFU; 0 detects known GPUs, none on CPU."""
+
+
+@dataclass
+class Config:
+    job: JobConfig = field(default_factory=JobConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    training: TrainingConfig = field(default_factory=TrainingConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+
+    @property
+    def run_dir(self) -> Path:
+        return Path(self.job.run_dir.format(name=self.job.name))
+
+    def to_dict(self) -> dict[str, dict[str, Any]]:
+        return dataclasses.asdict(self)
+
+
+def _section_types() -> dict[str, type]:
+    hints = typing.get_type_hints(Config)
+    return {f.name: hints[f.name] for f in dataclasses.fields(Config)}
+
+
+def _suggest(name: str, valid: list[str]) -> str:
+    close = difflib.get_close_matches(name, valid, n=1)
+    return f" (did you mean '{close[0]}'?)" if close else ""
+
+
+def _coerce(key: str, value: Any, hint: Any) -> Any:
+    """Convert a TOML value or a command-line string to the field's declared type."""
+    origin = typing.get_origin(hint)
+    if origin is Literal:
+        allowed = typing.get_args(hint)
+        if value not in allowed:
+            raise ConfigError(f"{key} = {value!r} is not allowed; choose one of {', '.join(map(repr, allowed))}")
+        return value
+    if origin in (typing.Union, types.UnionType):
+        args = [a for a in typing.get_args(hint) if a is not type(None)]
+        if value is None or (isinstance(value, str) and value.lower() == "none"):
+            return None
+        return _coerce(key, value, args[0])
+    if hint is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.lower() in ("true", "1", "yes", "false", "0", "no"):
+            return value.lower() in ("true", "1", "yes")
+        raise ConfigError(f"{key} = {value!r} is not a boolean; use true or false")
+    if hint is int:
+        if isinstance(value, bool):
+            raise ConfigError(f"{key} = {value!r} is not an integer")
+        if isinstance(value, int):
+            return value
+        try:
+            return int(str(value))
+        except ValueError:
+            raise ConfigError(f"{key} = {value!r} is not an integer") from None
+    if hint is float:
+        if isinstance(value, bool):
+            raise ConfigError(f"{key} = {value!r} is not a number")
+        try:
+            return float(value)
+        except (TypeError, ValueError):
+            raise ConfigError(f"{key} = {value!r} is not a number") from None
+    if hint is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"{key} = {value!r} is not a string; quote it in TOML")
+        return value
+    raise ConfigError(f"{key}: unsupported field type {hint}")  # a bug in this module, not the user's
+
+
+def _apply(cfg: Config, section: str, key: str, value: Any, origin: str) -> None:
+    sections = _section_types()
+    if section not in sections:
+        raise ConfigError(
+            f"unknown section [{section}] in {origin}{_suggest(section, list(sections))}; "
+            f"valid sections: {', '.join(sections)}"
+        )
+    section_cls = sections[section]
+    hints = typing.get_type_hints(section_cls)
+    names = [f.name for f in dataclasses.fields(section_cls)]
+    if key not in names:
+        raise ConfigError(
+            f"unknown key '{section}.{key}' in {origin}{_suggest(key, names)}; "
+            f"valid keys in [{section}]: {', '.join(names)}"
+        )
+    setattr(getattr(cfg, section), key, _coerce(f"{section}.{key}", value, hints[key]))
+
+
+def resolve_config_path(spec: str) -> Path:
+    """A path as given, or the name of a shipped config (``debug`` → configs/debug.toml)."""
+    path = Path(spec)
+    if path.is_file():
+        return path
+    shipped = CONFIGS_DIR / f"{spec}.toml"
+    if shipped.is_file():
+        return shipped
+    names = sorted(p.stem for p in CONFIGS_DIR.glob("*.toml"))
+    raise ConfigError(f"config '{spec}' not found; pass a TOML file path or one of the shipped configs: {', '.join(names)}")
+
+
+def parse_overrides(args: list[str]) -> list[tuple[str, str, str]]:
+    """``["--training.lr", "1e-3", "--job.name=x"]`` → ``[("training", "lr", "1e-3"), ("job", "name", "x")]``."""
+    out: list[tuple[str, str, str]] = []
+    i = 0
+    while i < len(args):
+        arg = args[i]
+        if not arg.startswith("--") or "." not in arg:
+            raise ConfigError(f"unexpected argument '{arg}'; overrides look like --section.key value (e.g. --training.lr 1e-3)")
+        dotted, eq, value = arg[2:].partition("=")
+        if not eq:
+            if i + 1 >= len(args):
+                raise ConfigError(f"override '{arg}' has no value; write {arg} VALUE")
+            value = args[i + 1]
+            i += 1
+        section, _, key = dotted.partition(".")
+        out.append((section, key.replace("-", "_"), value))
+        i += 1
+    return out
+
+
+def load_config(spec: str | None = None, overrides: list[str] | None = None) -> Config:
+    """Defaults, then the TOML file, then command-line overrides, then cross-field checks."""
+    cfg = Config()
+    if spec:
+        path = resolve_config_path(spec)
+        try:
+            data = tomllib.loads(path.read_text())
+        except tomllib.TOMLDecodeError as e:
+            raise ConfigError(f"{path} is not valid TOML: {e}") from None
+        for section, values in data.items():
+            if not isinstance(values, dict):
+                raise ConfigError(f"top-level key '{section}' in {path} must be a [section] table")
+            for key, value in values.items():
+                _apply(cfg, section, key, value, str(path))
+    for section, key, value in parse_overrides(overrides or []):
+        _apply(cfg, section, key, value, "command-line overrides")
+    validate(cfg)
+    return cfg
+
+
+def validate(cfg: Config) -> None:
+    """Checks that need more than one field or the file system; parallel degrees live in parallel.dims."""
+    from stalwart.model.args import get_flavor
+
+    try:
+        get_flavor(cfg.model.flavor)
+    except ValueError as e:
+        raise ConfigError(f"model.flavor: {e}") from None
+    t, d = cfg.training, cfg.data
+    for key, value in (
+        ("training.steps", t.steps),
+        ("training.global_batch_size", t.global_batch_size),
+        ("training.microbatch_size", t.microbatch_size),
+        ("data.seq_len", d.seq_len),
+        ("logging.log_every", cfg.logging.log_every),
+    ):
+        if value < 1:
+            raise ConfigError(f"{key} = {value} must be at least 1")
+    if t.lr <= 0:
+        raise ConfigError(f"training.lr = {t.lr} must be positive")
+    if not 0 <= t.min_lr_ratio <= 1:
+        raise ConfigError(f"training.min_lr_ratio = {t.min_lr_ratio} must be within [0, 1]")
+    if t.warmup_steps < 0:
+        raise ConfigError(f"training.warmup_steps = {t.warmup_steps} must be >= 0")
+    if d.source == "files":
+        if not d.path:
+            raise ConfigError('data.source = "files" needs data.path: a file or folder of .txt/.jsonl text')
+        if not Path(d.path).exists():
+            raise ConfigError(f"data.path '{d.path}' does not exist; pass a file or folder of .txt/.jsonl text, or use data.source = \"stdlib\"")
+    if d.tokenizer != "byte" and not Path(d.tokenizer).exists():
+        raise ConfigError(f"data.tokenizer '{d.tokenizer}' does not exist; use \"byte\" or the path of a tokenizer.json")

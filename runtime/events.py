@@ -1,0 +1,159 @@
+"""The job's event log: one JSON-lines schema for every process of stalwart.
+
+Goodput reports are a pure function of this log, so every state change that costs or earns
+wall-clock time is an event. Each process appends to its own file under ``RUN/events/`` (no
+cross-process locking, and a process that dies loses at most one flush interval of events).
+
+Schema (version 1). Every line is a JSON object with these common keys:
+
+========== ================================================================================
+``v``      schema version (1)
+``ts``     wall-clock time, seconds since the epoch (``time.time()``); goodput corrects clock
+           skew between hosts with the per-process ``clock`` events below
+``kind``   one of :class:`EventKind`
+``role``   ``trainer``, ``agent``, ``healthd``, ``controller`` or ``cli``
+``host``   host name; ``node`` is the node rank when known
+``pid``    process id; ``rank`` the global rank for trainer processes (else null)
+``attempt`` restart count of the worker group (``TORCHELASTIC_RESTART_COUNT``), 0 at first
+========== ================================================================================
+
+Kind-specific keys (all optional unless noted):
+
+- ``job_start`` / ``job_end``: ``config`` (dict), ``steps`` (target), ``status`` ("ok", "failed",
+  "preempted").
+- ``worker_start`` / ``worker_stop``: ``world_size``, ``layout`` (parallel degrees),
+  ``exit_code``, ``reason``.
+- ``init_done``: start-up finished (process group, model, data, optimizer ready), ``seconds``.
+- ``step_begin``: ``step``. ``step_end``: ``step``, ``tokens`` (whole job), ``loss``,
+  ``grad_norm``, ``lr``, ``step_seconds``, ``data_seconds`` (time blocked on the loader),
+  ``tokens_per_second``, ``mfu``.
+- ``ckpt_stage`` / ``ckpt_commit`` / ``ckpt_load`` / ``ckpt_fail``: ``step``, ``blocking_seconds``,
+  ``seconds``, ``bytes``, ``tier``, ``reason``.
+- ``fault_detected``: ``fault`` (type), ``target`` (rank / node / gpu), ``detector``,
+  ``last_progress_ts`` (when the victim last made progress), ``detail``.
+- ``fault_injected``: ``fault``, ``target`` — ground truth for chaos tests.
+- ``rollback``: ``from_step``, ``to_step``, ``reason``.
+- ``node_excluded`` / ``node_joined``: ``node``, ``reason``.
+- ``clock``: ``mono`` (``time.monotonic()`` at ``ts``) for skew estimation.
+"""
+
+from __future__ import annotations
+
+import atexit
+import enum
+import json
+import os
+import socket
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any, TextIO
+
+SCHEMA_VERSION = 1
+FLUSH_INTERVAL_S = 1.0
+
+
+class EventKind(str, enum.Enum):
+    JOB_START = "job_start"
+    JOB_END = "job_end"
+    WORKER_START = "worker_start"
+    WORKER_STOP = "worker_stop"
+    INIT_DONE = "init_done"
+    STEP_BEGIN = "step_begin"
+    STEP_END = "step_end"
+    CKPT_STAGE = "ckpt_stage"
+    CKPT_COMMIT = "ckpt_commit"
+    CKPT_LOAD = "ckpt_load"
+    CKPT_FAIL = "ckpt_fail"
+    FAULT_DETECTED = "fault_detected"
+    FAULT_INJECTED = "fault_injected"
+    ROLLBACK = "rollback"
+    NODE_EXCLUDED = "node_excluded"
+    NODE_JOINED = "node_joined"
+    CLOCK = "clock"
+
+
+_COMMON_KEYS = frozenset({"v", "ts", "kind", "role", "host", "node", "pid", "rank", "attempt"})
+
+
+class EventLog:
+    """Buffered, thread-safe appender for one process; flushed every second and at exit."""
+
+    def __init__(self, run_dir: str | Path, role: str, rank: int | None = None, node: int | None = None) -> None:
+        self.role = role
+        self.rank = rank
+        self.node = node
+        self.host = socket.gethostname()
+        self.attempt = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0"))
+        events_dir = Path(run_dir) / "events"
+        events_dir.mkdir(parents=True, exist_ok=True)
+        who = f"{role}-r{rank}" if rank is not None else role
+        self.path = events_dir / f"{who}-{self.host}-{os.getpid()}.jsonl"
+        self._file: TextIO | None = open(self.path, "a", encoding="utf-8")
+        self._buffer: list[str] = []
+        self._lock = threading.Lock()
+        self._stop = threading.Event()
+        self._flusher = threading.Thread(target=self._flush_periodically, name="event-flush", daemon=True)
+        self._flusher.start()
+        atexit.register(self.close)
+        self.emit(EventKind.CLOCK, mono=time.monotonic())
+
+    def emit(self, kind: EventKind | str, **fields: Any) -> dict[str, Any]:
+        clash = _COMMON_KEYS.intersection(fields)
+        if clash:
+            raise ValueError(f"event fields {sorted(clash)} are reserved by the common schema")
+        record = {
+            "v": SCHEMA_VERSION,
+            "ts": time.time(),
+            "kind": EventKind(kind).value,
+            "role": self.role,
+            "host": self.host,
+            "node": self.node,
+            "pid": os.getpid(),
+            "rank": self.rank,
+            "attempt": self.attempt,
+            **fields,
+        }
+        line = json.dumps(record, separators=(",", ":"), default=str)
+        with self._lock:
+            self._buffer.append(line)
+        return record
+
+    def flush(self) -> None:
+        with self._lock:
+            if self._file is None or not self._buffer:
+                return
+            self._file.write("\n".join(self._buffer) + "\n")
+            self._file.flush()
+            self._buffer.clear()
+
+    def _flush_periodically(self) -> None:
+        while not self._stop.wait(FLUSH_INTERVAL_S):
+            self.flush()
+
+    def close(self) -> None:
+        self._stop.set()
+        self.flush()
+        with self._lock:
+            if self._file is not None:
+                self._file.close()
+                self._file = None
+
+
+def read_events(run_dir: str | Path) -> Iterator[dict[str, Any]]:
+    """Every well-formed event of a run, file by file; torn or foreign lines are skipped.
+
+    A process killed mid-write can leave a partial last line; that line is dropped, not fatal.
+    Callers sort by ``ts`` when they need one timeline.
+    """
+    events_dir = Path(run_dir) / "events"
+    for path in sorted(events_dir.glob("*.jsonl")):
+        with open(path, encoding="utf-8", errors="replace") as f:
+            for line in f:
+                try:
+                    record = json.loads(line)
+                except json.JSONDecodeError:
+                    continue
+                if isinstance(record, dict) and "kind" in record and "ts" in record:
+                    yield record

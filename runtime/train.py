@@ -1,0 +1,250 @@
+"""The training loop: one process per rank, started by ``stalwart train`` / torchrun / the agent.
+
+Start-up builds everything from the config in one pass (process group, mesh, data, model on the
+meta device, parallelism, optimizer); the loop then runs optimizer steps of ``global_batch_size``
+samples each, accumulating microbatches, and logs one line and one ``step_end`` event per step.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import random
+import time
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import nn
+
+from stalwart.model.args import ModelArgs, get_flavor
+from stalwart.model.flops import flops_per_token
+from stalwart.model.llama import Transformer
+from stalwart.parallel.dims import ParallelDims
+from stalwart.parallel.parallelize import parallelize_model
+from stalwart.parallel.process_group import DistEnv, destroy_distributed, init_distributed
+from stalwart.runtime.config import Config, ConfigError
+from stalwart.runtime.data.dataset import PackedDataset
+from stalwart.runtime.data.loader import GlobalBatchLoader
+from stalwart.runtime.data.tokenizer import Tokenizer, build_tokenizer
+from stalwart.runtime.events import EventKind, EventLog
+from stalwart.runtime.metrics import StepMetrics, memory_bytes, peak_flops
+from stalwart.runtime.optim import build_lr_scheduler, build_optimizer
+
+
+def model_args_for(cfg: Config, tokenizer_vocab: int) -> ModelArgs:
+    """The flavor's shapes with the config's overrides; the vocabulary must hold every token id."""
+    args = get_flavor(cfg.model.flavor)
+    overrides = {k: v for k, v in (("vocab_size", cfg.model.vocab_size), ("n_layers", cfg.model.n_layers)) if v > 0}
+    args = dataclasses.replace(args, **overrides)
+    if args.vocab_size < tokenizer_vocab:
+        raise ConfigError(
+            f"model vocab_size={args.vocab_size} is smaller than the tokenizer's {tokenizer_vocab} ids; "
+            f"set model.vocab_size >= {tokenizer_vocab} (a multiple of 8 keeps tensor parallelism easy)"
+        )
+    return args
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def build_model(args: ModelArgs, device: torch.device, seed: int) -> Transformer:
+    """Meta-device construction, then materialise and initialise identically on every rank.
+
+    Every rank draws the same initial weights from the same seed, so sharding afterwards gives
+    exactly the single-process model (the parity tests depend on this).
+    """
+    with torch.device("meta"):
+        model = Transformer(args)
+    model.to_empty(device=device)
+    with torch.no_grad():
+        model.init_weights(seed=seed)
+    return model
+
+
+@dataclass(frozen=True)
+class JobPlan:
+    """What the config and world size imply, checked before any process group work."""
+
+    dims: ParallelDims
+    tokenizer: Tokenizer
+    model_args: ModelArgs
+
+
+def plan_job(cfg: Config, world_size: int) -> JobPlan:
+    """Every layout check that can fail, so that a bad config fails before ranks start."""
+    p = cfg.parallel
+    dims = ParallelDims.resolve(p.dp_replicate, p.dp_shard, p.cp, p.tp, p.pp, world_size)
+    dims.validate_batch(cfg.training.global_batch_size, cfg.training.microbatch_size, p.pp_microbatches)
+    tokenizer = build_tokenizer(cfg.data.tokenizer)
+    model_args = model_args_for(cfg, tokenizer.vocab_size)
+    dims.validate_model(model_args, cfg.data.seq_len)
+    return JobPlan(dims, tokenizer, model_args)
+
+
+@dataclass
+class StepResult:
+    loss: float
+    grad_norm: float
+
+
+class Trainer:
+    def __init__(self, cfg: Config) -> None:
+        self.cfg = cfg
+        t0 = time.time()
+        self.env: DistEnv = init_distributed(cfg.training.device)
+        plan = plan_job(cfg, self.env.world_size)
+        self.dims, self.tokenizer, self.model_args = plan.dims, plan.tokenizer, plan.model_args
+        self.events = EventLog(cfg.run_dir, role="trainer", rank=self.env.rank)
+        if self.env.is_main:
+            self.events.emit(EventKind.JOB_START, config=cfg.to_dict(), steps=cfg.training.steps)
+        self._set_threads()
+        seed_everything(cfg.job.seed)
+        self.mesh = self.dims.build_mesh(self.env.device.type) if self.env.world_size > 1 else None
+        self.events.emit(EventKind.WORKER_START, world_size=self.env.world_size, layout=self.dims.as_dict())
+
+        self.loader = self._build_loader()
+        self.compute_dtype = self._compute_dtype()
+        model = build_model(self.model_args, self.env.device, cfg.job.seed)
+        self.model = parallelize_model(model, self.dims, self.mesh, self.compute_dtype)
+        self.optimizer = build_optimizer(self.model.parameters(), cfg.training, self.env.device)
+        self.scheduler = build_lr_scheduler(self.optimizer, cfg.training)
+        self.step = 0
+        self.flops_per_token = flops_per_token(self.model_args, cfg.data.seq_len)
+        self.peak_flops = peak_flops(self.env.device, cfg.logging.peak_tflops)
+        self.events.emit(EventKind.INIT_DONE, seconds=time.time() - t0)
+
+    def _set_threads(self) -> None:
+        if self.env.device.type != "cpu":
+            return
+        per_rank = self.cfg.training.threads_per_rank or max(1, (os.cpu_count() or 1) // self.env.local_world_size)
+        torch.set_num_threads(per_rank)
+
+    def _compute_dtype(self) -> torch.dtype:
+        dtype = self.cfg.training.dtype
+        if dtype == "auto":
+            return torch.bfloat16 if self.env.device.type == "cuda" else torch.float32
+        return getattr(torch, dtype)
+
+    def _build_loader(self) -> GlobalBatchLoader:
+        d = self.cfg.data
+        dataset = PackedDataset.from_source(
+            source=d.source,
+            path=d.path or None,
+            tokenizer=self.tokenizer,
+            seq_len=d.seq_len,
+            jsonl_field=d.jsonl_field,
+            max_tokens=d.max_tokens or None,
+            cache_dir=self.cfg.run_dir / "cache",
+        )
+        if self.mesh is not None:
+            dp_mesh = self.mesh["dp"]
+            dp_rank, dp_size = dp_mesh.get_local_rank(), dp_mesh.size()
+        else:
+            dp_rank, dp_size = 0, 1
+        return GlobalBatchLoader(
+            dataset,
+            global_batch_size=self.cfg.training.global_batch_size,
+            microbatch_size=self.cfg.training.microbatch_size,
+            dp_rank=dp_rank,
+            dp_size=dp_size,
+            seed=self.cfg.job.seed,
+            shuffle=d.shuffle,
+        )
+
+    def _mean_over_job(self, value: torch.Tensor) -> float:
+        """Average a per-rank scalar over the ranks that hold different data (dp × cp)."""
+        if self.mesh is None:
+            return value.item()
+        value = value.detach().clone()
+        dist.all_reduce(value, op=dist.ReduceOp.AVG, group=self.mesh["dp_cp"].get_group())
+        return value.item()
+
+    def train_step(self, microbatches: list[tuple[torch.Tensor, torch.Tensor]]) -> StepResult:
+        """Forward/backward every microbatch, clip, step. The loss is the mean over all tokens."""
+        model, device = self.model, self.env.device
+        n = len(microbatches)
+        local_loss = torch.zeros((), device=device)
+        autocast = torch.autocast(device.type, dtype=self.compute_dtype, enabled=self.compute_dtype != torch.float32)
+        for i, (inputs, labels) in enumerate(microbatches):
+            if hasattr(model, "set_requires_gradient_sync"):
+                model.set_requires_gradient_sync(i == n - 1)
+            inputs, labels = inputs.to(device, non_blocking=True), labels.to(device, non_blocking=True)
+            with autocast:
+                logits = model(inputs)
+            loss = F.cross_entropy(logits.flatten(0, 1).float(), labels.flatten()) / n
+            loss.backward()
+            local_loss += loss.detach()
+        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), self.cfg.training.max_grad_norm, foreach=True)
+        if hasattr(grad_norm, "full_tensor"):
+            grad_norm = grad_norm.full_tensor()
+        self.optimizer.step()
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return StepResult(loss=self._mean_over_job(local_loss), grad_norm=grad_norm.item())
+
+    def run(self) -> None:
+        cfg = self.cfg
+        tokens_per_step = cfg.training.global_batch_size * cfg.data.seq_len
+        status = "failed"
+        try:
+            while self.step < cfg.training.steps:
+                self.step += 1
+                t0 = time.perf_counter()
+                self.events.emit(EventKind.STEP_BEGIN, step=self.step)
+                microbatches = self.loader.next_step()
+                data_seconds = time.perf_counter() - t0
+                lr = self.scheduler.get_last_lr()[0]
+                result = self.train_step(microbatches)
+                step_seconds = time.perf_counter() - t0
+                tps = tokens_per_step / step_seconds
+                mfu = (tps * self.flops_per_token / self.env.world_size / self.peak_flops) if self.peak_flops else None
+                metrics = StepMetrics(
+                    step=self.step,
+                    total_steps=cfg.training.steps,
+                    loss=result.loss,
+                    grad_norm=result.grad_norm,
+                    lr=lr,
+                    step_seconds=step_seconds,
+                    data_seconds=data_seconds,
+                    tokens=tokens_per_step,
+                    world_size=self.env.world_size,
+                    mfu=mfu,
+                    memory=memory_bytes(self.env.device),
+                )
+                self.events.emit(
+                    EventKind.STEP_END,
+                    step=self.step,
+                    tokens=tokens_per_step,
+                    loss=result.loss,
+                    grad_norm=result.grad_norm,
+                    lr=lr,
+                    step_seconds=step_seconds,
+                    data_seconds=data_seconds,
+                    tokens_per_second=tps,
+                    mfu=mfu,
+                )
+                if self.env.is_main and (self.step % cfg.logging.log_every == 0 or self.step == cfg.training.steps):
+                    print(metrics.line(), flush=True)
+            status = "ok"
+        finally:
+            self.events.emit(EventKind.WORKER_STOP, reason=status)
+            if self.env.is_main:
+                self.events.emit(EventKind.JOB_END, status=status, steps=self.step)
+            self.events.close()
+
+    def close(self) -> None:
+        destroy_distributed()
+
+
+def train(cfg: Config) -> None:
+    trainer = Trainer(cfg)
+    try:
+        trainer.run()
+    finally:
+        trainer.close()

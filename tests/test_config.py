@@ -1,0 +1,59 @@
+"""Config loading: TOML + overrides, typed coercion, and errors that name the key and the fix."""
+
+from pathlib import Path
+
+import pytest
+
+from stalwart.runtime.config import CONFIGS_DIR, ConfigError, load_config, parse_overrides
+
+
+def write(tmp_path: Path, text: str) -> str:
+    path = tmp_path / "job.toml"
+    path.write_text(text)
+    return str(path)
+
+
+def test_defaults_file_then_overrides(tmp_path):
+    path = write(tmp_path, "[training]\nlr = 1e-3\nsteps = 10\n[job]\nname = 'x'\n")
+    cfg = load_config(path, ["--training.steps", "20", "--parallel.tp=2", "--data.shuffle", "false"])
+    assert cfg.training.lr == 1e-3
+    assert cfg.training.steps == 20
+    assert cfg.parallel.tp == 2
+    assert cfg.data.shuffle is False
+    assert cfg.run_dir == Path("runs/x")
+
+
+def test_shipped_config_by_name():
+    cfg = load_config("debug")
+    assert cfg.model.flavor == "debug"
+    assert (CONFIGS_DIR / "debug.toml").is_file()
+
+
+@pytest.mark.parametrize(
+    "text, overrides, expected",
+    [
+        ("[training]\nlrr = 1\n", [], "unknown key 'training.lrr'.*did you mean 'lr'.*valid keys in \\[training\\]"),
+        ("[trainning]\nlr = 1\n", [], "unknown section \\[trainning\\].*did you mean 'training'"),
+        ("", ["--training.decay", "exp"], "training.decay = 'exp' is not allowed; choose one of 'cosine', 'linear', 'constant'"),
+        ("", ["--training.steps", "ten"], "training.steps = 'ten' is not an integer"),
+        ("[training]\nsteps = 0\n", [], "training.steps = 0 must be at least 1"),
+        ("", ["--data.source", "files"], 'data.source = "files" needs data.path'),
+        ("", ["--data.source", "files", "--data.path", "/nonexistent/corpus"], "data.path '/nonexistent/corpus' does not exist"),
+        ("", ["--training.lr"], "override '--training.lr' has no value"),
+        ("", ["stray"], "unexpected argument 'stray'"),
+        ("steps = 3\n", [], "top-level key 'steps'.*must be a \\[section\\] table"),
+        ("[training\n", [], "is not valid TOML"),
+    ],
+)
+def test_bad_input_names_key_and_fix(tmp_path, text, overrides, expected):
+    with pytest.raises(ConfigError, match=expected):
+        load_config(write(tmp_path, text), overrides)
+
+
+def test_missing_config_lists_shipped_names():
+    with pytest.raises(ConfigError, match="config 'nope' not found.*debug"):
+        load_config("nope")
+
+
+def test_parse_overrides_forms():
+    assert parse_overrides(["--a.b", "1", "--c.d-e=2"]) == [("a", "b", "1"), ("c", "d_e", "2")]
