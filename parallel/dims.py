@@ -119,11 +119,27 @@ class ParallelDims:
                 f"training.microbatch_size={microbatch_size}; choose pp_microbatches in {_fmt_set(_divisors(microbatch_size))}"
             )
 
-    def build_mesh(self, device_type: str) -> DeviceMesh:
+    def build_mesh(self, device_type: str) -> MeshRegistry:
         """The world mesh with the named dims and the flattened ``dp``, ``dp_shard_cp``, ``dp_cp``."""
         from torch.distributed.device_mesh import init_device_mesh
 
-        mesh = init_device_mesh(device_type, self.shape, mesh_dim_names=MESH_DIMS)
-        for flat, dims in FLATTENED.items():
-            mesh[dims]._flatten(flat)
-        return mesh
+        world = init_device_mesh(device_type, self.shape, mesh_dim_names=MESH_DIMS)
+        flat = {name: world[dims]._flatten(name) for name, dims in FLATTENED.items()}
+        return MeshRegistry(world, flat)
+
+
+class MeshRegistry:
+    """Submeshes by name: a base dim (``tp``), a flattened one (``dp_cp``) or a tuple of base dims.
+
+    torch asks callers to keep flattened meshes themselves rather than slice them from the
+    root; this is that bookkeeping, in one place.
+    """
+
+    def __init__(self, world: DeviceMesh, flattened: dict[str, DeviceMesh]) -> None:
+        self.world = world
+        self._flattened = flattened
+
+    def __getitem__(self, name: str | tuple[str, ...]) -> DeviceMesh:
+        if isinstance(name, str) and name in self._flattened:
+            return self._flattened[name]
+        return self.world[name]

@@ -4,13 +4,11 @@ from __future__ import annotations
 
 import torch
 from torch import nn
-from torch.distributed.device_mesh import DeviceMesh
-
 from stalwart.parallel.data_parallel import apply_ddp, apply_fsdp
-from stalwart.parallel.dims import ParallelDims
+from stalwart.parallel.dims import MeshRegistry, ParallelDims
 
 
-def parallelize_model(model: nn.Module, dims: ParallelDims, mesh: DeviceMesh | None, param_dtype: torch.dtype) -> nn.Module:
+def parallelize_model(model: nn.Module, dims: ParallelDims, mesh: MeshRegistry | None, param_dtype: torch.dtype) -> nn.Module:
     """Apply data parallelism (FSDP/HSDP when sharding, else replication) by mesh name.
 
     Order matters and is fixed here: TP, CP, activation checkpointing, compile, then FSDP last,

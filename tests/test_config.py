@@ -57,3 +57,24 @@ def test_missing_config_lists_shipped_names():
 
 def test_parse_overrides_forms():
     assert parse_overrides(["--a.b", "1", "--c.d-e=2"]) == [("a", "b", "1"), ("c", "d_e", "2")]
+
+
+WORLD_FOR_FLAVOR = {"debug": 4, "1B": 8, "3B": 8, "8B": 64, "70B": 256, "405B": 16384}
+
+
+def test_every_shipped_config_plans_at_a_realistic_scale():
+    """Each flavor config parses and its layout validates at a cluster size it is meant for."""
+    from stalwart.runtime.train import plan_job
+
+    shipped = sorted(p.stem for p in CONFIGS_DIR.glob("*.toml"))
+    assert set(shipped) == set(WORLD_FOR_FLAVOR)
+    for name in shipped:
+        cfg = load_config(name, ["--data.source", "stdlib", "--data.tokenizer", "byte"])
+        plan = plan_job(cfg, WORLD_FOR_FLAVOR[name])
+        assert plan.dims.world_size == WORLD_FOR_FLAVOR[name]
+        assert plan.model_args.vocab_size >= 258
+
+
+def test_flavor_config_without_its_data_says_what_is_missing():
+    with pytest.raises(ConfigError, match="data.path 'data/corpus' does not exist"):
+        load_config("8B")

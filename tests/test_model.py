@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import json
 import math
 from pathlib import Path
 
@@ -157,8 +158,9 @@ def test_load_sharded_transformers_export(tmp_path: Path) -> None:
 def test_load_hf_checkpoint_errors_say_what_to_fix(tmp_path: Path) -> None:
     with pytest.raises(FileNotFoundError, match="no config.json"):
         load_hf_checkpoint(tmp_path)
-    (tmp_path / "config.json").write_text('{"model_type": "llama", "hidden_size": 64, "num_hidden_layers": 2, '
-                                          '"num_attention_heads": 4, "vocab_size": 128, "intermediate_size": 160}')
+    config = {"hidden_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4, "vocab_size": 128,
+              "intermediate_size": 160}
+    (tmp_path / "config.json").write_text(json.dumps(config))
     with pytest.raises(FileNotFoundError, match=r"no \*\.safetensors in .*Hugging Face Llama checkpoint folder"):
         load_hf_checkpoint(tmp_path)
 
