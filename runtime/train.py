@@ -115,6 +115,7 @@ class Trainer:
         self.optimizer = build_optimizer(self.model.parameters(), cfg.training, self.env.device)
         self.scheduler = build_lr_scheduler(self.optimizer, cfg.training)
         self.step = 0
+        self.history: list[StepResult] = []
         self.flops_per_token = flops_per_token(self.model_args, cfg.data.seq_len)
         self.peak_flops = peak_flops(self.env.device, cfg.logging.peak_tflops)
         self.events.emit(EventKind.INIT_DONE, seconds=time.time() - t0)
@@ -201,6 +202,7 @@ class Trainer:
                 data_seconds = time.perf_counter() - t0
                 lr = self.scheduler.get_last_lr()[0]
                 result = self.train_step(microbatches)
+                self.history.append(result)
                 step_seconds = time.perf_counter() - t0
                 tps = tokens_per_step / step_seconds
                 mfu = (tps * self.flops_per_token / self.env.world_size / self.peak_flops) if self.peak_flops else None
