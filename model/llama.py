@@ -84,7 +84,14 @@ class Attention(nn.Module):
         self.core = CausalAttentionCore()
 
     def forward(self, x: Tensor, rope: Tensor) -> Tensor:
+        """rope holds at least one row per position of x; the first ``seqlen`` rows are used."""
         bs, seqlen, _ = x.shape
+        if rope.shape[0] < seqlen:
+            raise ValueError(
+                f"sequence length {seqlen} exceeds the {rope.shape[0]} rope rows given (max_seq_len or positions); "
+                "raise ModelArgs.max_seq_len (dataclasses.replace) or shorten the sequence"
+            )
+        rope = rope[:seqlen]
         q = self.wq(x).view(bs, seqlen, -1, self.head_dim)
         k = self.wk(x).view(bs, seqlen, -1, self.head_dim)
         v = self.wv(x).view(bs, seqlen, -1, self.head_dim)
@@ -200,24 +207,17 @@ class Transformer(nn.Module):
     def forward(self, tokens: Tensor, positions: Tensor | None = None) -> Tensor:
         """tokens [bs, S] int64 (or hidden states [bs, S, dim] on a stage without embeddings).
 
-        positions [S] int64 picks the rope rows for each local sequence slot
-        (default arange(S)). Returns logits [bs, S, vocab] or hidden states on a
-        stage without `output`.
+        positions [S] int64 picks the rope rows for each sequence slot; without them every
+        attention layer takes the first S rows of the table, S being the sequence length it
+        sees (so a layer whose input was sharded along the sequence still gets the full rows).
+        Returns logits [bs, S, vocab] or hidden states on a stage without `output`.
         """
         h = self.tok_embeddings(tokens) if self.tok_embeddings is not None else tokens
-        seqlen = h.shape[1]
         if positions is None:
-            if seqlen > self.rope_cache.shape[0]:
-                raise ValueError(
-                    f"sequence length {seqlen} exceeds max_seq_len {self.rope_cache.shape[0]}; "
-                    "raise ModelArgs.max_seq_len (dataclasses.replace) or shorten the sequence"
-                )
-            rope = self.rope_cache[:seqlen]
+            rope = self.rope_cache
         else:
-            if positions.shape != (seqlen,):
-                raise ValueError(
-                    f"positions must have shape ({seqlen},) matching the sequence, got {tuple(positions.shape)}"
-                )
+            if positions.ndim != 1:
+                raise ValueError(f"positions must be a 1-D tensor of sequence positions, got shape {tuple(positions.shape)}")
             rope = self.rope_cache[positions]
         for layer in self.layers.values():
             h = layer(h, rope)

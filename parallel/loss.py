@@ -11,7 +11,6 @@ from __future__ import annotations
 import contextlib
 from contextlib import AbstractContextManager
 
-import torch
 import torch.nn.functional as F
 from torch import Tensor
 from torch.distributed.tensor import DTensor

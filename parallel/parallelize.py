@@ -6,16 +6,20 @@ import torch
 from torch import nn
 from stalwart.parallel.data_parallel import apply_ddp, apply_fsdp
 from stalwart.parallel.dims import MeshRegistry, ParallelDims
+from stalwart.parallel.tensor_parallel import apply_tp
 
 
 def parallelize_model(model: nn.Module, dims: ParallelDims, mesh: MeshRegistry | None, param_dtype: torch.dtype) -> nn.Module:
-    """Apply data parallelism (FSDP/HSDP when sharding, else replication) by mesh name.
+    """Apply every enabled technique by mesh name, in a fixed order.
 
-    Order matters and is fixed here: TP, CP, activation checkpointing, compile, then FSDP last,
-    because FSDP must wrap the already-transformed blocks.
+    Order matters: TP, CP, activation checkpointing, compile, then data parallelism last,
+    because FSDP must wrap the already-transformed blocks. With TP the logits come back
+    vocab-sharded (loss parallel): compute the loss inside ``loss_context(dims.tp > 1)``.
     """
     if mesh is None or dims.world_size == 1:
         return model
+    if dims.tp > 1:
+        apply_tp(model, mesh["tp"], loss_parallel=True)
     if dims.dp_shard * dims.cp > 1:
         fsdp_mesh = mesh["dp_replicate", "dp_shard_cp"] if dims.dp_replicate > 1 else mesh["dp_shard_cp"]
         apply_fsdp(model, fsdp_mesh, param_dtype=param_dtype, reduce_dtype=torch.float32)

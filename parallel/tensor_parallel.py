@@ -6,9 +6,10 @@ heads / hidden width column-wise and reduce-scatter back to sequence shards in `
 The output projection shards the vocabulary; with ``loss_parallel`` the logits stay sharded and
 ``stalwart.parallel.loss.cross_entropy_loss`` consumes them under ``loss_context(True)``.
 
-Unlike TorchTitan, the residual stream is kept as a DTensor (``use_local_output=False``) rather
-than a local shard: ``Transformer.forward`` reads the sequence length from the embedding output
-to pick rope rows, and a DTensor reports the global length.
+As in TorchTitan, the residual stream between modules is the plain local shard: pipeline stages
+send and receive plain tensors, and attention takes its rope rows from the full sequence it sees
+after ``PrepareModuleInput`` has gathered it. Layout checks live in ``ParallelDims.validate_model``
+and run before any process group exists.
 """
 
 from __future__ import annotations
@@ -26,19 +27,6 @@ from torch.distributed.tensor.parallel import (
 from stalwart.model.llama import Transformer
 
 
-def check_tp_shapes(model: Transformer, tp: int) -> None:
-    """Every sharded dimension must split evenly, or DTensor would silently use uneven shards."""
-    args = model.args
-    for what, n in (
-        ("n_heads", args.n_heads),
-        ("n_kv_heads", args.n_kv_heads),
-        ("ffn_hidden_dim", args.ffn_hidden_dim),
-        ("vocab_size", args.vocab_size),
-    ):
-        if n % tp:
-            raise ValueError(f"tensor parallel degree {tp} does not divide {what}={n}; choose a tp that divides it")
-
-
 def apply_tp(model: Transformer, tp_mesh: DeviceMesh, loss_parallel: bool = True) -> None:
     """Shard ``model`` in place over the 1-D ``tp_mesh``; call before FSDP and before building the optimizer.
 
@@ -47,12 +35,11 @@ def apply_tp(model: Transformer, tp_mesh: DeviceMesh, loss_parallel: bool = True
     plain-tensor logits (all-gathered over TP). Tied embeddings stay tied: both ends shard the
     ``[vocab, dim]`` matrix on the vocabulary, so one DTensor parameter serves both.
     """
-    check_tp_shapes(model, tp_mesh.size())
     tied = model._output_is_tied()
     top_plan = {}
     if model.tok_embeddings is not None:
         top_plan["tok_embeddings"] = RowwiseParallel(
-            input_layouts=Replicate(), output_layouts=Shard(1), use_local_output=False
+            input_layouts=Replicate(), output_layouts=Shard(1), use_local_output=True
         )
     if model.norm is not None:
         top_plan["norm"] = SequenceParallel()
@@ -74,12 +61,12 @@ def apply_tp(model: Transformer, tp_mesh: DeviceMesh, loss_parallel: bool = True
             "attention.wq": ColwiseParallel(),
             "attention.wk": ColwiseParallel(),
             "attention.wv": ColwiseParallel(),
-            "attention.wo": RowwiseParallel(output_layouts=Shard(1), use_local_output=False),
+            "attention.wo": RowwiseParallel(output_layouts=Shard(1), use_local_output=True),
             "ffn_norm": SequenceParallel(),
             "feed_forward": PrepareModuleInput(input_layouts=(Shard(1),), desired_input_layouts=(Replicate(),)),
             "feed_forward.w1": ColwiseParallel(),
             "feed_forward.w3": ColwiseParallel(),
-            "feed_forward.w2": RowwiseParallel(output_layouts=Shard(1), use_local_output=False),
+            "feed_forward.w2": RowwiseParallel(output_layouts=Shard(1), use_local_output=True),
         }
         parallelize_module(block, tp_mesh, block_plan)
 

@@ -64,6 +64,10 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--config", required=True, help="TOML file, or a shipped config name (debug, 1B, 8B, ...)")
     train.add_argument("--nproc-per-node", type=int, default=1, help="ranks to start on this machine (default 1)")
     train.set_defaults(func=cmd_train)
+
+    from stalwart.runtime.goodput.command import add_goodput_parser
+
+    add_goodput_parser(sub)
     return parser
 
 

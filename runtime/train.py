@@ -16,13 +16,12 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
-from torch import nn
 
 from stalwart.model.args import ModelArgs, get_flavor
 from stalwart.model.flops import flops_per_token
 from stalwart.model.llama import Transformer
 from stalwart.parallel.dims import ParallelDims
+from stalwart.parallel.loss import cross_entropy_loss, loss_context
 from stalwart.parallel.parallelize import parallelize_model
 from stalwart.parallel.process_group import DistEnv, destroy_distributed, init_distributed
 from stalwart.runtime.config import Config, ConfigError
@@ -176,10 +175,11 @@ class Trainer:
             if hasattr(model, "set_requires_gradient_sync"):
                 model.set_requires_gradient_sync(i == n - 1)
             inputs, labels = inputs.to(device, non_blocking=True), labels.to(device, non_blocking=True)
-            with autocast:
-                logits = model(inputs)
-            loss = F.cross_entropy(logits.flatten(0, 1).float(), labels.flatten()) / n
-            loss.backward()
+            with loss_context(self.dims.tp > 1):
+                with autocast:
+                    logits = model(inputs)
+                loss = cross_entropy_loss(logits, labels) / n
+                loss.backward()
             local_loss += loss.detach()
         grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), self.cfg.training.max_grad_norm, foreach=True)
         if hasattr(grad_norm, "full_tensor"):

@@ -1,0 +1,449 @@
+"""Save, commit, verify, load and prune sharded checkpoints of one job.
+
+Protocol of one save of step N (every rank calls :meth:`CheckpointManager.save`):
+
+1. rank 0 draws a fresh directory name ``step-N.tmp-<id>`` and broadcasts it;
+2. all ranks write their shards there with ``torch.distributed.checkpoint`` (``dcp.save``, or
+   ``dcp.async_save`` which stages a CPU copy and writes on a background thread). DCP's save is
+   collective and returns only after every rank's shards and the DCP ``.metadata`` are written;
+3. rank 0 checksums every file, writes ``manifest.json``, then the ``COMMITTED`` marker
+   (create-if-absent), and on local disk renames the directory to ``step-N``;
+4. rank 0 prunes old steps and stale temporary directories.
+
+A crash anywhere before 3 leaves an uncommitted directory that no reader looks at. Loading picks
+the newest committed step whose files match their manifest; a damaged step is skipped with a
+``ckpt_fail`` event naming the file, and the previous committed step is loaded instead.
+
+Collectives: construction (creates a dedicated gloo group), ``save``, ``wait`` and ``load`` must be
+called by every rank in the same order. ``poll``, ``committed_steps``, ``latest`` and ``prune`` are
+local; ``mark_verified`` and ``prune`` write only on rank 0.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+import uuid
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.distributed as dist
+import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint.api import CheckpointException
+from torch.distributed.checkpoint.staging import BlockingAsyncStager
+
+from stalwart.checkpoint import naming
+from stalwart.checkpoint.manifest import MANIFEST_NAME, CheckpointManifest, compute_files, find_damage
+from stalwart.checkpoint.retention import steps_to_keep
+from stalwart.checkpoint.storage import Storage
+from stalwart.runtime.events import EventKind, EventLog
+
+logger = logging.getLogger(__name__)
+
+# DCP's CheckpointException derives from BaseException; catch it explicitly next to Exception.
+_SAVE_ERRORS = (Exception, CheckpointException)
+
+
+class CheckpointError(RuntimeError):
+    """A save or load that did not happen; the message says what to do."""
+
+
+class NoCheckpointError(CheckpointError):
+    """No committed, intact checkpoint matches the request."""
+
+
+@dataclass
+class _PendingSave:
+    step: int
+    started: float
+    future: Future[str | None]  # resolves to rank 0's commit error (None = committed)
+
+
+class CheckpointManager:
+    """Checkpoints of one job under ``base_url`` (a path, ``file://`` or ``s3://bucket/prefix``).
+
+    ``keep_last`` newest steps and every ``keep_every``-th step survive pruning, as do the newest
+    verified step and any step being loaded. ``checksum`` is ``"crc32"`` (fast) or ``"sha256"``.
+    ``cache_staging`` keeps one staging copy of the state between async saves (pinned memory on
+    GPU hosts: allocating it costs seconds, reusing it is cheap); it holds a full CPU copy of this
+    rank's state for the life of the manager.
+    """
+
+    def __init__(
+        self,
+        base_url: str,
+        storage_options: dict[str, Any] | None = None,
+        *,
+        keep_last: int = 3,
+        keep_every: int = 0,
+        process_group: dist.ProcessGroup | None = None,
+        events: EventLog | None = None,
+        checksum: str = "crc32",
+        thread_count: int = 1,
+        cache_staging: bool = False,
+    ) -> None:
+        if keep_last < 1:
+            raise ValueError(f"keep_last={keep_last}: keep at least the newest checkpoint (keep_last >= 1)")
+        self.storage = Storage(base_url, storage_options)
+        self.keep_last = keep_last
+        self.keep_every = keep_every
+        self.events = events
+        self.checksum = checksum
+        self.thread_count = thread_count
+        self.distributed = dist.is_available() and dist.is_initialized()
+        if self.distributed and process_group is None:
+            # Saves run collectives on a background thread; a dedicated CPU group keeps them off the
+            # training group (sharing it with an in-flight async save can hang).
+            process_group = dist.new_group(backend="gloo")
+        self.pg = process_group
+        self.rank = dist.get_rank() if self.distributed else 0
+        self.world_size = dist.get_world_size() if self.distributed else 1
+        self._stager = BlockingAsyncStager(cache_staged_state_dict=cache_staging)
+        self._committer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="ckpt-commit")
+        self._pending: _PendingSave | None = None
+        self._loading: set[int] = set()
+
+    # ----------------------------------------------------------------------------------- save
+
+    def rank_key(self, name: str) -> str:
+        """State-dict key for per-rank objects (RNG state): DCP reshards tensors, not objects."""
+        return f"{name}.rank{self.rank}"
+
+    def save(
+        self,
+        step: int,
+        state: dict[str, Any],
+        *,
+        layout: dict[str, Any] | None = None,
+        config_hash: str = "",
+        verified: bool = False,
+        async_: bool = False,
+    ) -> None:
+        """Save ``state`` as step ``step``; collective. Finishes the previous async save first.
+
+        Sync mode returns once the step is committed (or raises :class:`CheckpointError` on
+        every rank). Async mode returns after staging a CPU copy; the state may be mutated right
+        away. Call :meth:`wait` (or the next ``save``/``load``) to learn whether it committed.
+        """
+        self.wait()
+        started = time.monotonic()
+        token = self._broadcast(uuid.uuid4().hex[:12] if self.rank == 0 else None)
+        tmp = naming.tmp_name(step, token)
+        meta = dict(layout=dict(layout or {}), config_hash=config_hash, verified=verified)
+        writer = self._writer(tmp)
+        try:
+            if async_:
+                upload = dcp.async_save(
+                    state, storage_writer=writer, process_group=self.pg, async_stager=self._stager, no_dist=not self.distributed
+                )
+            else:
+                dcp.save(state, storage_writer=writer, process_group=self.pg, no_dist=not self.distributed)
+        except _SAVE_ERRORS as e:
+            self._fail(step, f"writing shards to {self.storage.url(tmp)} failed: {_describe(e)}")
+            raise CheckpointError(
+                f"checkpoint step {step} was not saved: {_describe(e)}; the previous committed step is intact"
+            ) from None
+        blocking = time.monotonic() - started
+        self._emit(EventKind.CKPT_STAGE, step=step, blocking_seconds=blocking, bytes=_local_bytes(state), tier=self.storage.scheme)
+        if async_:
+            future = self._committer.submit(self._finish_async, upload, step, tmp, meta, started)
+            self._pending = _PendingSave(step, started, future)
+        else:
+            error = self._commit_on_rank0(step, tmp, meta, started)
+            self._raise_if_failed(step, self._broadcast(error))
+
+    def poll(self) -> bool:
+        """True when no save is in flight on this rank (local, non-blocking)."""
+        return self._pending is None or self._pending.future.done()
+
+    def wait(self) -> int | None:
+        """Finish the in-flight async save; collective. Returns its step, None if none was pending.
+
+        Raises :class:`CheckpointError` on every rank when the save did not commit.
+        """
+        pending, self._pending = self._pending, None
+        if pending is None:
+            return None
+        error = pending.future.result()
+        self._raise_if_failed(pending.step, self._broadcast(error))
+        return pending.step
+
+    def _finish_async(self, upload: Future, step: int, tmp: str, meta: dict[str, Any], started: float) -> str | None:
+        try:
+            upload.result()
+        except _SAVE_ERRORS as e:
+            reason = f"writing shards to {self.storage.url(tmp)} failed: {_describe(e)}"
+            self._fail(step, reason)
+            return reason
+        return self._commit_on_rank0(step, tmp, meta, started)
+
+    def _commit_on_rank0(self, step: int, tmp: str, meta: dict[str, Any], started: float) -> str | None:
+        """Manifest, marker, rename, prune; returns why the commit failed (None = committed)."""
+        if self.rank != 0:
+            return None
+        try:
+            sizes = self.storage.walk_files(tmp)
+            if ".metadata" not in sizes:
+                raise CheckpointError(f"DCP wrote no .metadata under {self.storage.url(tmp)}")
+            files = compute_files(sizes, lambda rel: self.storage.open_read(f"{tmp}/{rel}"), self.checksum, max(4, self.thread_count))
+            manifest = CheckpointManifest(step=step, world_size=self.world_size, files=files, checksum=self.checksum, **meta)
+            self.storage.write_bytes(f"{tmp}/{MANIFEST_NAME}", manifest.to_json().encode())
+            marker = json.dumps({"step": step, "dir": tmp, "committed_at": time.time()}).encode()
+            self.storage.write_bytes(f"{tmp}/{naming.COMMIT_MARKER}", marker, exclusive=True)
+            if self.storage.is_local:
+                self._rename_committed(step, tmp)
+        except _SAVE_ERRORS as e:
+            reason = f"committing {self.storage.url(tmp)} failed: {_describe(e)}"
+            self._fail(step, reason)
+            return reason
+        self._emit(
+            EventKind.CKPT_COMMIT, step=step, seconds=time.monotonic() - started, bytes=manifest.total_bytes, tier=self.storage.scheme
+        )
+        logger.info("checkpoint step %d committed under %s (%d bytes)", step, self.storage.base_url, manifest.total_bytes)
+        try:
+            self.prune()
+        except Exception as e:  # a failed prune costs space, never the new checkpoint
+            logger.warning("pruning checkpoints under %s failed: %s", self.storage.base_url, _describe(e))
+        return None
+
+    def _rename_committed(self, step: int, tmp: str) -> None:
+        """Give a committed local directory its final name; an older copy of the step moves aside."""
+        final = naming.final_name(step)
+        if self.storage.exists(final):
+            aside = naming.tmp_name(step, uuid.uuid4().hex[:12])  # still committed, but older
+            self.storage.rename_dir(final, aside)
+            self.storage.rename_dir(tmp, final)
+            self.storage.delete_tree(aside)
+        else:
+            self.storage.rename_dir(tmp, final)
+
+    def _raise_if_failed(self, step: int, error: str | None) -> None:
+        if error is not None:
+            raise CheckpointError(f"checkpoint step {step} did not commit: {error}; the previous committed step is intact")
+
+    # ---------------------------------------------------------------------------------- query
+
+    def _committed_dirs(self) -> dict[int, str]:
+        """Committed step → its directory; the newest commit wins when a step was saved twice."""
+        found: dict[int, list[str]] = {}
+        for name in self.storage.list_dir():
+            parsed = naming.parse(name)
+            if parsed is not None and self.storage.exists(f"{name}/{naming.COMMIT_MARKER}"):
+                found.setdefault(parsed.step, []).append(name)
+        return {step: max(names, key=self._committed_at) if len(names) > 1 else names[0] for step, names in found.items()}
+
+    def _committed_at(self, name: str) -> float:
+        return float(json.loads(self.storage.read_bytes(f"{name}/{naming.COMMIT_MARKER}"))["committed_at"])
+
+    def committed_steps(self) -> list[int]:
+        """Every committed step, oldest first (intactness is checked only on load)."""
+        return sorted(self._committed_dirs())
+
+    def manifest(self, step: int) -> CheckpointManifest:
+        dirs = self._committed_dirs()
+        if step not in dirs:
+            raise NoCheckpointError(f"step {step} is not committed under {self.storage.base_url}; committed: {sorted(dirs)}")
+        return CheckpointManifest.from_json(self.storage.read_bytes(f"{dirs[step]}/{MANIFEST_NAME}"))
+
+    def _verified_steps(self, dirs: dict[int, str]) -> list[int]:
+        verified = []
+        for step, name in dirs.items():
+            try:
+                if CheckpointManifest.from_json(self.storage.read_bytes(f"{name}/{MANIFEST_NAME}")).verified:
+                    verified.append(step)
+            except (OSError, ValueError, KeyError, TypeError):
+                continue
+        return sorted(verified)
+
+    def latest(self, verified_only: bool = False) -> int | None:
+        """The newest committed (or verified) step, None when there is none."""
+        dirs = self._committed_dirs()
+        steps = self._verified_steps(dirs) if verified_only else sorted(dirs)
+        return steps[-1] if steps else None
+
+    def mark_verified(self, step: int) -> None:
+        """Record that ``step`` passed evaluation; retention then never deletes the newest such step."""
+        if self.rank != 0:
+            return
+        dirs = self._committed_dirs()
+        manifest = self.manifest(step)
+        manifest.verified = True
+        self.storage.write_bytes(f"{dirs[step]}/{MANIFEST_NAME}", manifest.to_json().encode())
+
+    # ----------------------------------------------------------------------------------- load
+
+    def load(self, state: dict[str, Any], step: int | str = "latest") -> int:
+        """Load a committed step into ``state`` in place; collective. Returns the step loaded.
+
+        ``step`` is ``"latest"``, ``"latest-verified"`` or a step number (that step, or the
+        newest intact one before it when it is damaged). Rank 0 checks every file against the
+        manifest first; a damaged step is skipped with a ``ckpt_fail`` event. Raises
+        :class:`NoCheckpointError` on every rank when nothing intact is left.
+        """
+        if step not in ("latest", "latest-verified") and not isinstance(step, int):
+            raise ValueError(f"step={step!r}: use 'latest', 'latest-verified' or a step number")
+        self.wait()
+        started = time.monotonic()
+        choice = self._broadcast(self._choose_on_rank0(step) if self.rank == 0 else None)
+        if choice[0] == "none":
+            raise NoCheckpointError(choice[1])
+        if choice[0] == "error":
+            raise CheckpointError(choice[1])
+        _, chosen, name, nbytes = choice
+        self._loading.add(chosen)
+        try:
+            dcp.load(state, storage_reader=self._reader(name), process_group=self.pg, no_dist=not self.distributed)
+        except _SAVE_ERRORS as e:
+            self._fail(chosen, f"loading {self.storage.url(name)} failed: {_describe(e)}")
+            raise CheckpointError(
+                f"loading checkpoint step {chosen} from {self.storage.url(name)} failed: {_describe(e)}; "
+                f"check that the model/optimizer state matches the checkpoint's (same keys and shapes)"
+            ) from None
+        finally:
+            self._loading.discard(chosen)
+        self._emit(EventKind.CKPT_LOAD, step=chosen, seconds=time.monotonic() - started, bytes=nbytes, tier=self.storage.scheme)
+        return chosen
+
+    def _choose_on_rank0(self, request: int | str) -> tuple:
+        """("ok", step, directory, bytes), ("none", why) or ("error", why); never raises.
+
+        Rank 0 must not raise here: the other ranks wait in the broadcast of its answer. An
+        unreachable store is an "error", not "none": the caller must not start from scratch then.
+        """
+        try:
+            return self._choose(request)
+        except Exception as e:
+            return "error", f"cannot read checkpoints under {self.storage.base_url}: {_describe(e)}; retry when the store is reachable"
+
+    def _choose(self, request: int | str) -> tuple:
+        dirs = self._committed_dirs()
+        candidates = sorted(dirs, reverse=True)
+        if isinstance(request, int):
+            if request not in dirs:
+                return "none", f"step {request} is not committed under {self.storage.base_url}; committed steps: {sorted(dirs)}"
+            candidates = [s for s in candidates if s <= request]
+        skipped: list[str] = []
+        for step in candidates:
+            name = dirs[step]
+            self._loading.add(step)  # a concurrent prune on this process must not delete it
+            try:
+                manifest = CheckpointManifest.from_json(self.storage.read_bytes(f"{name}/{MANIFEST_NAME}"))
+                if request == "latest-verified" and not manifest.verified:
+                    continue
+                sizes = self.storage.walk_files(name)
+                damage = find_damage(manifest, sizes, lambda rel, n=name: self.storage.open_read(f"{n}/{rel}"), max(4, self.thread_count))
+            except (OSError, ValueError, KeyError, TypeError) as e:
+                damage = f"manifest unreadable: {_describe(e)}"
+            finally:
+                self._loading.discard(step)
+            if damage is None:
+                if skipped:
+                    logger.warning("loading step %d instead; skipped: %s", step, "; ".join(skipped))
+                return "ok", step, name, manifest.total_bytes
+            reason = f"step {step} at {self.storage.url(name)} is damaged: {damage}"
+            logger.warning("%s; falling back to the previous committed step", reason)
+            self._fail(step, reason)
+            skipped.append(reason)
+        kind = "verified " if request == "latest-verified" else ""
+        why = f" (skipped: {'; '.join(skipped)})" if skipped else ""
+        return "none", (
+            f"no intact {kind}committed checkpoint under {self.storage.base_url}{why}; "
+            f"start without --resume or point checkpoint.url at a directory holding step-* checkpoints"
+        )
+
+    # ---------------------------------------------------------------------------------- prune
+
+    def prune(self) -> list[str]:
+        """Delete steps retention does not keep and stale temporary directories; rank 0 only.
+
+        Never deletes the newest verified step, a step this process is loading, or a temporary
+        directory newer than the newest committed step (it may be a save in flight). Returns the
+        deleted directory names.
+        """
+        if self.rank != 0:
+            return []
+        dirs = self._committed_dirs()
+        if not dirs:
+            return []
+        verified = self._verified_steps(dirs)
+        protected = set(self._loading) | set(verified[-1:])
+        keep = steps_to_keep(dirs, self.keep_last, self.keep_every, protected)
+        newest = max(dirs)
+        keep_names = {dirs[s] for s in keep}
+        doomed = []
+        for name in self.storage.list_dir():
+            parsed = naming.parse(name)
+            if parsed is None or name in keep_names:
+                continue
+            committed = parsed.step in dirs
+            if (committed and parsed.step not in keep) or (parsed.step <= newest and name != dirs.get(parsed.step)):
+                doomed.append(name)
+        for name in doomed:
+            self.storage.delete_tree(name)
+        if doomed:
+            logger.info("pruned %s under %s", doomed, self.storage.base_url)
+        return doomed
+
+    # -------------------------------------------------------------------------------- helpers
+
+    def close(self) -> None:
+        """Finish the in-flight save (collective) and release the background thread."""
+        try:
+            self.wait()
+        finally:
+            self._committer.shutdown(wait=True)
+            self._stager.close()
+
+    def _writer(self, rel: str) -> dcp.StorageWriter:
+        if self.storage.is_local:
+            return dcp.FileSystemWriter(self.storage.path(rel), thread_count=self.thread_count)
+        from torch.distributed.checkpoint._fsspec_filesystem import FsspecWriter
+
+        return FsspecWriter(self.storage.url(rel), thread_count=self.thread_count, **self.storage.storage_options)
+
+    def _reader(self, rel: str) -> dcp.StorageReader:
+        if self.storage.is_local:
+            return dcp.FileSystemReader(self.storage.path(rel))
+        from torch.distributed.checkpoint._fsspec_filesystem import FsspecReader
+
+        return FsspecReader(self.storage.url(rel), **self.storage.storage_options)
+
+    def _broadcast(self, obj: Any) -> Any:
+        """Rank 0's ``obj`` on every rank (identity without a process group)."""
+        if not self.distributed:
+            return obj
+        box = [obj]
+        dist.broadcast_object_list(box, src=0, group=self.pg)
+        return box[0]
+
+    def _fail(self, step: int, reason: str) -> None:
+        logger.error("checkpoint step %d: %s", step, reason)
+        self._emit(EventKind.CKPT_FAIL, step=step, reason=reason, tier=self.storage.scheme)
+
+    def _emit(self, kind: EventKind, **fields: Any) -> None:
+        if self.events is not None:
+            self.events.emit(kind, **fields)
+
+
+def _describe(e: BaseException) -> str:
+    """One line naming the root cause; DCP wraps each rank's error in a CheckpointException."""
+    if isinstance(e, CheckpointException) and e.failures:
+        rank, (inner, _) = next(iter(sorted(e.failures.items(), key=lambda kv: kv[0])))
+        return f"rank {rank}: {_describe(inner)}"
+    text = str(e).strip().splitlines()
+    return f"{type(e).__name__}: {text[0] if text else ''}"[:500]
+
+
+def _local_bytes(state: Any) -> int:
+    """Bytes of tensor data this rank holds in ``state`` (a DTensor counts its local shard)."""
+    if isinstance(state, torch.Tensor):
+        local = state.to_local() if hasattr(state, "to_local") else state
+        return local.numel() * local.element_size()
+    if isinstance(state, dict):
+        return sum(_local_bytes(v) for v in state.values())
+    if isinstance(state, (list, tuple)):
+        return sum(_local_bytes(v) for v in state)
+    return 0  # Stateful objects are not expanded here: their state_dict() can be costly

@@ -1,0 +1,114 @@
+"""What one committed checkpoint holds, and how to prove its files are intact.
+
+DCP stores no checksums (only path, offset and length per tensor), and an interrupted S3 upload
+can still leave a truncated object behind, so rank 0 records the size and a checksum of every
+file of a step in ``manifest.json`` before it commits the step; loading re-checks them.
+
+Checksum choice (measured on this project's shared 2-core CPU box, 64 MiB buffers in 4 MiB
+chunks): ``zlib.crc32`` 1.1 GB/s, ``sha1`` 0.6 GB/s, ``sha256`` 0.29 GB/s, ``blake2b``
+0.24 GB/s. The manifest guards against corruption, not an adversary; CRC-32 together with the
+exact size catches every burst error up to 32 bits and misses random damage with probability
+2^-32, at four times the speed of SHA-256. ``crc32`` is the default; ``sha256`` is available
+where a cryptographic digest is wanted. Files are hashed on several threads (both release the
+GIL on large buffers).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+import zlib
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import asdict, dataclass, field
+from typing import IO, Any
+
+FORMAT_VERSION = 1
+MANIFEST_NAME = "manifest.json"
+CHUNK_BYTES = 4 << 20
+CHECKSUMS = ("crc32", "sha256")
+
+
+def checksum_stream(stream: IO[bytes], algorithm: str = "crc32") -> str:
+    """Hex checksum of everything left in ``stream``."""
+    if algorithm == "crc32":
+        crc = 0
+        while chunk := stream.read(CHUNK_BYTES):
+            crc = zlib.crc32(chunk, crc)
+        return f"{crc:08x}"
+    if algorithm == "sha256":
+        digest = hashlib.sha256()
+        while chunk := stream.read(CHUNK_BYTES):
+            digest.update(chunk)
+        return digest.hexdigest()
+    raise ValueError(f"unknown checksum {algorithm!r}; use one of {CHECKSUMS}")
+
+
+@dataclass
+class FileEntry:
+    size: int
+    checksum: str
+
+
+@dataclass
+class CheckpointManifest:
+    """The description of one step, stored as ``manifest.json`` next to its DCP files."""
+
+    step: int
+    world_size: int
+    layout: dict[str, Any] = field(default_factory=dict)
+    config_hash: str = ""
+    files: dict[str, FileEntry] = field(default_factory=dict)
+    checksum: str = "crc32"
+    verified: bool = False
+    created: float = field(default_factory=time.time)
+    format_version: int = FORMAT_VERSION
+
+    @property
+    def total_bytes(self) -> int:
+        return sum(f.size for f in self.files.values())
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self), indent=1, sort_keys=True)
+
+    @classmethod
+    def from_json(cls, text: str | bytes) -> CheckpointManifest:
+        raw = json.loads(text)
+        version = raw.get("format_version")
+        if version != FORMAT_VERSION:
+            raise ValueError(f"manifest format_version {version} is not {FORMAT_VERSION}; this stalwart cannot read it")
+        raw["files"] = {path: FileEntry(**entry) for path, entry in raw["files"].items()}
+        return cls(**raw)
+
+
+def compute_files(
+    sizes: dict[str, int], open_file: Callable[[str], Any], algorithm: str = "crc32", threads: int = 4
+) -> dict[str, FileEntry]:
+    """Checksum every file in ``sizes`` (relative path → size) read through ``open_file``."""
+
+    def one(rel: str) -> tuple[str, FileEntry]:
+        with open_file(rel) as f:
+            return rel, FileEntry(size=sizes[rel], checksum=checksum_stream(f, algorithm))
+
+    with ThreadPoolExecutor(max_workers=max(1, min(threads, len(sizes)))) as pool:
+        return dict(sorted(pool.map(one, sizes)))
+
+
+def find_damage(
+    manifest: CheckpointManifest, sizes: dict[str, int], open_file: Callable[[str], Any], threads: int = 4
+) -> str | None:
+    """Why the files on storage differ from the manifest, or None when they all match.
+
+    Sizes are compared first (cheap, catches truncation and missing files) before any byte is read.
+    """
+    for rel, entry in manifest.files.items():
+        if rel not in sizes:
+            return f"file {rel} is missing"
+        if sizes[rel] != entry.size:
+            return f"file {rel} has {sizes[rel]} bytes, manifest says {entry.size}"
+    actual = compute_files({rel: sizes[rel] for rel in manifest.files}, open_file, manifest.checksum, threads)
+    for rel, entry in manifest.files.items():
+        if actual[rel].checksum != entry.checksum:
+            return f"file {rel} fails its {manifest.checksum} check ({actual[rel].checksum} != {entry.checksum})"
+    return None

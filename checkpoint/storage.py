@@ -1,0 +1,134 @@
+"""One checkpoint root on any fsspec backend: local disk, ``file://`` or ``s3://bucket/prefix``.
+
+Paths given to :class:`Storage` are relative to the root and always use ``/``. The class hides the
+two backend differences the checkpoint protocol depends on:
+
+- create-if-absent writes (the commit marker): ``O_EXCL`` locally, ``If-None-Match: *`` on S3
+  (s3fs mode ``"xb"``); both raise ``FileExistsError`` when the object is already there;
+- listing caches: s3fs caches directory listings and does not see other writers' objects until
+  :meth:`Storage.invalidate_cache`, so every read of the tree starts from a fresh listing.
+"""
+
+from __future__ import annotations
+
+import os
+import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import IO, Any
+
+import fsspec
+from fsspec.core import url_to_fs
+from fsspec.implementations.local import LocalFileSystem
+
+
+class Storage:
+    """Bytes in, bytes out, under ``base_url``; ``storage_options`` go to ``fsspec.url_to_fs``."""
+
+    def __init__(self, base_url: str | os.PathLike, storage_options: dict[str, Any] | None = None) -> None:
+        self.base_url = os.fspath(base_url).rstrip("/")
+        self.storage_options = dict(storage_options or {})
+        self.fs: fsspec.AbstractFileSystem
+        self.fs, self.root = url_to_fs(self.base_url, **self.storage_options)
+        self.root = self.root.rstrip("/")
+        self.is_local = isinstance(self.fs, LocalFileSystem)
+        if self.is_local:
+            self.root = os.path.abspath(self.root)
+            os.makedirs(self.root, exist_ok=True)
+        self.scheme = "local" if self.is_local else (self.fs.protocol if isinstance(self.fs.protocol, str) else self.fs.protocol[0])
+
+    def path(self, rel: str = "") -> str:
+        """Backend path of ``rel`` (what ``self.fs`` takes)."""
+        return f"{self.root}/{rel}" if rel else self.root
+
+    def url(self, rel: str = "") -> str:
+        """Full URL of ``rel`` (what DCP's fsspec writer/reader take); a plain path locally."""
+        if self.is_local:
+            return self.path(rel)
+        return self.fs.unstrip_protocol(self.path(rel))
+
+    def invalidate_cache(self) -> None:
+        self.fs.invalidate_cache()
+
+    def write_bytes(self, rel: str, data: bytes, *, exclusive: bool = False) -> None:
+        """Write a whole small object; ``exclusive`` raises ``FileExistsError`` if it exists.
+
+        Locally the object is written to a temporary name, fsynced and renamed into place (or
+        hard-linked for ``exclusive``), so readers never see a torn file. An S3 PUT is atomic by
+        itself.
+        """
+        target = self.path(rel)
+        if self.is_local:
+            os.makedirs(os.path.dirname(target), exist_ok=True)
+            tmp = f"{target}.partial-{uuid.uuid4().hex[:8]}"
+            with open(tmp, "wb") as f:
+                f.write(data)
+                f.flush()
+                os.fsync(f.fileno())
+            try:
+                if exclusive:
+                    os.link(tmp, target)  # fails with FileExistsError, never replaces
+                else:
+                    os.replace(tmp, target)
+            finally:
+                if os.path.exists(tmp):
+                    os.remove(tmp)
+            _fsync_dir(os.path.dirname(target))
+        else:
+            with self.fs.open(target, "xb" if exclusive else "wb") as f:
+                f.write(data)
+        self.invalidate_cache()
+
+    def read_bytes(self, rel: str) -> bytes:
+        return self.fs.cat_file(self.path(rel))
+
+    @contextmanager
+    def open_read(self, rel: str) -> Iterator[IO[bytes]]:
+        with self.fs.open(self.path(rel), "rb") as f:
+            yield f
+
+    def exists(self, rel: str) -> bool:
+        return self.fs.exists(self.path(rel))
+
+    def size(self, rel: str) -> int:
+        return int(self.fs.size(self.path(rel)))
+
+    def list_dir(self, rel: str = "") -> list[str]:
+        """Names (not paths) of the direct children of ``rel``; empty if it does not exist."""
+        self.invalidate_cache()
+        try:
+            entries = self.fs.ls(self.path(rel), detail=False)
+        except FileNotFoundError:
+            return []
+        return sorted(e.rstrip("/").rsplit("/", 1)[-1] for e in entries)
+
+    def walk_files(self, rel: str) -> dict[str, int]:
+        """Every file under ``rel`` as {path relative to ``rel``: size in bytes}."""
+        self.invalidate_cache()
+        base = self.path(rel)
+        found = self.fs.find(base, detail=True)
+        return {p[len(base) + 1 :]: int(info["size"]) for p, info in found.items() if info.get("type") != "directory"}
+
+    def delete_tree(self, rel: str) -> None:
+        """Remove ``rel`` and everything under it; a missing tree is not an error."""
+        try:
+            self.fs.rm(self.path(rel), recursive=True)
+        except FileNotFoundError:
+            pass
+        self.invalidate_cache()
+
+    def rename_dir(self, src: str, dst: str) -> None:
+        """Atomic directory rename; local disk only (on S3 a rename is copy + delete)."""
+        if not self.is_local:
+            raise NotImplementedError(f"rename is not atomic on {self.scheme}; commit with a marker object instead")
+        os.rename(self.path(src), self.path(dst))
+        _fsync_dir(self.root)
+
+
+def _fsync_dir(path: str) -> None:
+    """Persist a directory entry (a rename or a new file) across a power loss."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)

@@ -1,0 +1,495 @@
+"""healthd: the per-node health daemon (gRPC ``NodeHealth`` + ``grpc.health.v1``).
+
+It receives rank heartbeats, detects hangs with :class:`~stalwart.health.hang.HangDetector`, probes
+the GPUs and the host, and protects its node without waiting for anyone: on a hang it dumps every
+local rank's Python stacks, SIGKILLs the worker group (the elastic agent restarts it) and records a
+``fault_detected`` event; on a fatal GPU fault it marks the node UNHEALTHY (``RUN/health/node-<n>.unhealthy``
+for the launcher, STOP in heartbeat replies), kills the workers and records the event. The job
+controller may read its status but is never needed for any of this.
+
+Trust model: heartbeats and status are unauthenticated (bind to loopback or a ``unix:`` socket,
+which is made mode 0600); the one mutating call, ``KillWorkers``, needs the job token. A heartbeat
+can only make the daemon kill a pid that runs as the daemon's user (any pid when the daemon is root),
+is not the daemon or one of its ancestors, descends from ``worker_ancestor`` when that is set, and
+still has the start time it had when it first beat (no pid-reuse kills).
+"""
+
+from __future__ import annotations
+
+import argparse
+import concurrent.futures
+import hmac
+import json
+import logging
+import math
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import threading
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import grpc
+import psutil
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+
+from stalwart.health.client import faulthandler_path
+from stalwart.health.hang import HangConfig, HangDetector, Phase
+from stalwart.health.probes import FaultInjectionProbe, GpuIssue, GpuProbe, GpuReport, HostProbe, HostReport, pid_alive
+from stalwart.health.proto import healthd_pb2, healthd_pb2_grpc
+from stalwart.runtime.events import EventKind, EventLog
+
+log = logging.getLogger(__name__)
+
+MAX_MESSAGE_BYTES = 1 << 20
+MAX_RANKS = 4096
+SERVICE_NAME = "stalwart.health.NodeHealth"
+_PHASE_FROM_PROTO = {healthd_pb2.Phase.Value(p.value): p for p in Phase}
+
+
+@dataclass
+class _Rank:
+    rank: int
+    local_rank: int
+    pid: int
+    create_time: float
+    step: int = 0
+    phase: Phase = Phase.INIT
+    progress_ts: float = 0.0
+    step_seconds: float = 0.0
+    heard_at: float = 0.0
+
+
+class HealthDaemon:
+    """One per node; ``start()`` returns the bound address (``host:port`` or ``unix:PATH``)."""
+
+    def __init__(
+        self,
+        run_dir: str | Path,
+        token: str,
+        bind: str = "127.0.0.1:0",
+        node: int = 0,
+        hang_config: HangConfig | None = None,
+        check_interval_s: float = 0.5,
+        probe_interval_s: float = 1.0,
+        expected_gpus: int | None = None,
+        worker_ancestor: int | None = None,
+        stack_dump_timeout_s: float = 10.0,
+        max_workers: int = 8,
+    ) -> None:
+        if not token:
+            raise ValueError("healthd needs a non-empty job token (KillWorkers is refused without one); pass --token-file with a random secret")
+        self.run_dir = Path(run_dir)
+        self.health_dir = self.run_dir / "health"
+        self.health_dir.mkdir(parents=True, exist_ok=True)
+        self._token = token.encode()
+        self.bind = bind
+        self.node = node
+        self.detector = HangDetector(hang_config)
+        self.check_interval_s = check_interval_s
+        self.probe_interval_s = probe_interval_s
+        self.worker_ancestor = worker_ancestor
+        self.stack_dump_timeout_s = stack_dump_timeout_s
+        self.gpu_probe = GpuProbe(expected_gpus)
+        self.host_probe = HostProbe(self.run_dir)
+        self.fault_probe = FaultInjectionProbe(self.run_dir, str(node))
+        self.events = EventLog(self.run_dir, role="healthd", node=node)
+        self.marker_path = self.health_dir / f"node-{node}.unhealthy"
+
+        self._lock = threading.RLock()
+        self._ranks: dict[int, _Rank] = {}
+        self._gpu_report = GpuReport(present=False, reason="not probed yet")
+        self._injected: list[GpuIssue] = []
+        self._host: HostReport | None = None
+        self._reported_faults: set[tuple[int, str, int]] = set()
+        self._unhealthy_reasons: list[str] = []
+        self._stop = threading.Event()
+        self._threads: list[threading.Thread] = []
+        self._ancestors = {p.pid for p in psutil.Process().parents()} | {os.getpid()}
+
+        self._health = health.HealthServicer()
+        self._server = grpc.server(
+            concurrent.futures.ThreadPoolExecutor(max_workers=max_workers, thread_name_prefix="healthd-rpc"),
+            options=[
+                ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
+                ("grpc.max_send_message_length", 16 * MAX_MESSAGE_BYTES),
+                ("grpc.so_reuseport", 0),
+            ],
+            maximum_concurrent_rpcs=4 * max_workers,
+        )
+        healthd_pb2_grpc.add_NodeHealthServicer_to_server(_Servicer(self), self._server)
+        health_pb2_grpc.add_HealthServicer_to_server(self._health, self._server)
+        self.address = ""
+
+    # ---------------------------------------------------------------- lifecycle
+
+    def start(self) -> str:
+        try:
+            port = self._server.add_insecure_port(self.bind)
+        except RuntimeError:  # grpc reports bind failures (address in use, bad path) this way
+            port = 0
+        if port == 0:
+            self.events.close()
+            raise OSError(f"healthd could not bind {self.bind!r} (in use or not writable); pick a free port, port 0, or a writable unix:PATH")
+        self._server.start()
+        if self.bind.startswith("unix:"):
+            socket_path = self.bind.removeprefix("unix:").removeprefix("//")
+            os.chmod(socket_path, 0o600)
+            self.address = self.bind
+        else:
+            self.address = f"{self.bind.rsplit(':', 1)[0]}:{port}"
+        for name in ("", SERVICE_NAME):
+            self._health.set(name, health_pb2.HealthCheckResponse.SERVING)
+        for target, name in ((self._monitor_loop, "healthd-hang"), (self._probe_loop, "healthd-probe")):
+            thread = threading.Thread(target=target, name=name, daemon=True)
+            thread.start()
+            self._threads.append(thread)
+        info = {"address": self.address, "pid": os.getpid(), "node": self.node}
+        _atomic_write(self.health_dir / f"healthd-node{self.node}.json", json.dumps(info))
+        log.info("healthd node %s serving on %s", self.node, self.address)
+        return self.address
+
+    def stop(self, grace_s: float = 1.0) -> None:
+        self._stop.set()
+        self._health.enter_graceful_shutdown()
+        self._server.stop(grace_s).wait()
+        for thread in self._threads:
+            thread.join(timeout=self.stack_dump_timeout_s + 2)
+        self.events.close()
+
+    def wait(self) -> None:
+        self._server.wait_for_termination()
+
+    def __enter__(self) -> HealthDaemon:
+        self.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+    # ---------------------------------------------------------------- RPC handlers
+
+    def heartbeat(self, request: healthd_pb2.HeartbeatRequest) -> int:
+        """Record a heartbeat; returns the action. Raises ValueError for a request it must refuse."""
+        phase = _PHASE_FROM_PROTO.get(request.phase)
+        if phase is None:
+            raise ValueError(f"unknown phase {request.phase}")
+        if not 0 <= request.rank < (1 << 24) or request.local_rank < 0:
+            raise ValueError(f"rank {request.rank} / local_rank {request.local_rank} out of range")
+        if not math.isfinite(request.ts) or not math.isfinite(request.step_seconds):
+            raise ValueError("ts and step_seconds must be finite")
+        now = time.time()
+        with self._lock:
+            entry = self._ranks.get(request.rank)
+            if entry is None or entry.pid != request.pid:
+                if entry is None and len(self._ranks) >= MAX_RANKS:
+                    raise ValueError(f"more than {MAX_RANKS} ranks on one node")
+                create_time = self._check_worker_pid(request.pid)
+                if entry is not None:
+                    log.info("rank %d now has pid %d (was %d): new worker group", request.rank, request.pid, entry.pid)
+                self.detector.forget(request.rank)
+                entry = self._ranks[request.rank] = _Rank(request.rank, request.local_rank, request.pid, create_time)
+            # Same host, same clock: a ts from the future is a bug or a forgery; it must not postpone detection.
+            ts = min(request.ts, now)
+            if self.detector.observe(request.rank, phase, ts):
+                entry.step, entry.phase, entry.progress_ts = request.step, phase, ts
+                entry.step_seconds = request.step_seconds
+            entry.heard_at = now
+            return healthd_pb2.STOP if self._unhealthy_reasons else healthd_pb2.CONTINUE
+
+    def _check_worker_pid(self, pid: int) -> float:
+        if pid <= 0 or pid in self._ancestors:
+            raise ValueError(f"pid {pid} cannot be a worker of this node")
+        try:
+            proc = psutil.Process(pid)
+            if os.geteuid() != 0 and proc.uids().real != os.geteuid():
+                raise ValueError(f"pid {pid} runs as another user than healthd")
+            if self.worker_ancestor is not None and self.worker_ancestor not in {p.pid for p in proc.parents()}:
+                raise ValueError(f"pid {pid} is not a descendant of the worker launcher {self.worker_ancestor}")
+            return proc.create_time()
+        except psutil.Error as e:
+            raise ValueError(f"pid {pid} is not a live process: {e}") from e
+
+    def status(self) -> healthd_pb2.NodeStatus:
+        now = time.time()
+        with self._lock:
+            state, reasons = self._state()
+            msg = healthd_pb2.NodeStatus(node=str(self.node), state=state, reasons=reasons, ts=now)
+            for rank in sorted(self._ranks):
+                e = self._ranks[rank]
+                msg.ranks.add(
+                    rank=e.rank, local_rank=e.local_rank, pid=e.pid, step=e.step, phase=healthd_pb2.Phase.Value(e.phase.value),
+                    last_heartbeat_age_s=now - e.heard_at, last_progress_age_s=now - e.progress_ts,
+                    limit_s=self.detector.limit(rank) if rank in self.detector.ranks() else 0.0, step_seconds=e.step_seconds,
+                )
+            msg.gpu.present = self._gpu_report.present
+            msg.gpu.reason = self._gpu_report.reason
+            issues_by_gpu: dict[int, list[GpuIssue]] = {}
+            for issue in self._injected:
+                issues_by_gpu.setdefault(issue.gpu, []).append(issue)
+            for gpu in self._gpu_report.gpus:
+                g = msg.gpu.gpus.add(index=gpu.index, name=gpu.name, uuid=gpu.uuid)
+                for issue in gpu.issues + issues_by_gpu.pop(gpu.index, []):
+                    g.issues.add(kind=issue.kind, fatal=issue.fatal, code=issue.code, detail=issue.detail)
+            for index, issues in sorted(issues_by_gpu.items()):
+                g = msg.gpu.gpus.add(index=index, name="(fault injection)")
+                for issue in issues:
+                    g.issues.add(kind=issue.kind, fatal=issue.fatal, code=issue.code, detail=issue.detail)
+            if self._host is not None:
+                msg.host.mem_available_bytes = self._host.mem_available_bytes
+                msg.host.disk_free_bytes = self._host.disk_free_bytes
+        return msg
+
+    def _state(self) -> tuple[int, list[str]]:
+        if self._unhealthy_reasons:
+            return healthd_pb2.UNHEALTHY, list(self._unhealthy_reasons)
+        warnings = [f"gpu{i.gpu}: {i.kind} {i.detail}" for i in self._gpu_report.issues() + self._injected if not i.fatal]
+        return (healthd_pb2.DEGRADED, warnings) if warnings else (healthd_pb2.HEALTHY, [])
+
+    def check_token(self, token: str) -> bool:
+        return hmac.compare_digest(token.encode(), self._token)
+
+    # ---------------------------------------------------------------- detection
+
+    def _monitor_loop(self) -> None:
+        while not self._stop.wait(self.check_interval_s):
+            try:
+                self.check_once()
+            except Exception:
+                log.exception("healthd hang check failed; continuing")
+
+    def check_once(self) -> None:
+        """One hang-detection pass: drop exited ranks, then act on ranks past their limit."""
+        with self._lock:
+            for rank, entry in list(self._ranks.items()):
+                if not _same_process(entry.pid, entry.create_time):
+                    log.info("rank %d (pid %d) exited; the elastic agent handles that", rank, entry.pid)
+                    del self._ranks[rank]
+                    self.detector.forget(rank)
+            hangs = self.detector.check(time.time())
+        if hangs:
+            self._on_hangs(hangs)
+
+    def _on_hangs(self, hangs: list) -> None:
+        with self._lock:
+            ranks = list(self._ranks.values())
+        names = ", ".join(f"rank{h.rank} ({h.phase.value}, {h.waited_s:.1f}s > {h.limit_s:.1f}s)" for h in hangs)
+        log.error("hang detected: %s; dumping stacks of %d local ranks and killing the worker group", names, len(ranks))
+        stamp = time.strftime("%Y%m%dT%H%M%S", time.gmtime()) + f"{time.time() % 1:.3f}"[1:]
+        with concurrent.futures.ThreadPoolExecutor(max_workers=max(1, len(ranks))) as pool:
+            dumps = list(pool.map(lambda e: (e, self._dump_stacks(e)), ranks))
+        stack_files = []
+        for entry, text in dumps:
+            path = self.health_dir / f"stacks-{stamp}-rank{entry.rank}.txt"
+            _atomic_write(path, text)
+            stack_files.append(str(path))
+        killed = self.kill_workers(f"hang: {names}")
+        for h in hangs:
+            self.events.emit(
+                EventKind.FAULT_DETECTED, fault="hang", target=f"rank{h.rank}", detector="healthd", last_progress_ts=h.last_progress_ts,
+                detail={"phase": h.phase.value, "limit_s": round(h.limit_s, 3), "waited_s": round(h.waited_s, 3), "killed_pids": killed, "stacks": stack_files},
+            )
+        self.events.flush()
+
+    def _dump_stacks(self, entry: _Rank) -> str:
+        header = f"# healthd stack dump: rank {entry.rank} (local {entry.local_rank}) pid {entry.pid}, phase {entry.phase.value}, step {entry.step}\n"
+        py_spy = _find_py_spy()
+        notes = []
+        if py_spy:
+            stopped = _status(entry.pid) == psutil.STATUS_STOPPED
+            # A stopped process cannot be re-suspended by ptrace; --nonblocking reads its memory directly.
+            attempts = [["--nonblocking"]] if stopped else [[], ["--nonblocking"]]
+            for extra in attempts:
+                cmd = [py_spy, "dump", "--pid", str(entry.pid), *extra]
+                try:
+                    out = subprocess.run(cmd, capture_output=True, text=True, timeout=self.stack_dump_timeout_s)
+                except subprocess.TimeoutExpired:
+                    notes.append(f"{' '.join(cmd)}: timed out after {self.stack_dump_timeout_s}s")
+                    continue
+                if out.returncode == 0:
+                    return header + f"# method: py-spy {' '.join(cmd[1:])}\n" + out.stdout
+                notes.append(f"{' '.join(cmd)}: exit {out.returncode}: {out.stderr.strip()[-500:]}")
+        else:
+            notes.append("py-spy not found (pip install py-spy; in containers grant CAP_SYS_PTRACE)")
+        if _status(entry.pid) == psutil.STATUS_STOPPED:
+            notes.append("process is stopped (SIGSTOP): it cannot run its SIGUSR1 faulthandler")
+            return header + "# method: none\n" + "".join(f"# {n}\n" for n in notes)
+        path = faulthandler_path(self.run_dir, entry.rank, entry.pid)
+        before = path.stat().st_size if path.exists() else 0
+        try:
+            os.kill(entry.pid, signal.SIGUSR1)
+        except OSError as e:
+            notes.append(f"SIGUSR1 failed: {e}")
+        deadline = time.monotonic() + 2.0
+        while time.monotonic() < deadline and (not path.exists() or path.stat().st_size == before):
+            time.sleep(0.05)
+        time.sleep(0.1)  # let faulthandler finish writing all threads
+        text = path.read_text(errors="replace")[before:] if path.exists() else ""
+        if not text:
+            notes.append(f"no faulthandler output in {path} (the trainer must call install_stack_dump_handler)")
+        return header + "# method: SIGUSR1 faulthandler\n" + "".join(f"# {n}\n" for n in notes) + text
+
+    def kill_workers(self, reason: str) -> list[int]:
+        """SIGKILL every known rank process (verified against pid reuse); returns the pids killed."""
+        with self._lock:
+            entries = list(self._ranks.values())
+            self._ranks.clear()
+            for entry in entries:
+                self.detector.forget(entry.rank)
+        killed = []
+        for entry in entries:
+            if not _same_process(entry.pid, entry.create_time):
+                continue
+            try:
+                os.kill(entry.pid, signal.SIGKILL)
+                killed.append(entry.pid)
+            except OSError as e:
+                log.warning("could not kill rank %d pid %d: %s", entry.rank, entry.pid, e)
+        log.warning("killed worker pids %s: %s", killed, reason)
+        return killed
+
+    def _probe_loop(self) -> None:
+        while not self._stop.is_set():
+            try:
+                self.probe_once()
+            except Exception:
+                log.exception("healthd probe failed; continuing")
+            self._stop.wait(self.probe_interval_s)
+
+    def probe_once(self) -> None:
+        """Probe GPUs (real and injected) and the host; a new fatal GPU issue takes the node out."""
+        report = self.gpu_probe.probe()
+        injected = self.fault_probe.probe()
+        with self._lock:
+            pids = [e.pid for e in self._ranks.values()]
+        host = self.host_probe.probe(pids)
+        with self._lock:
+            self._gpu_report, self._injected, self._host = report, injected, host
+        new = []
+        for issue in report.fatal() + [i for i in injected if i.fatal]:
+            key = (issue.gpu, issue.kind, issue.code)
+            if key not in self._reported_faults:
+                self._reported_faults.add(key)
+                new.append(issue)
+        if new:
+            self._on_gpu_faults(new)
+
+    def _on_gpu_faults(self, issues: list[GpuIssue]) -> None:
+        reasons = [f"gpu{i.gpu}: {i.kind} {i.code}: {i.detail}" for i in issues]
+        log.error("node %s UNHEALTHY: %s", self.node, "; ".join(reasons))
+        with self._lock:
+            self._unhealthy_reasons.extend(reasons)
+            last_progress = max((e.progress_ts for e in self._ranks.values()), default=None)
+            all_reasons = list(self._unhealthy_reasons)
+        _atomic_write(self.marker_path, json.dumps({"node": self.node, "ts": time.time(), "reasons": all_reasons, "issues": [asdict(i) for i in issues]}))
+        killed = self.kill_workers("gpu fault: " + "; ".join(reasons))
+        for issue in issues:
+            self.events.emit(
+                EventKind.FAULT_DETECTED, fault="gpu", target=f"node{self.node}/gpu{issue.gpu}", detector="healthd", last_progress_ts=last_progress,
+                detail={"kind": issue.kind, "code": issue.code, "detail": issue.detail, "killed_pids": killed},
+            )
+        self.events.flush()
+
+
+class _Servicer(healthd_pb2_grpc.NodeHealthServicer):
+    """Thin gRPC adapter: validation errors become status codes, never a dead server."""
+
+    def __init__(self, daemon: HealthDaemon) -> None:
+        self.daemon = daemon
+
+    def Heartbeat(self, request: Any, context: grpc.ServicerContext) -> Any:
+        try:
+            return healthd_pb2.HeartbeatReply(action=self.daemon.heartbeat(request))
+        except ValueError as e:
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
+
+    def GetStatus(self, request: Any, context: grpc.ServicerContext) -> Any:
+        return self.daemon.status()
+
+    def KillWorkers(self, request: Any, context: grpc.ServicerContext) -> Any:
+        if not self.daemon.check_token(request.token):
+            log.warning("refused unauthenticated KillWorkers from %s (reason %r)", context.peer(), request.reason[:200])
+            context.abort(grpc.StatusCode.PERMISSION_DENIED, "KillWorkers needs the job token")
+        killed = self.daemon.kill_workers(f"KillWorkers from {context.peer()}: {request.reason[:200]}")
+        return healthd_pb2.KillReply(killed_pids=killed)
+
+
+def _same_process(pid: int, create_time: float) -> bool:
+    try:
+        proc = psutil.Process(pid)
+        return proc.create_time() == create_time and proc.status() != psutil.STATUS_ZOMBIE
+    except psutil.Error:
+        return False
+
+
+def _status(pid: int) -> str:
+    try:
+        return psutil.Process(pid).status()
+    except psutil.Error:
+        return ""
+
+
+def _find_py_spy() -> str | None:
+    return shutil.which("py-spy") or shutil.which("py-spy", path=str(Path(sys.executable).parent))
+
+
+def _atomic_write(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def healthd_main(argv: list[str] | None = None) -> int:
+    """``stalwart healthd --run-dir R --bind ADDR --token-file F``: serve until SIGTERM/SIGINT."""
+    parser = argparse.ArgumentParser(prog="stalwart healthd", description="Per-node health daemon: heartbeats, hang detection, GPU probes.")
+    parser.add_argument("--run-dir", required=True, help="the job's run directory (events/, health/)")
+    parser.add_argument("--bind", default="127.0.0.1:0", help="host:port (port 0 picks one) or unix:PATH")
+    parser.add_argument("--token-file", required=True, help="file holding the job token that KillWorkers must present")
+    parser.add_argument("--node", type=int, default=int(os.environ.get("GROUP_RANK", "0")), help="node rank (default $GROUP_RANK or 0)")
+    parser.add_argument("--warmup-steps", type=int, default=3)
+    parser.add_argument("--safety-factor", type=float, default=5.0)
+    parser.add_argument("--floor-s", type=float, default=2.0, help="smallest adaptive hang limit in seconds")
+    for phase in Phase:
+        parser.add_argument(f"--{phase.value.lower()}-limit-s", type=float, default=HangConfig().initial_limits[phase], help=f"warm-up limit for {phase.value}")
+    parser.add_argument("--probe-interval-s", type=float, default=1.0)
+    parser.add_argument("--expected-gpus", type=int, default=None, help="fewer GPUs than this marks the node unhealthy")
+    parser.add_argument("--worker-ancestor", type=int, default=None, help="only descendants of this pid may register as workers")
+    args = parser.parse_args(argv)
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s healthd %(levelname)s %(message)s")
+    token_path = Path(args.token_file)
+    try:
+        token = token_path.read_text().strip()
+    except OSError as e:
+        print(f"stalwart healthd: cannot read --token-file {token_path}: {e}", file=sys.stderr)
+        return 2
+    if not token:
+        print(f"stalwart healthd: {token_path} is empty; write a random secret into it (e.g. `openssl rand -hex 32 > {token_path}`)", file=sys.stderr)
+        return 2
+    if token_path.stat().st_mode & 0o077:
+        log.warning("token file %s is readable by other users; chmod 600 it", token_path)
+    config = HangConfig(
+        warmup_steps=args.warmup_steps, safety_factor=args.safety_factor, floor_s=args.floor_s,
+        initial_limits={p: getattr(args, f"{p.value.lower()}_limit_s") for p in Phase},
+    )
+    daemon = HealthDaemon(
+        args.run_dir, token, bind=args.bind, node=args.node, hang_config=config, probe_interval_s=args.probe_interval_s,
+        expected_gpus=args.expected_gpus, worker_ancestor=args.worker_ancestor,
+    )
+    try:
+        address = daemon.start()
+    except OSError as e:
+        print(f"stalwart healthd: {e}", file=sys.stderr)
+        return 2
+    print(f"healthd node {args.node} listening on {address}", flush=True)
+    stop = threading.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: stop.set())
+    while not stop.wait(1.0):
+        pass
+    daemon.stop()
+    return 0

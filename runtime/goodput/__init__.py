@@ -1,0 +1,29 @@
+"""Goodput accounting: productive time versus every kind of badput, from a job's event log."""
+
+from stalwart.runtime.goodput.accounting import (
+    CATEGORIES,
+    PRODUCTIVE,
+    GoodputReport,
+    Incident,
+    Segment,
+    StepRecord,
+    compute_goodput,
+    estimate_clock_offsets,
+    rolling_goodput,
+)
+from stalwart.runtime.goodput.report import format_text, render_html, to_json
+
+__all__ = [
+    "CATEGORIES",
+    "PRODUCTIVE",
+    "GoodputReport",
+    "Incident",
+    "Segment",
+    "StepRecord",
+    "compute_goodput",
+    "estimate_clock_offsets",
+    "format_text",
+    "render_html",
+    "rolling_goodput",
+    "to_json",
+]

@@ -1,0 +1,249 @@
+"""Goodput accounting against a hand-computed job, skewed clocks, torn logs, windows, renderings."""
+
+import json
+import random
+import subprocess
+import sys
+
+import pytest
+from stalwart.runtime.events import read_events
+from stalwart.runtime.goodput import CATEGORIES, compute_goodput, format_text, render_html, to_json
+from stalwart.runtime.goodput.command import goodput_main, parse_time
+
+T0 = 1_800_000_000.0  # an arbitrary epoch; every time below is T0 + seconds
+
+
+def ev(t, kind, host="a", rank=0, attempt=0, pid=None, role="trainer", **fields):
+    pid = pid if pid is not None else (100 + rank + 10 * attempt if role == "trainer" else 1)
+    return {"v": 1, "ts": T0 + t, "kind": kind, "role": role, "host": host, "node": None, "pid": pid,
+            "rank": rank if role == "trainer" else None, "attempt": attempt, **fields}
+
+
+def steps(first, last, t_start, host, rank, attempt, step_s=2.0, data_s=0.25):
+    out, t = [], t_start
+    for s in range(first, last + 1):
+        out.append(ev(t, "step_begin", host, rank, attempt, step=s))
+        out.append(ev(t + step_s, "step_end", host, rank, attempt, step=s, step_seconds=step_s,
+                      data_seconds=data_s, loss=10.0 / s, tokens=4096))
+        t += step_s
+    return out
+
+
+def hand_log():
+    """Two ranks (rank 0 on host a; rank 1 on host b, then on spare host c after the fault).
+
+    0..10     start-up (rank 0 from its first event to init_done; rank 1 inside it)
+    10..30    steps 1-10, 2 s each (0.25 s of each waiting on data)
+    30..31    checkpoint of step 10, 1 s blocking (its async commit at 35 blocks 0 s)
+    31..51    steps 11-20 — recomputed after the fault: lost
+    51        step 21 begins; rank 1 dies; its last heartbeat (last progress) at 52
+    51..52    the partial step 21: lost
+    52..54    detection latency (fault detected at 54)
+    55..58    waiting for a hot spare (node excluded at 55, joined at 58)
+    54..55, 58..60  restart downtime (the rest of the gap until the workers start at 60)
+    60..64    start-up of attempt 1;  64..67 checkpoint load of step 10 (3 s)
+    67..97    steps 11-25 again, kept;  97..100 nothing explains it: other; job end at 100
+    """
+    log = [ev(0, "clock", mono=1.0), ev(0.0, "job_start", steps=25), ev(1, "worker_start", world_size=2),
+           ev(0.5, "clock", "b", 1, mono=7.0), ev(1, "worker_start", "b", 1, world_size=2),
+           ev(10, "init_done", seconds=10.0), ev(9.5, "init_done", "b", 1, seconds=9.0)]
+    for host, rank in (("a", 0), ("b", 1)):
+        log += steps(1, 10, 10.0, host, rank, 0)
+        log.append(ev(31, "ckpt_stage", host, rank, step=10, blocking_seconds=1.0, seconds=1.0, bytes=10))
+        log.append(ev(35, "ckpt_commit", host, rank, step=10, blocking_seconds=0.0, seconds=5.0, bytes=10))
+        log += steps(11, 20, 31.0, host, rank, 0)
+        log.append(ev(51, "step_begin", host, rank, step=21))
+    log.append(ev(56, "worker_stop", reason="failed"))  # rank 0, killed while hung in the collective
+    log.append(ev(54, "fault_detected", role="agent", fault="process_exit", target=1, detector="agent",
+                  last_progress_ts=T0 + 52))
+    log += [ev(55, "node_excluded", role="controller", node=1, reason="process_exit"),
+            ev(58, "node_joined", role="controller", node=2)]
+    for host, rank in (("a", 0), ("c", 1)):
+        log += [ev(60, "clock", host, rank, 1, mono=100.0), ev(60.5, "worker_start", host, rank, 1, world_size=2),
+                ev(64, "init_done", host, rank, 1, seconds=4.0),
+                ev(67, "ckpt_load", host, rank, 1, step=10, seconds=3.0, bytes=10)]
+        log += steps(11, 25, 67.0, host, rank, 1)
+    log += [ev(98, "worker_stop", attempt=1, reason="ok"), ev(100, "job_end", attempt=1, status="ok", steps=25)]
+    return log
+
+
+EXPECTED = {
+    "startup": 10.0 + 4.0,
+    "checkpoint_save": 1.0,
+    "checkpoint_load": 3.0,
+    "lost_progress": 20.0 + 1.0,
+    "detection_latency": 2.0,
+    "restart_downtime": 1.0 + 2.0,
+    "data_stall": 25 * 0.25,
+    "hot_spare_wait": 3.0,
+    "other": 3.0,
+}
+EXPECTED_PRODUCTIVE = 25 * (2.0 - 0.25)  # 43.75
+
+
+def check_hand_answer(report, tol):
+    assert report.wall_seconds == pytest.approx(100.0, abs=tol)
+    assert report.productive_seconds == pytest.approx(EXPECTED_PRODUCTIVE, abs=tol)
+    assert report.goodput == pytest.approx(0.4375, abs=tol)
+    for name, seconds in EXPECTED.items():
+        assert report.badput[name] == pytest.approx(seconds, abs=tol), name
+    assert set(report.badput) == set(CATEGORIES)
+    assert report.productive_seconds + sum(report.badput.values()) == pytest.approx(report.wall_seconds, abs=tol)
+    assert (report.steps_kept, report.steps_lost, report.last_step, report.incarnations) == (25, 10, 25, 2)
+    [inc] = report.incidents
+    assert (inc.kind, inc.fault, inc.target, inc.detector) == ("fault", "process_exit", 1, "agent")
+    assert inc.detection_latency == pytest.approx(2.0, abs=tol)  # 54 - 52
+    assert inc.downtime == pytest.approx(13.0, abs=tol)  # detected at 54, stepping again at 67
+    assert inc.lost_steps == 10 and inc.restored_step == 10
+    assert inc.lost_seconds == pytest.approx(21.0, abs=tol)
+
+
+def test_hand_computed_answer_is_exact():
+    check_hand_answer(compute_goodput(hand_log()), 1e-9)
+
+
+def test_input_order_does_not_matter():
+    log = hand_log()
+    random.Random(0).shuffle(log)
+    check_hand_answer(compute_goodput(log), 1e-9)
+
+
+@pytest.mark.parametrize("host, shift", [("b", 30.0), ("c", -12.5)])
+def test_clock_skew_of_one_host_is_corrected(host, shift):
+    log = [dict(e, ts=e["ts"] + shift) if e["host"] == host else e for e in hand_log()]
+    report = compute_goodput(log)
+    assert report.clock_offsets[host] == pytest.approx(-shift, abs=1e-6)
+    check_hand_answer(report, 1e-6)
+
+
+def test_skew_estimate_is_robust_to_jitter():
+    """Ranks finish a synchronous step within milliseconds: the median over steps absorbs that."""
+    rng = random.Random(1)
+    log = [dict(e, ts=e["ts"] + 30.0 + (rng.uniform(-0.002, 0.002) if e["kind"] == "step_end" else 0.0))
+           if e["host"] == "b" else e for e in hand_log()]
+    assert compute_goodput(log).clock_offsets["b"] == pytest.approx(-30.0, abs=0.002)
+
+
+def test_unskewed_log_needs_no_offsets():
+    assert all(o == 0.0 for o in compute_goodput(hand_log()).clock_offsets.values())
+
+
+def test_missing_job_end_and_dead_process():
+    """A job whose last incarnation died: wall ends at its last event, the partial step is lost."""
+    log = [e for e in hand_log() if e["kind"] not in ("job_end", "worker_stop") or e["attempt"] == 0]
+    log = [e for e in log if not (e["attempt"] == 1 and e["kind"] == "step_end" and e["step"] == 25)]
+    report = compute_goodput(log)
+    # Step 25 began at 95 and never finished; rank 0's last event is that step_begin (ts 95).
+    assert report.wall_seconds == pytest.approx(95.0, abs=1e-9)
+    assert report.steps_kept == 24
+    assert report.badput["lost_progress"] == pytest.approx(21.0, abs=1e-9)  # the open step has length 0 here
+    assert report.productive_seconds + sum(report.badput.values()) == pytest.approx(95.0, abs=1e-9)
+
+
+def test_unexplained_restart_and_rollback():
+    """A restart no detector reported, then a rollback: both become incidents with their losses."""
+    log = [ev(0, "clock", mono=0.0), ev(0, "init_done", seconds=0.0)] + steps(1, 5, 0.0, "a", 0, 0, data_s=0.0)
+    log.append(ev(10, "step_begin", step=6))
+    # attempt 1 starts at 20 (nobody said why), resumes from step 3 without a ckpt_load event
+    log += [ev(20, "clock", attempt=1, mono=0.0), ev(22, "init_done", attempt=1, seconds=2.0)]
+    log += steps(4, 8, 22.0, "a", 0, 1, data_s=0.0)  # 22..32
+    log.append(ev(33, "rollback", role="controller", from_step=8, to_step=6, reason="loss_spike"))
+    log += steps(7, 8, 33.0, "a", 0, 1, data_s=0.0)  # 33..37
+    report = compute_goodput(log)
+    assert report.wall_seconds == pytest.approx(37.0)
+    # lost: steps 4,5 of attempt 0 (4 s), steps 7,8 first time (4 s); open step 6 at 10 has length 0
+    assert report.badput["lost_progress"] == pytest.approx(8.0)
+    assert report.badput["restart_downtime"] == pytest.approx(10.0)  # last progress 10 .. restart 20
+    assert report.badput["startup"] == pytest.approx(2.0)
+    assert report.productive_seconds == pytest.approx(3 * 2.0 + 3 * 2.0 + 2 * 2.0)  # steps 1-3, 4-6, 7-8
+    assert report.badput["other"] == pytest.approx(1.0)  # 32..33
+    kinds = [(i.kind, i.lost_steps, i.restored_step) for i in report.incidents]
+    assert kinds == [("unexplained_restart", 2, 3), ("rollback", 2, 6)]
+    assert report.incidents[0].detection_latency is None
+    assert report.incidents[0].downtime == pytest.approx(12.0)  # last event 10 .. stepping again at 22
+
+
+def test_since_until_window():
+    report = compute_goodput(hand_log(), since=T0 + 20.0, until=T0 + 70.0)
+    assert report.wall_seconds == pytest.approx(50.0, abs=1e-9)
+    # 20..30 steps 6-10 kept (5 x 1.75 productive, 5 x 0.25 data); 67..70 step 11 + half of 12
+    assert report.productive_seconds == pytest.approx(5 * 1.75 + 1.75 + 0.75, abs=1e-9)
+    assert report.badput["data_stall"] == pytest.approx(5 * 0.25 + 2 * 0.25, abs=1e-9)
+    assert report.badput["checkpoint_load"] == pytest.approx(3.0, abs=1e-9)
+    assert report.badput["startup"] == pytest.approx(4.0, abs=1e-9)
+    assert report.productive_seconds + sum(report.badput.values()) == pytest.approx(50.0, abs=1e-9)
+    assert len(report.incidents) == 1
+    assert compute_goodput(hand_log(), since=T0 + 60.0).incidents == []
+
+
+def test_empty_log_is_an_error():
+    with pytest.raises(ValueError, match="no events"):
+        compute_goodput([])
+
+
+def write_run(tmp_path, log):
+    (tmp_path / "events").mkdir()
+    by_proc = {}
+    for e in log:
+        by_proc.setdefault((e["role"], e["host"], e["pid"]), []).append(e)
+    for (role, host, pid), evs in by_proc.items():
+        lines = [json.dumps(e) for e in evs]
+        (tmp_path / "events" / f"{role}-{host}-{pid}.jsonl").write_text("\n".join(lines) + "\n")
+    return tmp_path
+
+
+def test_torn_lines_in_a_run_dir(tmp_path):
+    run = write_run(tmp_path, hand_log())
+    with open(run / "events" / "trainer-b-101.jsonl", "a") as f:
+        f.write('{"v": 1, "ts": 1800000052.0, "kind": "step_e')  # rank 1 died mid-write
+    check_hand_answer(compute_goodput(read_events(run)), 1e-9)
+
+
+def test_renderings(tmp_path):
+    report = compute_goodput(hand_log())
+    text = format_text(report)
+    assert "goodput     43.75 %" in text and "process_exit" in text and "lost_progress" in text
+    data = json.loads(json.dumps(to_json(report)))
+    assert data["goodput"] == report.goodput and data["wall_seconds"] == report.wall_seconds
+    assert data["badput"] == report.badput and data["productive_seconds"] == report.productive_seconds
+    assert data["incidents"][0]["lost_seconds"] == report.incidents[0].lost_seconds
+    page = render_html(report, hand_log())
+    assert page.startswith("<!DOCTYPE html>") and "43.75 %" in page
+    assert "http://" not in page and "https://" not in page and "<script" not in page and "<link" not in page
+    assert page.count('src="data:image/png;base64,') == 3  # timeline, step time and loss, rolling goodput
+
+
+def test_cli_formats_and_errors(tmp_path, capsys):
+    (tmp_path / "run").mkdir()
+    run = write_run(tmp_path / "run", hand_log())
+    assert goodput_main(["report", str(run), "--format", "json", "--output", str(tmp_path / "g.json")]) == 0
+    assert json.loads((tmp_path / "g.json").read_text())["goodput"] == pytest.approx(0.4375)
+    assert goodput_main(["report", str(run), "--format", "html", "-o", str(tmp_path / "g.html")]) == 0
+    assert "data:image/png;base64," in (tmp_path / "g.html").read_text()
+    assert goodput_main(["report", str(run), "--since", str(T0 + 60), "--until", "2027-01-15T08:01:40Z"]) == 0
+    assert "wall time   40.00 s" in capsys.readouterr().out
+    assert goodput_main(["report", str(tmp_path / "nope")]) == 2
+    assert goodput_main(["report", str(run), "--since", "yesterday"]) == 2
+    err = capsys.readouterr().err
+    assert "run directory" in err and "ISO 8601" in err
+
+
+def test_parse_time():
+    assert parse_time("1795426595.5") == 1795426595.5
+    assert parse_time("2026-11-23T09:30:00Z") == parse_time("2026-11-23T09:30:00") == parse_time("2026-11-23T10:30:00+01:00")
+
+
+def test_real_training_run(tmp_path):
+    """A real single-process debug run: its own events give a consistent report."""
+    run = tmp_path / "run"
+    out = subprocess.run(
+        [sys.executable, "-m", "stalwart", "train", "--config", "debug", "--training.steps", "4", "--job.run_dir", str(run)],
+        capture_output=True, text=True, timeout=600, check=False,
+    )
+    assert out.returncode == 0, out.stderr[-2000:]
+    report = compute_goodput(read_events(run))
+    assert report.wall_seconds > 0 and report.productive_seconds > 0 and report.badput["startup"] > 0
+    assert report.steps_kept == 4 and report.steps_lost == 0 and report.incidents == []
+    total = report.productive_seconds + sum(report.badput.values())
+    assert abs(total - report.wall_seconds) <= 0.01 * report.wall_seconds
+    assert goodput_main(["report", str(run), "--format", "html", "-o", str(tmp_path / "g.html")]) == 0
