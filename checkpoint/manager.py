@@ -69,7 +69,7 @@ class CheckpointManager:
     verified step and any step being loaded. ``checksum`` is ``"crc32"`` (fast) or ``"sha256"``.
     ``cache_staging`` keeps one staging copy of the state between async saves (pinned memory on
     GPU hosts: allocating it costs seconds, reusing it is cheap); it holds a full CPU copy of this
-    rank's state for the life of the manager.
+    rank's state for the life of the manager. It is ignored on hosts without an accelerator.
     """
 
     def __init__(
@@ -101,7 +101,9 @@ class CheckpointManager:
         self.pg = process_group
         self.rank = dist.get_rank() if self.distributed else 0
         self.world_size = dist.get_world_size() if self.distributed else 1
-        self._stager = BlockingAsyncStager(cache_staged_state_dict=cache_staging)
+        # The cached copy is pinned memory, which needs an accelerator; without one a fresh copy
+        # per save is cheap anyway.
+        self._stager = BlockingAsyncStager(cache_staged_state_dict=cache_staging and torch.accelerator.is_available())
         self._committer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="ckpt-commit")
         self._pending: _PendingSave | None = None
         self._loading: set[int] = set()
@@ -126,9 +128,13 @@ class CheckpointManager:
 
         Sync mode returns once the step is committed (or raises :class:`CheckpointError` on
         every rank). Async mode returns after staging a CPU copy; the state may be mutated right
-        away. Call :meth:`wait` (or the next ``save``/``load``) to learn whether it committed.
+        away. Call :meth:`wait` to learn whether it committed; a failed async save found by the
+        next ``save`` is logged (and was reported as ``ckpt_fail``) and does not stop this one.
         """
-        self.wait()
+        try:
+            self.wait()
+        except CheckpointError as e:
+            logger.warning("%s; saving step %d anyway", e, step)
         started = time.monotonic()
         token = self._broadcast(uuid.uuid4().hex[:12] if self.rank == 0 else None)
         tmp = naming.tmp_name(step, token)
@@ -145,7 +151,7 @@ class CheckpointManager:
             self._fail(step, f"writing shards to {self.storage.url(tmp)} failed: {_describe(e)}")
             raise CheckpointError(
                 f"checkpoint step {step} was not saved: {_describe(e)}; the previous committed step is intact"
-            ) from None
+            ) from e
         blocking = time.monotonic() - started
         self._emit(EventKind.CKPT_STAGE, step=step, blocking_seconds=blocking, bytes=_local_bytes(state), tier=self.storage.scheme)
         if async_:

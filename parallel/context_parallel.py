@@ -151,14 +151,21 @@ class ContextParallelAttention(nn.Module):
         return torch.cat(outs, dim=2)
 
 
-def apply_cp(model: Transformer, cp_mesh: DeviceMesh) -> None:
+def apply_cp(model: Transformer, cp_mesh: DeviceMesh, seq_len: int | None = None) -> None:
     """Swap every block's attention core for ``ContextParallelAttention`` over the 1-D ``cp_mesh``.
 
     Apply after tensor parallelism (the core then sees local heads) and before FSDP, which must
     shard over ``dp_shard_cp`` so gradients are averaged over the cp ranks too.
+
+    With ``seq_len`` (the training sequence length) the model's rope table is replaced by this
+    rank's rows in local order, so a forward without ``positions`` is correct: that is what
+    pipeline schedules call, as they pass nothing but the activations between stages.
     """
     if cp_mesh.ndim != 1:
         raise ValueError(f"apply_cp needs the 1-D 'cp' mesh, got a {cp_mesh.ndim}-D mesh {cp_mesh.mesh_dim_names}; pass mesh['cp']")
     group, cp_rank, cp = cp_mesh.get_group(), cp_mesh.get_local_rank(), cp_mesh.size()
     for block in model.layers.values():
         block.attention.core = ContextParallelAttention(group, cp_rank, cp)
+    if seq_len is not None:
+        rows = cp_positions(seq_len, cp_rank, cp, device=model.rope_cache.device)
+        model.register_buffer("rope_cache", model.rope_cache[rows].contiguous(), persistent=False)

@@ -102,6 +102,11 @@ class ParallelDims:
                 f"2·cp = {2 * self.cp} does not divide seq_len={seq_len} (load-balanced context parallelism "
                 f"splits the sequence into 2·cp chunks); choose cp in {_fmt_set(valid)} or change data.seq_len"
             )
+        if self.tp > 1 and (seq_len // self.cp) % self.tp:
+            raise ParallelLayoutError(
+                f"sequence parallelism splits each rank's seq_len/cp = {seq_len}/{self.cp} = {seq_len // self.cp} tokens "
+                f"over tp={self.tp}, which does not divide it; choose data.seq_len as a multiple of {2 * self.cp * self.tp}"
+            )
         if self.pp > args.n_layers:
             raise ParallelLayoutError(f"pp={self.pp} is larger than the model's n_layers={args.n_layers}; choose pp <= {args.n_layers}")
 
@@ -113,10 +118,13 @@ class ParallelDims:
                 f"training.global_batch_size={global_batch_size} is not divisible by dp×microbatch_size = "
                 f"{self.dp}×{microbatch_size} = {per_step}; choose a global batch that is a multiple of {per_step}"
             )
-        if self.pp > 1 and pp_microbatches and microbatch_size % pp_microbatches:
+        local_batch = global_batch_size // self.dp
+        n_microbatches = pp_microbatches or self.pp
+        if self.pp > 1 and local_batch % n_microbatches:
             raise ParallelLayoutError(
-                f"parallel.pp_microbatches={pp_microbatches} does not divide the local batch "
-                f"training.microbatch_size={microbatch_size}; choose pp_microbatches in {_fmt_set(_divisors(microbatch_size))}"
+                f"{n_microbatches} pipeline microbatches (parallel.pp_microbatches, default pp) do not divide the "
+                f"local batch global_batch_size/dp = {global_batch_size}/{self.dp} = {local_batch}; "
+                f"choose pp_microbatches in {_fmt_set(_divisors(local_batch))}"
             )
 
     def build_mesh(self, device_type: str) -> MeshRegistry:

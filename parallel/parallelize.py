@@ -4,25 +4,40 @@ from __future__ import annotations
 
 import torch
 from torch import nn
+from stalwart.parallel.context_parallel import apply_cp
 from stalwart.parallel.data_parallel import apply_ddp, apply_fsdp
 from stalwart.parallel.dims import MeshRegistry, ParallelDims
 from stalwart.parallel.tensor_parallel import apply_tp
 
 
-def parallelize_model(model: nn.Module, dims: ParallelDims, mesh: MeshRegistry | None, param_dtype: torch.dtype) -> nn.Module:
+def parallelize_model(
+    model: nn.Module,
+    dims: ParallelDims,
+    mesh: MeshRegistry | None,
+    param_dtype: torch.dtype,
+    seq_len: int,
+    for_pipeline: bool = False,
+) -> nn.Module:
     """Apply every enabled technique by mesh name, in a fixed order.
+
+    With CP the inputs and labels of every microbatch must be cut with ``cp_shard``; the rope
+    table already holds this rank's positions.
 
     Order matters: TP, CP, activation checkpointing, compile, then data parallelism last,
     because FSDP must wrap the already-transformed blocks. With TP the logits come back
-    vocab-sharded (loss parallel): compute the loss inside ``loss_context(dims.tp > 1)``.
+    vocab-sharded (loss parallel) unless ``for_pipeline``: a pipeline's last stage computes the
+    loss inside the schedule, on full logits. Pipeline stages keep FSDP parameters gathered
+    between microbatches (``reshard_after_forward=False``), as the schedule runs many of them.
     """
     if mesh is None or dims.world_size == 1:
         return model
     if dims.tp > 1:
-        apply_tp(model, mesh["tp"], loss_parallel=True)
+        apply_tp(model, mesh["tp"], loss_parallel=not for_pipeline)
+    if dims.cp > 1:
+        apply_cp(model, mesh["cp"], seq_len)
     if dims.dp_shard * dims.cp > 1:
         fsdp_mesh = mesh["dp_replicate", "dp_shard_cp"] if dims.dp_replicate > 1 else mesh["dp_shard_cp"]
-        apply_fsdp(model, fsdp_mesh, param_dtype=param_dtype, reduce_dtype=torch.float32)
+        apply_fsdp(model, fsdp_mesh, param_dtype=param_dtype, reduce_dtype=torch.float32, reshard_after_forward=not for_pipeline)
     elif dims.dp_replicate > 1:
         apply_ddp(model, mesh["dp_replicate"])
     return model

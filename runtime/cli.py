@@ -48,6 +48,9 @@ def cmd_train(args: argparse.Namespace, overrides: list[str]) -> int:
         first = next(iter(e.failures.values()))
         print(f"stalwart train: rank {first.local_rank} exited with code {first.exitcode}; see its log above", file=sys.stderr)
         return 1
+    from stalwart.runtime.goodput.command import summarize_run
+
+    print(summarize_run(cfg.run_dir), end="", flush=True)
     return 0
 
 

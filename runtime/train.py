@@ -20,9 +20,11 @@ import torch.distributed as dist
 from stalwart.model.args import ModelArgs, get_flavor
 from stalwart.model.flops import flops_per_token
 from stalwart.model.llama import Transformer
+from stalwart.parallel.context_parallel import cp_shard
 from stalwart.parallel.dims import ParallelDims
 from stalwart.parallel.loss import cross_entropy_loss, loss_context
 from stalwart.parallel.parallelize import parallelize_model
+from stalwart.parallel.pipeline import build_pipeline_stages, build_schedule, clip_grad_norm_pp, pipeline_step, stage_roles
 from stalwart.parallel.process_group import DistEnv, destroy_distributed, init_distributed
 from stalwart.runtime.config import Config, ConfigError
 from stalwart.runtime.data.dataset import PackedDataset
@@ -109,15 +111,43 @@ class Trainer:
 
         self.loader = self._build_loader()
         self.compute_dtype = self._compute_dtype()
-        model = build_model(self.model_args, self.env.device, cfg.job.seed)
-        self.model = parallelize_model(model, self.dims, self.mesh, self.compute_dtype)
-        self.optimizer = build_optimizer(self.model.parameters(), cfg.training, self.env.device)
+        self._build_model_parts()
+        self.optimizer = build_optimizer(self.parameters(), cfg.training, self.env.device)
         self.scheduler = build_lr_scheduler(self.optimizer, cfg.training)
         self.step = 0
         self.history: list[StepResult] = []
         self.flops_per_token = flops_per_token(self.model_args, cfg.data.seq_len)
         self.peak_flops = peak_flops(self.env.device, cfg.logging.peak_tflops)
         self.events.emit(EventKind.INIT_DONE, seconds=time.time() - t0)
+
+    def _build_model_parts(self) -> None:
+        """The model, or with PP this rank's stage modules and the schedule that drives them."""
+        dims, mesh, dtype = self.dims, self.mesh, self.compute_dtype
+        model = build_model(self.model_args, self.env.device, self.cfg.job.seed)
+        self.schedule = None
+        self.has_last_stage = True
+        if dims.pp == 1:
+            self.model_parts = [parallelize_model(model, dims, mesh, dtype, self.cfg.data.seq_len)]
+            return
+        p = self.cfg.parallel
+        stages, self.model_parts = build_pipeline_stages(
+            model, mesh["pp"], p.pp_schedule, self.env.device,
+            parallelize_fn=lambda part: parallelize_model(part, dims, mesh, dtype, self.cfg.data.seq_len, for_pipeline=True),
+        )
+        self.schedule = build_schedule(stages, self.pp_microbatches, cross_entropy_loss, p.pp_schedule)
+        self.has_first_stage, self.has_last_stage = stage_roles(stages)
+
+    @property
+    def pp_microbatches(self) -> int:
+        return self.cfg.parallel.pp_microbatches or self.dims.pp
+
+    @property
+    def loss_parallel(self) -> bool:
+        """Vocab-sharded logits under TP; a pipeline's last stage takes full logits instead."""
+        return self.dims.tp > 1 and self.dims.pp == 1
+
+    def parameters(self) -> list[torch.nn.Parameter]:
+        return [p for part in self.model_parts for p in part.parameters()]
 
     def _set_threads(self) -> None:
         if self.env.device.type != "cpu":
@@ -166,28 +196,63 @@ class Trainer:
         return value.item()
 
     def train_step(self, microbatches: list[tuple[torch.Tensor, torch.Tensor]]) -> StepResult:
-        """Forward/backward every microbatch, clip, step. The loss is the mean over all tokens."""
-        model, device = self.model, self.env.device
+        """Forward/backward the step's microbatches, clip, step. The loss is the mean over all tokens."""
+        local_loss = self._pipeline_forward_backward(microbatches) if self.schedule else self._forward_backward(microbatches)
+        params = self.parameters()
+        max_norm = self.cfg.training.max_grad_norm
+        if self.schedule:
+            grad_norm = clip_grad_norm_pp(params, max_norm, self.mesh["pp"])
+        else:
+            grad_norm = torch.nn.utils.clip_grad_norm_(params, max_norm, foreach=True)
+            if hasattr(grad_norm, "full_tensor"):
+                grad_norm = grad_norm.full_tensor()
+        self.optimizer.step()
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return StepResult(loss=self._mean_over_job(local_loss), grad_norm=grad_norm.item())
+
+    def _forward_backward(self, microbatches: list[tuple[torch.Tensor, torch.Tensor]]) -> torch.Tensor:
+        """Gradient accumulation over microbatches; gradients are reduced only on the last one."""
+        (model,), device = self.model_parts, self.env.device
         n = len(microbatches)
         local_loss = torch.zeros((), device=device)
         autocast = torch.autocast(device.type, dtype=self.compute_dtype, enabled=self.compute_dtype != torch.float32)
         for i, (inputs, labels) in enumerate(microbatches):
             if hasattr(model, "set_requires_gradient_sync"):
                 model.set_requires_gradient_sync(i == n - 1)
-            inputs, labels = inputs.to(device, non_blocking=True), labels.to(device, non_blocking=True)
-            with loss_context(self.dims.tp > 1):
+            inputs, labels = self._local_sequence(inputs.to(device, non_blocking=True), labels.to(device, non_blocking=True))
+            with loss_context(self.loss_parallel):
                 with autocast:
                     logits = model(inputs)
                 loss = cross_entropy_loss(logits, labels) / n
                 loss.backward()
             local_loss += loss.detach()
-        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), self.cfg.training.max_grad_norm, foreach=True)
-        if hasattr(grad_norm, "full_tensor"):
-            grad_norm = grad_norm.full_tensor()
-        self.optimizer.step()
-        self.scheduler.step()
-        self.optimizer.zero_grad(set_to_none=True)
-        return StepResult(loss=self._mean_over_job(local_loss), grad_norm=grad_norm.item())
+        return local_loss
+
+    def _local_sequence(self, inputs: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """This rank's load-balanced sequence chunks under CP (chunks i and 2cp-1-i), else as is."""
+        if self.dims.cp == 1:
+            return inputs, labels
+        cp_mesh = self.mesh["cp"]
+        inputs, labels = cp_shard([inputs, labels], cp_mesh.get_local_rank(), self.dims.cp)
+        return inputs, labels
+
+    def _pipeline_forward_backward(self, microbatches: list[tuple[torch.Tensor, torch.Tensor]]) -> torch.Tensor:
+        """One schedule run over this rank's whole local batch; the loss is known on the last stage.
+
+        The other pipeline ranks contribute zero to a sum over the pp group, so afterwards every
+        rank holds the last stage's loss.
+        """
+        device = self.env.device
+        inputs, labels = self._local_sequence(
+            torch.cat([x for x, _ in microbatches]).to(device), torch.cat([y for _, y in microbatches]).to(device)
+        )
+        autocast = torch.autocast(device.type, dtype=self.compute_dtype, enabled=self.compute_dtype != torch.float32)
+        with autocast:
+            loss = pipeline_step(self.schedule, inputs, labels, self.has_first_stage, self.has_last_stage)
+        local_loss = loss.detach() if loss is not None else torch.zeros((), device=device)
+        dist.all_reduce(local_loss, op=dist.ReduceOp.SUM, group=self.mesh["pp"].get_group())
+        return local_loss
 
     def run(self) -> None:
         cfg = self.cfg

@@ -81,7 +81,10 @@ class Pod:
 
 
 def pods_of(doc: dict) -> list[Pod]:
-    kind, name = doc["kind"], doc["metadata"]["name"]
+    kind = doc.get("kind")
+    if kind not in ("Deployment", "DaemonSet", "JobSet", "PyTorchJob"):
+        return []
+    name = doc["metadata"]["name"]
     if kind in ("Deployment", "DaemonSet"):
         t = doc["spec"]["template"]
         return [Pod(f"{kind}/{name}", t.get("metadata", {}), t["spec"], {})]
@@ -298,6 +301,7 @@ def check_healthd(manifests: dict[str, list[dict]]) -> None:
     port = port_of(inv.flags["--bind"])
     (p,) = [p for p in c["ports"] if p["containerPort"] == port]
     assert p.get("hostPort") == port, f"healthd: hostPort {p.get('hostPort')} != bind port {port} (ranks dial <node IP>:{port})"
+    assert "grpc" in c["livenessProbe"] and "grpc" in c["readinessProbe"], "healthd probes must be kubelet gRPC probes"
     assert container_port(c, c["livenessProbe"]["grpc"]["port"]) == port, "healthd liveness must be grpc.health.v1 on the bind port"
     assert container_port(c, c["readinessProbe"]["grpc"]["port"]) == port
     assert pod_spec.get("hostPID") is True, "healthd needs hostPID to see (and py-spy) the ranks"
@@ -318,6 +322,7 @@ def check_controller(manifests: dict[str, list[dict]]) -> None:
     assert inv.sub == "controller"
     grpc, http = port_of(inv.flags["--grpc-bind"]), port_of(inv.flags["--http-bind"])
     assert {p["containerPort"] for p in c["ports"]} == {grpc, http}, f"controller ports {c['ports']} vs binds {grpc}, {http}"
+    assert "grpc" in c["livenessProbe"], "controller liveness must be a kubelet gRPC probe"
     assert container_port(c, c["livenessProbe"]["grpc"]["port"]) == grpc, "controller liveness must be grpc.health.v1 on --grpc-bind"
     ready = c["readinessProbe"]["httpGet"]
     assert ready["path"] == "/healthz" and container_port(c, ready["port"]) == http
@@ -617,6 +622,7 @@ def run_sbatch(tmp_path: Path, rcs: dict[str, int], restart_count: int | None = 
     if restart_count is not None:
         env["SLURM_RESTART_COUNT"] = str(restart_count)
     proc = subprocess.run(["bash", str(SBATCH), "debug"], env=env, capture_output=True, text=True, timeout=60)
+    print(proc.stdout, proc.stderr)
     scontrol = (log / "scontrol.log").read_text().splitlines()
     stalwart = (log / "stalwart.log").read_text().splitlines()
     return proc.returncode, scontrol, stalwart, tmp_path / "run"

@@ -45,6 +45,6 @@ def test_batch_constraints():
     with pytest.raises(ParallelLayoutError, match="global_batch_size=30 is not divisible by dp×microbatch_size = 4×2 = 8"):
         dims.validate_batch(30, 2, 0)
     pp = ParallelDims.resolve(1, -1, 1, 1, 2, world_size=4)
-    with pytest.raises(ParallelLayoutError, match=r"pp_microbatches=3 does not divide.*microbatch_size=8; choose pp_microbatches in \{1, 2, 4, 8\}"):
+    with pytest.raises(ParallelLayoutError, match=r"3 pipeline microbatches .* do not divide the local batch global_batch_size/dp = 32/2 = 16; choose pp_microbatches in \{1, 2, 4, 8, 16\}"):
         pp.validate_batch(32, 8, 3)
     dims.validate_batch(32, 8, 0)

@@ -23,6 +23,8 @@ def test_four_rank_debug_run_learns(tmp_path):
     losses = [float(m.group(3)) for m in steps]
     assert losses[0] > 5.0, losses[:3]  # ~ln(vocab) at initialisation
     assert losses[-1] < 3.0, losses[-5:]  # byte-level Python source is learnable quickly
+    assert "goodput" in out.stdout and (run_dir / "goodput.html").is_file()
+    assert f"HTML report: {run_dir / 'goodput.html'}" in out.stdout
     events = list(read_events(run_dir))
     kinds = {e["kind"] for e in events}
     assert {"job_start", "worker_start", "init_done", "step_begin", "step_end", "worker_stop", "job_end"} <= kinds

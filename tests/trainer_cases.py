@@ -25,8 +25,7 @@ def train_layout(run_dir: str, overrides: list[str]) -> RunResult:
 
 def full_state_dict_of(trainer: Trainer) -> dict[str, torch.Tensor]:
     """This rank's parameters as full tensors; pipeline ranks hold only their stages' keys."""
-    modules = getattr(trainer, "stage_modules", None) or [trainer.model]
     out: dict[str, torch.Tensor] = {}
-    for module in modules:
+    for module in trainer.model_parts:
         out.update(full_state_dict(module))
     return out

@@ -81,6 +81,19 @@ def cmd_goodput(args: argparse.Namespace, overrides: list[str] | None = None) ->
     return 0
 
 
+def summarize_run(run_dir: str | Path) -> str:
+    """The terminal report of a finished run; the HTML report is written to RUN/goodput.html."""
+    from stalwart.runtime.events import read_events
+    from stalwart.runtime.goodput.accounting import compute_goodput
+    from stalwart.runtime.goodput.report import format_text, render_html
+
+    events = list(read_events(run_dir))
+    report = compute_goodput(events)
+    html_path = Path(run_dir) / "goodput.html"
+    html_path.write_text(render_html(report, events), encoding="utf-8")
+    return f"{format_text(report)}\nHTML report: {html_path}\n"
+
+
 def goodput_main(argv: list[str] | None = None) -> int:
     """Standalone entry: ``goodput_main(["report", RUN, "--format", "json"])``."""
     parser = argparse.ArgumentParser(prog="stalwart")
