@@ -68,7 +68,10 @@ def test_sigstopped_rank_is_detected_dumped_and_killed(daemon, tmp_path):
         proc.send_signal(signal.SIGSTOP)
         stopped_at = time.time()
         last_beat = float((tmp_path / "beat-rank0").read_text())
-        (event,) = wait_for(lambda: faults(tmp_path, "hang"), 15, "a hang event")
+        try:
+            (event,) = wait_for(lambda: faults(tmp_path, "hang"), 15, "a hang event")
+        except AssertionError as e:
+            raise AssertionError(f"{e}; daemon status: {daemon.status()}; child status {proc.poll()}") from None
         detected_after_stop = time.time() - stopped_at
         assert proc.wait(timeout=5) == -signal.SIGKILL
     finally:
