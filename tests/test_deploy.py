@@ -206,7 +206,7 @@ def shell_invocations(text: str, where: str) -> list[Invocation]:
 
 def readme_invocations() -> list[Invocation]:
     text = (DEPLOY / "README.md").read_text()
-    blocks = re.findall(r"```(?:bash|sh|console)?\n(.*?)```", text, flags=re.S)
+    blocks = re.findall(r"```(?:bash|sh|console)?\n(.*?)```", text, flags=re.DOTALL)
     return [inv for b in blocks for inv in shell_invocations(b, "deploy/README.md")]
 
 
@@ -621,8 +621,8 @@ def run_sbatch(tmp_path: Path, rcs: dict[str, int], restart_count: int | None = 
     }
     if restart_count is not None:
         env["SLURM_RESTART_COUNT"] = str(restart_count)
-    proc = subprocess.run(["bash", str(SBATCH), "debug"], env=env, capture_output=True, text=True, timeout=60)
-    print(proc.stdout, proc.stderr)
+    proc = subprocess.run(["bash", str(SBATCH), "debug"], env=env, capture_output=True, text=True, timeout=60, check=False)
+    print(proc.stdout, proc.stderr)  # pytest shows it when an assertion below fails
     scontrol = (log / "scontrol.log").read_text().splitlines()
     stalwart = (log / "stalwart.log").read_text().splitlines()
     return proc.returncode, scontrol, stalwart, tmp_path / "run"
