@@ -39,7 +39,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from stalwart.health.client import faulthandler_path
 from stalwart.health.hang import HangConfig, HangDetector, Phase
-from stalwart.health.probes import FaultInjectionProbe, GpuIssue, GpuProbe, GpuReport, HostProbe, HostReport, pid_alive
+from stalwart.health.probes import FaultInjectionProbe, GpuIssue, GpuProbe, GpuReport, HostProbe, HostReport
 from stalwart.health.proto import healthd_pb2, healthd_pb2_grpc
 from stalwart.runtime.events import EventKind, EventLog
 
@@ -47,6 +47,9 @@ log = logging.getLogger(__name__)
 
 MAX_MESSAGE_BYTES = 1 << 20
 MAX_RANKS = 4096
+# A beat's age at arrival is trusted up to this much; a wall-clock step between beat() and receipt
+# can then shift one progress stamp by at most this, never stall detection.
+MAX_BEAT_AGE_S = 5.0
 SERVICE_NAME = "stalwart.health.NodeHealth"
 _PHASE_FROM_PROTO = {healthd_pb2.Phase.Value(p.value): p for p in Phase}
 
@@ -59,9 +62,10 @@ class _Rank:
     create_time: float
     step: int = 0
     phase: Phase = Phase.INIT
-    progress_ts: float = 0.0
+    beat_ts: float = -math.inf  # the trainer's wall-clock time of its last beat(), as sent
+    progress_mono: float = 0.0  # the same moment on this daemon's monotonic clock
     step_seconds: float = 0.0
-    heard_at: float = 0.0
+    heard_mono: float = 0.0
 
 
 class HealthDaemon:
@@ -182,7 +186,7 @@ class HealthDaemon:
             raise ValueError(f"rank {request.rank} / local_rank {request.local_rank} out of range")
         if not math.isfinite(request.ts) or not math.isfinite(request.step_seconds):
             raise ValueError("ts and step_seconds must be finite")
-        now = time.time()
+        now, now_mono = time.time(), time.monotonic()
         with self._lock:
             entry = self._ranks.get(request.rank)
             if entry is None or entry.pid != request.pid:
@@ -193,12 +197,16 @@ class HealthDaemon:
                     log.info("rank %d now has pid %d (was %d): new worker group", request.rank, request.pid, entry.pid)
                 self.detector.forget(request.rank)
                 entry = self._ranks[request.rank] = _Rank(request.rank, request.local_rank, request.pid, create_time)
-            # Same host, same clock: a ts from the future is a bug or a forgery; it must not postpone detection.
-            ts = min(request.ts, now)
-            if self.detector.observe(request.rank, phase, ts):
-                entry.step, entry.phase, entry.progress_ts = request.step, phase, ts
-                entry.step_seconds = request.step_seconds
-            entry.heard_at = now
+            # Progress is a newer beat() timestamp; resends of the same beat are not. Detection runs
+            # on the monotonic clock (the beat's age is taken from the shared wall clock, bounded), so
+            # a wall-clock step can neither postpone nor fake a hang.
+            if request.ts > entry.beat_ts or phase != entry.phase:
+                age = min(max(now - request.ts, 0.0), MAX_BEAT_AGE_S)
+                progress = max(now_mono - age, entry.progress_mono + 1e-6)
+                self.detector.observe(request.rank, phase, progress)
+                entry.beat_ts, entry.progress_mono = request.ts, progress
+                entry.step, entry.phase, entry.step_seconds = request.step, phase, request.step_seconds
+            entry.heard_mono = now_mono
             return healthd_pb2.STOP if self._unhealthy_reasons else healthd_pb2.CONTINUE
 
     def _check_worker_pid(self, pid: int) -> float:
@@ -215,7 +223,7 @@ class HealthDaemon:
             raise ValueError(f"pid {pid} is not a live process: {e}") from e
 
     def status(self) -> healthd_pb2.NodeStatus:
-        now = time.time()
+        now, now_mono = time.time(), time.monotonic()
         with self._lock:
             state, reasons = self._state()
             msg = healthd_pb2.NodeStatus(node=str(self.node), state=state, reasons=reasons, ts=now)
@@ -223,7 +231,7 @@ class HealthDaemon:
                 e = self._ranks[rank]
                 msg.ranks.add(
                     rank=e.rank, local_rank=e.local_rank, pid=e.pid, step=e.step, phase=healthd_pb2.Phase.Value(e.phase.value),
-                    last_heartbeat_age_s=now - e.heard_at, last_progress_age_s=now - e.progress_ts,
+                    last_heartbeat_age_s=now_mono - e.heard_mono, last_progress_age_s=now_mono - e.progress_mono,
                     limit_s=self.detector.limit(rank) if rank in self.detector.ranks() else 0.0, step_seconds=e.step_seconds,
                 )
             msg.gpu.present = self._gpu_report.present
@@ -270,7 +278,7 @@ class HealthDaemon:
                     log.info("rank %d (pid %d) exited; the elastic agent handles that", rank, entry.pid)
                     del self._ranks[rank]
                     self.detector.forget(rank)
-            hangs = self.detector.check(time.time())
+            hangs = self.detector.check(time.monotonic())
         if hangs:
             self._on_hangs(hangs)
 
@@ -290,7 +298,7 @@ class HealthDaemon:
         killed = self.kill_workers(f"hang: {names}")
         for h in hangs:
             self.events.emit(
-                EventKind.FAULT_DETECTED, fault="hang", target=f"rank{h.rank}", detector="healthd", last_progress_ts=h.last_progress_ts,
+                EventKind.FAULT_DETECTED, fault="hang", target=f"rank{h.rank}", detector="healthd", last_progress_ts=_wall(h.last_progress_ts),
                 detail={"phase": h.phase.value, "limit_s": round(h.limit_s, 3), "waited_s": round(h.waited_s, 3), "killed_pids": killed, "stacks": stack_files},
             )
         self.events.flush()
@@ -383,7 +391,7 @@ class HealthDaemon:
         log.error("node %s UNHEALTHY: %s", self.node, "; ".join(reasons))
         with self._lock:
             self._unhealthy_reasons.extend(reasons)
-            last_progress = max((e.progress_ts for e in self._ranks.values()), default=None)
+            last_progress = max((_wall(e.progress_mono) for e in self._ranks.values()), default=None)
             all_reasons = list(self._unhealthy_reasons)
         _atomic_write(self.marker_path, json.dumps({"node": self.node, "ts": time.time(), "reasons": all_reasons, "issues": [asdict(i) for i in issues]}))
         killed = self.kill_workers("gpu fault: " + "; ".join(reasons))
@@ -424,6 +432,11 @@ def _same_process(pid: int, create_time: float) -> bool:
         return proc.create_time() == create_time and proc.status() != psutil.STATUS_ZOMBIE
     except psutil.Error:
         return False
+
+
+def _wall(mono: float) -> float:
+    """A monotonic-clock moment as wall-clock time (for events, which use ``time.time()``)."""
+    return time.time() - (time.monotonic() - mono)
 
 
 def _status(pid: int) -> str:

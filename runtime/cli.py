@@ -54,6 +54,12 @@ def cmd_train(args: argparse.Namespace, overrides: list[str]) -> int:
     return 0
 
 
+def cmd_healthd(args: argparse.Namespace, rest: list[str]) -> int:
+    from stalwart.health.daemon import healthd_main
+
+    return healthd_main(rest)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="stalwart", description="Fault-tolerant distributed training for Llama-style LLMs.")
     parser.add_argument("--version", action="version", version=f"stalwart {__version__}")
@@ -71,6 +77,9 @@ def build_parser() -> argparse.ArgumentParser:
     from stalwart.runtime.goodput.command import add_goodput_parser
 
     add_goodput_parser(sub)
+
+    healthd = sub.add_parser("healthd", help="run the node health daemon (heartbeats, hang detection, GPU probes)", add_help=False)
+    healthd.set_defaults(func=cmd_healthd)
     return parser
 
 

@@ -93,6 +93,24 @@ class ParallelConfig:
 
 
 @dataclass
+class CheckpointConfig:
+    enabled: bool = True
+    url: str = ""
+    """A path or s3://bucket/prefix; empty means RUN_DIR/checkpoints."""
+    s3_endpoint: str = ""
+    """endpoint_url for S3-compatible stores (e.g. a local test server)."""
+    interval: int = 50
+    """Save every this many steps (and at the last step)."""
+    mode: Literal["async", "sync"] = "async"
+    keep_last: int = 3
+    keep_every: int = 0
+    """Also keep every keep_every-th step for the long term; 0 keeps only the last ones."""
+    resume: Literal["latest", "latest-verified", "none"] = "latest"
+    preemption_grace_s: float = 60.0
+    """Time allowed after SIGTERM to finish the step, save synchronously and exit 0."""
+
+
+@dataclass
 class LoggingConfig:
     log_every: int = 1
     peak_tflops: float = 0.0
@@ -106,14 +124,27 @@ class Config:
     data: DataConfig = field(default_factory=DataConfig)
     training: TrainingConfig = field(default_factory=TrainingConfig)
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
 
     @property
     def run_dir(self) -> Path:
         return Path(self.job.run_dir.format(name=self.job.name))
 
+    @property
+    def checkpoint_url(self) -> str:
+        return self.checkpoint.url or str(self.run_dir / "checkpoints")
+
     def to_dict(self) -> dict[str, dict[str, Any]]:
         return dataclasses.asdict(self)
+
+    def layout_hash(self) -> str:
+        """Hash of what must match for a checkpoint to continue the same run (not the layout)."""
+        import hashlib
+        import json
+
+        same_run = {"model": dataclasses.asdict(self.model), "data": dataclasses.asdict(self.data), "seed": self.job.seed}
+        return hashlib.sha256(json.dumps(same_run, sort_keys=True).encode()).hexdigest()[:16]
 
 
 def _section_types() -> dict[str, type]:
@@ -253,6 +284,8 @@ def validate(cfg: Config) -> None:
         ("training.microbatch_size", t.microbatch_size),
         ("data.seq_len", d.seq_len),
         ("logging.log_every", cfg.logging.log_every),
+        ("checkpoint.interval", cfg.checkpoint.interval),
+        ("checkpoint.keep_last", cfg.checkpoint.keep_last),
     ):
         if value < 1:
             raise ConfigError(f"{key} = {value} must be at least 1")

@@ -17,6 +17,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from stalwart.checkpoint.manager import CheckpointManager, NoCheckpointError
 from stalwart.model.args import ModelArgs, get_flavor
 from stalwart.model.flops import flops_per_token
 from stalwart.model.llama import Transformer
@@ -33,6 +34,7 @@ from stalwart.runtime.data.tokenizer import Tokenizer, build_tokenizer
 from stalwart.runtime.events import EventKind, EventLog
 from stalwart.runtime.metrics import StepMetrics, memory_bytes, peak_flops
 from stalwart.runtime.optim import build_lr_scheduler, build_optimizer
+from stalwart.runtime.train_state import train_state
 
 
 def model_args_for(cfg: Config, tokenizer_vocab: int) -> ModelArgs:
@@ -112,9 +114,15 @@ class Trainer:
         self.loader = self._build_loader()
         self.compute_dtype = self._compute_dtype()
         self._build_model_parts()
-        self.optimizer = build_optimizer(self.parameters(), cfg.training, self.env.device)
-        self.scheduler = build_lr_scheduler(self.optimizer, cfg.training)
+        # One optimizer per model part: optimizer state dicts are keyed by the part's parameter
+        # names, which is what lets a checkpoint reshard across pipeline layouts.
+        self.optimizers = [build_optimizer(part.parameters(), cfg.training, self.env.device) for part in self.model_parts]
+        self.schedulers = [build_lr_scheduler(opt, cfg.training) for opt in self.optimizers]
         self.step = 0
+        self.preempted = False
+        self.checkpoints = self._build_checkpoints()
+        if self.checkpoints is not None and cfg.checkpoint.resume != "none":
+            self._resume()
         self.history: list[StepResult] = []
         self.flops_per_token = flops_per_token(self.model_args, cfg.data.seq_len)
         self.peak_flops = peak_flops(self.env.device, cfg.logging.peak_tflops)
@@ -206,9 +214,10 @@ class Trainer:
             grad_norm = torch.nn.utils.clip_grad_norm_(params, max_norm, foreach=True)
             if hasattr(grad_norm, "full_tensor"):
                 grad_norm = grad_norm.full_tensor()
-        self.optimizer.step()
-        self.scheduler.step()
-        self.optimizer.zero_grad(set_to_none=True)
+        for opt, sched in zip(self.optimizers, self.schedulers):
+            opt.step()
+            sched.step()
+            opt.zero_grad(set_to_none=True)
         return StepResult(loss=self._mean_over_job(local_loss), grad_norm=grad_norm.item())
 
     def _forward_backward(self, microbatches: list[tuple[torch.Tensor, torch.Tensor]]) -> torch.Tensor:
@@ -254,10 +263,56 @@ class Trainer:
         dist.all_reduce(local_loss, op=dist.ReduceOp.SUM, group=self.mesh["pp"].get_group())
         return local_loss
 
+    def _build_checkpoints(self) -> CheckpointManager | None:
+        c = self.cfg.checkpoint
+        if not c.enabled:
+            return None
+        options = {"client_kwargs": {"endpoint_url": c.s3_endpoint}} if c.s3_endpoint else None
+        return CheckpointManager(
+            self.cfg.checkpoint_url, options, keep_last=c.keep_last, keep_every=c.keep_every, events=self.events
+        )
+
+    def _resume(self) -> None:
+        """Continue from the newest intact committed step; a fresh run when there is none."""
+        try:
+            step = self.checkpoints.load(train_state(self), step=self.cfg.checkpoint.resume)
+        except NoCheckpointError:
+            return
+        if self.env.is_main:
+            print(f"resumed from step {step} ({self.cfg.checkpoint_url})", flush=True)
+
+    def save_checkpoint(self, sync: bool = False) -> None:
+        """Async by default: training blocks only while the state is staged to host memory."""
+        self.checkpoints.save(
+            self.step,
+            train_state(self),
+            layout=self.dims.as_dict(),
+            config_hash=self.cfg.layout_hash(),
+            async_=self.cfg.checkpoint.mode == "async" and not sync,
+        )
+
+    def _install_preemption_handler(self) -> None:
+        """SIGTERM (preemption, scheduler stop): finish the step, save, exit cleanly."""
+        import signal
+
+        def on_sigterm(signum: int, frame: object) -> None:
+            self.preempted = True
+
+        signal.signal(signal.SIGTERM, on_sigterm)
+
+    def _job_preempted(self) -> bool:
+        """Every rank must agree, or the ones that saw no signal would wait in the next step."""
+        if self.mesh is None:
+            return self.preempted
+        flag = torch.tensor([1 if self.preempted else 0], dtype=torch.int32)
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)  # default group: never the one an async save uses
+        return bool(flag.item())
+
     def run(self) -> None:
         cfg = self.cfg
         tokens_per_step = cfg.training.global_batch_size * cfg.data.seq_len
         status = "failed"
+        self._install_preemption_handler()
         try:
             while self.step < cfg.training.steps:
                 self.step += 1
@@ -265,7 +320,7 @@ class Trainer:
                 self.events.emit(EventKind.STEP_BEGIN, step=self.step)
                 microbatches = self.loader.next_step()
                 data_seconds = time.perf_counter() - t0
-                lr = self.scheduler.get_last_lr()[0]
+                lr = self.schedulers[0].get_last_lr()[0]
                 result = self.train_step(microbatches)
                 self.history.append(result)
                 step_seconds = time.perf_counter() - t0
@@ -298,6 +353,12 @@ class Trainer:
                 )
                 if self.env.is_main and (self.step % cfg.logging.log_every == 0 or self.step == cfg.training.steps):
                     print(metrics.line(), flush=True)
+                if self._job_preempted():
+                    self._save_on_preemption()
+                    status = "preempted"
+                    return
+                if self.checkpoints and (self.step % cfg.checkpoint.interval == 0 or self.step == cfg.training.steps):
+                    self.save_checkpoint(sync=self.step == cfg.training.steps)
             status = "ok"
         finally:
             self.events.emit(EventKind.WORKER_STOP, reason=status)
@@ -305,7 +366,16 @@ class Trainer:
                 self.events.emit(EventKind.JOB_END, status=status, steps=self.step)
             self.events.close()
 
+    def _save_on_preemption(self) -> None:
+        if self.checkpoints is None:
+            return
+        self.save_checkpoint(sync=True)
+        if self.env.is_main:
+            print(f"preempted: committed step {self.step} to {self.cfg.checkpoint_url}; exiting cleanly", flush=True)
+
     def close(self) -> None:
+        if self.checkpoints is not None:
+            self.checkpoints.close()
         destroy_distributed()
 
 

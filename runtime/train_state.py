@@ -1,0 +1,100 @@
+"""What a resume needs, as DCP ``Stateful`` objects whose keys are the same for every layout.
+
+Model and optimizer entries are keyed by fully-qualified parameter names, which stay unique
+across pipeline stages (layers keep their global ids), so a checkpoint written with one
+layout loads into another: DCP reshards the tensors. The step, the data-loader position and
+the LR schedule are job-global plain objects. Training consumes no random numbers after the
+seeded initialisation (no dropout), so the RNG state is job-global too.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+from torch.distributed.checkpoint.state_dict import (
+    StateDictOptions,
+    get_model_state_dict,
+    get_optimizer_state_dict,
+    set_model_state_dict,
+    set_optimizer_state_dict,
+)
+from torch.distributed.checkpoint.stateful import Stateful
+
+from stalwart.runtime.data.loader import GlobalBatchLoader
+
+_OPTIM_OPTIONS = StateDictOptions(flatten_optimizer_state_dict=True)
+
+
+def _owned(state: dict[str, Any], keys: set[str]) -> dict[str, Any]:
+    return {k: v for k, v in state.items() if k in keys}
+
+
+class ModelPartsState(Stateful):
+    """The parameters of this rank's model parts (several with an interleaved pipeline)."""
+
+    def __init__(self, parts: list[nn.Module]) -> None:
+        self.parts = parts
+
+    def state_dict(self) -> dict[str, Any]:
+        merged: dict[str, Any] = {}
+        for part in self.parts:
+            merged.update(get_model_state_dict(part))
+        return merged
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        for part in self.parts:
+            set_model_state_dict(part, _owned(state_dict, set(get_model_state_dict(part))))
+
+
+class OptimizersState(Stateful):
+    """One optimizer per model part, flattened to parameter-name keys so it reshards too."""
+
+    def __init__(self, parts: list[nn.Module], optimizers: list[torch.optim.Optimizer]) -> None:
+        self.parts = parts
+        self.optimizers = optimizers
+
+    def state_dict(self) -> dict[str, Any]:
+        merged: dict[str, Any] = {}
+        for part, opt in zip(self.parts, self.optimizers):
+            merged.update(get_optimizer_state_dict(part, opt, options=_OPTIM_OPTIONS))
+        return merged
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        for part, opt in zip(self.parts, self.optimizers):
+            own = set(get_optimizer_state_dict(part, opt, options=_OPTIM_OPTIONS))
+            set_optimizer_state_dict(part, opt, _owned(state_dict, own), options=_OPTIM_OPTIONS)
+
+
+class ProgressState(Stateful):
+    """Step, data position, LR schedule and RNG: small, job-global, restored exactly."""
+
+    def __init__(self, trainer: Any) -> None:
+        self.trainer = trainer
+
+    def state_dict(self) -> dict[str, Any]:
+        t = self.trainer
+        return {
+            "step": t.step,
+            "loader": t.loader.state_dict(),
+            "schedulers": [s.state_dict() for s in t.schedulers],
+            "rng": torch.get_rng_state(),
+        }
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        t = self.trainer
+        t.step = int(state_dict["step"])
+        loader: GlobalBatchLoader = t.loader
+        loader.load_state_dict(state_dict["loader"])
+        for sched, sd in zip(t.schedulers, state_dict["schedulers"]):
+            sched.load_state_dict(sd)
+        torch.set_rng_state(state_dict["rng"])
+
+
+def train_state(trainer: Any) -> dict[str, Stateful]:
+    return {
+        "model": ModelPartsState(trainer.model_parts),
+        "optim": OptimizersState(trainer.model_parts, trainer.optimizers),
+        "progress": ProgressState(trainer),
+    }
