@@ -66,8 +66,11 @@ def run_ranks(target: str, world_size: int, timeout: float = 300.0, env: dict[st
                 err.close()
         codes = [p.returncode for p, _ in procs]
         if any(codes):
-            first = next((r for r, c in enumerate(codes) if c not in (0, -9)), 0)
-            log = (Path(tmp) / f"stderr-{first}.txt").read_text()[-6000:]
+            # A rank often dies of its peer's failure (a closed connection); show every failed rank.
+            failed = [r for r, c in enumerate(codes) if c not in (0, -9)] or list(range(world_size))
+            logs = "\n".join(
+                f"--- rank {r} (exit {codes[r]}):\n{(Path(tmp) / f'stderr-{r}.txt').read_text()[-4000:]}" for r in failed[:4]
+            )
             reason = "timed out" if time.monotonic() > deadline else f"exit codes {codes}"
-            raise AssertionError(f"{target} on {world_size} ranks {reason}; rank {first} output:\n{log}")
+            raise AssertionError(f"{target} on {world_size} ranks {reason}\n{logs}")
         return [torch.load(Path(tmp) / f"result-{r}.pt", weights_only=False) for r in range(world_size)]

@@ -21,7 +21,7 @@ def test_help_lists_train():
     [
         (["--training.lrr", "1"], "unknown key 'training.lrr'"),
         (["--data.source", "files", "--data.path", "/no/such/corpus"], "data.path '/no/such/corpus' does not exist"),
-        (["--parallel.tp", "3", "--nproc-per-node", "3"], "tp=3 does not divide n_heads=8; choose tp in {1, 2, 4, 8}"),
+        (["--parallel.tp", "3", "--nproc-per-node", "3"], "tp=3 does not divide n_heads=8; choose tp in {1, 2, 4}"),
         (["--parallel.tp", "2", "--nproc-per-node", "3"], "world size 3 is not divisible by dp_replicate×cp×tp×pp"),
         (["--model.flavor", "13B"], "model.flavor"),
     ],

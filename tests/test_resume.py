@@ -14,6 +14,7 @@ import sys
 from pathlib import Path
 
 import psutil
+import pytest
 
 from stalwart.runtime.events import read_events
 
@@ -41,6 +42,7 @@ def kill_tree(job: subprocess.Popen) -> None:
     job.wait(timeout=30)
 
 
+@pytest.mark.slow
 def test_sigkill_at_a_random_step_then_resume_is_bit_exact(tmp_path):
     straight = tmp_path / "straight"
     done = subprocess.run([*TRAIN, "--job.run_dir", str(straight)], capture_output=True, text=True, timeout=600)

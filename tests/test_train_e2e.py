@@ -46,6 +46,7 @@ def run_cli(args: list[str], cwd, timeout: float = 600) -> subprocess.CompletedP
     return out
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("launcher", ["stalwart", "torchrun"])
 def test_3d_config_trains_like_the_single_process_run(launcher, tmp_path):
     """tp2 × pp2 × dp2 on 8 ranks follows the single-process loss curve of the same config."""

@@ -48,7 +48,10 @@ LAYOUTS = {
 }
 
 
-@pytest.mark.parametrize("name", list(LAYOUTS))
+SLOW = {"4d_pp2_dp2_cp2_tp2"}
+
+
+@pytest.mark.parametrize("name", [pytest.param(n, marks=pytest.mark.slow) if n in SLOW else n for n in LAYOUTS])
 def test_layout_matches_single_process(name, reference, tmp_path):
     world, overrides, normwise = LAYOUTS[name]
     results = run_ranks(CASES, world_size=world, timeout=600, run_dir=str(tmp_path), overrides=overrides)
