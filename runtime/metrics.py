@@ -50,6 +50,20 @@ class StepMetrics:
     def tokens_per_second(self) -> float:
         return self.tokens / self.step_seconds if self.step_seconds > 0 else 0.0
 
+    def event_fields(self) -> dict[str, float | int | None]:
+        """The ``step_end`` event's kind-specific fields (schema in runtime/events.py)."""
+        return {
+            "step": self.step,
+            "tokens": self.tokens,
+            "loss": self.loss,
+            "grad_norm": self.grad_norm,
+            "lr": self.lr,
+            "step_seconds": self.step_seconds,
+            "data_seconds": self.data_seconds,
+            "tokens_per_second": self.tokens_per_second,
+            "mfu": self.mfu,
+        }
+
     def line(self) -> str:
         mfu = f"{100 * self.mfu:5.1f}%" if self.mfu is not None else "  -  "
         return (

@@ -19,7 +19,7 @@ import torch.distributed as dist
 
 from stalwart.checkpoint.manager import CheckpointManager, NoCheckpointError
 from stalwart.model.args import ModelArgs, get_flavor
-from stalwart.model.flops import flops_per_token
+from stalwart.model.flops import mfu
 from stalwart.model.llama import Transformer
 from stalwart.parallel.context_parallel import cp_shard
 from stalwart.parallel.dims import ParallelDims
@@ -124,7 +124,6 @@ class Trainer:
         if self.checkpoints is not None and cfg.checkpoint.resume != "none":
             self._resume()
         self.history: list[StepResult] = []
-        self.flops_per_token = flops_per_token(self.model_args, cfg.data.seq_len)
         self.peak_flops = peak_flops(self.env.device, cfg.logging.peak_tflops)
         self.events.emit(EventKind.INIT_DONE, seconds=time.time() - t0)
 
@@ -263,6 +262,12 @@ class Trainer:
         dist.all_reduce(local_loss, op=dist.ReduceOp.SUM, group=self.mesh["pp"].get_group())
         return local_loss
 
+    def _mfu(self, job_tokens_per_second: float) -> float | None:
+        """Per-device MFU; None where the peak is unknown (CPU)."""
+        if not self.peak_flops:
+            return None
+        return mfu(job_tokens_per_second / self.env.world_size, self.model_args, self.cfg.data.seq_len, self.peak_flops)
+
     def _build_checkpoints(self) -> CheckpointManager | None:
         c = self.cfg.checkpoint
         if not c.enabled:
@@ -324,8 +329,6 @@ class Trainer:
                 result = self.train_step(microbatches)
                 self.history.append(result)
                 step_seconds = time.perf_counter() - t0
-                tps = tokens_per_step / step_seconds
-                mfu = (tps * self.flops_per_token / self.env.world_size / self.peak_flops) if self.peak_flops else None
                 metrics = StepMetrics(
                     step=self.step,
                     total_steps=cfg.training.steps,
@@ -336,21 +339,10 @@ class Trainer:
                     data_seconds=data_seconds,
                     tokens=tokens_per_step,
                     world_size=self.env.world_size,
-                    mfu=mfu,
+                    mfu=self._mfu(tokens_per_step / step_seconds),
                     memory=memory_bytes(self.env.device),
                 )
-                self.events.emit(
-                    EventKind.STEP_END,
-                    step=self.step,
-                    tokens=tokens_per_step,
-                    loss=result.loss,
-                    grad_norm=result.grad_norm,
-                    lr=lr,
-                    step_seconds=step_seconds,
-                    data_seconds=data_seconds,
-                    tokens_per_second=tps,
-                    mfu=mfu,
-                )
+                self.events.emit(EventKind.STEP_END, **metrics.event_fields())
                 if self.env.is_main and (self.step % cfg.logging.log_every == 0 or self.step == cfg.training.steps):
                     print(metrics.line(), flush=True)
                 if self._job_preempted():
