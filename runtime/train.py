@@ -224,25 +224,28 @@ class Trainer:
         (model,), device = self.model_parts, self.env.device
         n = len(microbatches)
         local_loss = torch.zeros((), device=device)
-        autocast = torch.autocast(device.type, dtype=self.compute_dtype, enabled=self.compute_dtype != torch.float32)
         for i, (inputs, labels) in enumerate(microbatches):
             if hasattr(model, "set_requires_gradient_sync"):
                 model.set_requires_gradient_sync(i == n - 1)
             inputs, labels = self._local_sequence(inputs.to(device, non_blocking=True), labels.to(device, non_blocking=True))
             with loss_context(self.loss_parallel):
-                with autocast:
+                with self._autocast():
                     logits = model(inputs)
                 loss = cross_entropy_loss(logits, labels) / n
                 loss.backward()
             local_loss += loss.detach()
         return local_loss
 
+    def _autocast(self) -> torch.autocast:
+        """bf16 compute on CUDA; a no-op in fp32 (the CPU default)."""
+        device = self.env.device
+        return torch.autocast(device.type, dtype=self.compute_dtype, enabled=self.compute_dtype != torch.float32)
+
     def _local_sequence(self, inputs: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """This rank's load-balanced sequence chunks under CP (chunks i and 2cp-1-i), else as is."""
         if self.dims.cp == 1:
             return inputs, labels
-        cp_mesh = self.mesh["cp"]
-        inputs, labels = cp_shard([inputs, labels], cp_mesh.get_local_rank(), self.dims.cp)
+        inputs, labels = cp_shard([inputs, labels], self.mesh["cp"].get_local_rank(), self.dims.cp)
         return inputs, labels
 
     def _pipeline_forward_backward(self, microbatches: list[tuple[torch.Tensor, torch.Tensor]]) -> torch.Tensor:
@@ -255,8 +258,7 @@ class Trainer:
         inputs, labels = self._local_sequence(
             torch.cat([x for x, _ in microbatches]).to(device), torch.cat([y for _, y in microbatches]).to(device)
         )
-        autocast = torch.autocast(device.type, dtype=self.compute_dtype, enabled=self.compute_dtype != torch.float32)
-        with autocast:
+        with self._autocast():
             loss = pipeline_step(self.schedule, inputs, labels, self.has_first_stage, self.has_last_stage)
         local_loss = loss.detach() if loss is not None else torch.zeros((), device=device)
         dist.all_reduce(local_loss, op=dist.ReduceOp.SUM, group=self.mesh["pp"].get_group())
