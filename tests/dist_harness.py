@@ -52,10 +52,19 @@ def run_ranks(target: str, world_size: int, timeout: float = 300.0, env: dict[st
             err = open(Path(tmp) / f"stderr-{rank}.txt", "w")
             procs.append((subprocess.Popen([sys.executable, str(RANK_MAIN), str(path), func, tmp], env=rank_env, stdout=err, stderr=subprocess.STDOUT), err))
         deadline = time.monotonic() + timeout
+        first_failed: list[int] = []  # ranks in the order they were seen failing: the first is the cause
         try:
+            grace_until: float | None = None
             while any(p.poll() is None for p, _ in procs):
-                failed = [r for r, (p, _) in enumerate(procs) if p.poll() not in (None, 0)]
-                if failed or time.monotonic() > deadline:
+                for r, (p, _) in enumerate(procs):
+                    if p.poll() not in (None, 0) and r not in first_failed:
+                        first_failed.append(r)
+                now = time.monotonic()
+                if first_failed and grace_until is None:
+                    # Peers of a failed rank die of a closed connection within moments; let the
+                    # failing rank finish writing its own traceback before anything is killed.
+                    grace_until = now + 10.0
+                if now > deadline or (grace_until is not None and now > grace_until):
                     break
                 time.sleep(0.05)
         finally:
@@ -66,8 +75,8 @@ def run_ranks(target: str, world_size: int, timeout: float = 300.0, env: dict[st
                 err.close()
         codes = [p.returncode for p, _ in procs]
         if any(codes):
-            # A rank often dies of its peer's failure (a closed connection); show every failed rank.
-            failed = [r for r, c in enumerate(codes) if c not in (0, -9)] or list(range(world_size))
+            failed = first_failed + [r for r, c in enumerate(codes) if c not in (0, -9) and r not in first_failed]
+            failed = failed or list(range(world_size))
             logs = "\n".join(
                 f"--- rank {r} (exit {codes[r]}):\n{(Path(tmp) / f'stderr-{r}.txt').read_text()[-4000:]}" for r in failed[:4]
             )
