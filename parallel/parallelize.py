@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import torch
 from torch import nn
+from stalwart.parallel.activation_checkpoint import ActivationCheckpointMode, apply_ac
+from stalwart.parallel.compile import apply_compile
 from stalwart.parallel.context_parallel import apply_cp
 from stalwart.parallel.data_parallel import apply_ddp, apply_fsdp
 from stalwart.parallel.dims import MeshRegistry, ParallelDims
@@ -17,6 +19,9 @@ def parallelize_model(
     param_dtype: torch.dtype,
     seq_len: int,
     for_pipeline: bool = False,
+    activation_checkpoint: ActivationCheckpointMode = "none",
+    activation_checkpoint_every: int = 2,
+    compile_backend: str | None = None,
 ) -> nn.Module:
     """Apply every enabled technique by mesh name, in a fixed order.
 
@@ -28,13 +33,18 @@ def parallelize_model(
     vocab-sharded (loss parallel) unless ``for_pipeline``: a pipeline's last stage computes the
     loss inside the schedule, on full logits. Pipeline stages keep FSDP parameters gathered
     between microbatches (``reshard_after_forward=False``), as the schedule runs many of them.
+    ``compile_backend`` None leaves the blocks eager.
     """
-    if mesh is None or dims.world_size == 1:
-        return model
-    if dims.tp > 1:
+    distributed = mesh is not None and dims.world_size > 1
+    if distributed and dims.tp > 1:
         apply_tp(model, mesh["tp"], loss_parallel=not for_pipeline)
-    if dims.cp > 1:
+    if distributed and dims.cp > 1:
         apply_cp(model, mesh["cp"], seq_len)
+    apply_ac(model, activation_checkpoint, activation_checkpoint_every)
+    if compile_backend is not None:
+        apply_compile(model, compile_backend)
+    if not distributed:
+        return model
     if dims.dp_shard * dims.cp > 1:
         fsdp_mesh = mesh["dp_replicate", "dp_shard_cp"] if dims.dp_replicate > 1 else mesh["dp_shard_cp"]
         apply_fsdp(model, fsdp_mesh, param_dtype=param_dtype, reduce_dtype=torch.float32, reshard_after_forward=not for_pipeline)

@@ -77,6 +77,14 @@ class TrainingConfig:
     """auto: bf16 autocast on CUDA, fp32 on CPU."""
     threads_per_rank: int = 0
     """CPU intra-op threads per rank; 0 divides the machine's cores among the local ranks."""
+    activation_checkpoint: Literal["none", "full", "selective-layer", "selective-op"] = "none"
+    """Recompute activations in backward to save memory: every block (full), every
+    ``activation_checkpoint_every``-th block (selective-layer), or all but matmul/attention
+    outputs (selective-op)."""
+    activation_checkpoint_every: int = 2
+    compile: bool = False
+    """torch.compile each transformer block (inductor needs a C++ compiler on CPU)."""
+    compile_backend: str = "inductor"
 
 
 @dataclass

@@ -129,17 +129,24 @@ class Trainer:
 
     def _build_model_parts(self) -> None:
         """The model, or with PP this rank's stage modules and the schedule that drives them."""
-        dims, mesh, dtype = self.dims, self.mesh, self.compute_dtype
+        dims, mesh, dtype, t = self.dims, self.mesh, self.compute_dtype, self.cfg.training
         model = build_model(self.model_args, self.env.device, self.cfg.job.seed)
+        memory_and_speed = dict(
+            activation_checkpoint=t.activation_checkpoint,
+            activation_checkpoint_every=t.activation_checkpoint_every,
+            compile_backend=t.compile_backend if t.compile else None,
+        )
         self.schedule = None
         self.has_last_stage = True
         if dims.pp == 1:
-            self.model_parts = [parallelize_model(model, dims, mesh, dtype, self.cfg.data.seq_len)]
+            self.model_parts = [parallelize_model(model, dims, mesh, dtype, self.cfg.data.seq_len, **memory_and_speed)]
             return
         p = self.cfg.parallel
         stages, self.model_parts = build_pipeline_stages(
             model, mesh["pp"], p.pp_schedule, self.env.device,
-            parallelize_fn=lambda part: parallelize_model(part, dims, mesh, dtype, self.cfg.data.seq_len, for_pipeline=True),
+            parallelize_fn=lambda part: parallelize_model(
+                part, dims, mesh, dtype, self.cfg.data.seq_len, for_pipeline=True, **memory_and_speed
+            ),
         )
         self.schedule = build_schedule(stages, self.pp_microbatches, cross_entropy_loss, p.pp_schedule)
         self.has_first_stage, self.has_last_stage = stage_roles(stages)

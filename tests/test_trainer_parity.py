@@ -45,10 +45,20 @@ LAYOUTS = {
     "cp2_tp2": (4, ["--parallel.cp", "2", "--parallel.tp", "2"], True),
     "pp2_cp2": (4, ["--parallel.pp", "2", "--parallel.cp", "2"], True),
     "4d_pp2_dp2_cp2_tp2": (16, ["--parallel.pp", "2", "--parallel.cp", "2", "--parallel.tp", "2"], True),
+    # Activation checkpointing and per-block compile change memory and speed, never the numbers.
+    "ac_full": (1, ["--training.activation_checkpoint", "full"], False),
+    "ac_selective_op_fsdp2": (2, ["--training.activation_checkpoint", "selective-op"], False),
+    "ac_selective_layer_tp2": (2, ["--parallel.tp", "2", "--training.activation_checkpoint", "selective-layer"], True),
+    "ac_full_pp2": (2, ["--parallel.pp", "2", "--training.activation_checkpoint", "full"], True),
+    # aot_eager captures each block whole (fullgraph) like inductor, without a C++ build per test.
+    "compile_fsdp2": (2, ["--training.compile", "true", "--training.compile_backend", "aot_eager"], False),
+    "compile_inductor_ac_selective_op": (
+        1, ["--training.compile", "true", "--training.activation_checkpoint", "selective-op"], True,
+    ),  # inductor fuses and reorders float ops: parameters agree per tensor, not every element
 }
 
 
-SLOW = {"4d_pp2_dp2_cp2_tp2"}
+SLOW = {"4d_pp2_dp2_cp2_tp2", "compile_inductor_ac_selective_op"}
 
 
 @pytest.mark.parametrize("name", [pytest.param(n, marks=pytest.mark.slow) if n in SLOW else n for n in LAYOUTS])
