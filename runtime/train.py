@@ -12,14 +12,18 @@ import os
 import random
 import time
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import torch
 import torch.distributed as dist
 
 from stalwart.checkpoint.manager import CheckpointManager, NoCheckpointError
+from stalwart.checkpoint.memory_tier import MemoryTier, default_memory_dir
+from stalwart.checkpoint.preemption import grace_deadline
 from stalwart.model.args import ModelArgs, get_flavor
 from stalwart.model.flops import mfu
+from stalwart.model.hf import hf_config_from_args
 from stalwart.model.llama import Transformer
 from stalwart.parallel.context_parallel import cp_shard
 from stalwart.parallel.dims import ParallelDims
@@ -32,6 +36,8 @@ from stalwart.runtime.data.dataset import PackedDataset
 from stalwart.runtime.data.loader import GlobalBatchLoader
 from stalwart.runtime.data.tokenizer import Tokenizer, build_tokenizer
 from stalwart.runtime.events import EventKind, EventLog
+from stalwart.runtime.faults.injector import FaultInjector
+from stalwart.runtime.health_hooks import StepAction, TrainerHealth
 from stalwart.runtime.metrics import StepMetrics, memory_bytes, peak_flops
 from stalwart.runtime.optim import build_lr_scheduler, build_optimizer
 from stalwart.runtime.train_state import train_state
@@ -104,6 +110,8 @@ class Trainer:
         plan = plan_job(cfg, self.env.world_size)
         self.dims, self.tokenizer, self.model_args = plan.dims, plan.tokenizer, plan.model_args
         self.events = EventLog(cfg.run_dir, role="trainer", rank=self.env.rank)
+        self.faults = FaultInjector.from_env(cfg.run_dir, self.env.rank, self.env.local_rank, self.events)
+        self.health = TrainerHealth(self)  # heartbeats from here on cover start-up
         if self.env.is_main:
             self.events.emit(EventKind.JOB_START, config=cfg.to_dict(), steps=cfg.training.steps)
         self._set_threads()
@@ -120,11 +128,13 @@ class Trainer:
         self.schedulers = [build_lr_scheduler(opt, cfg.training) for opt in self.optimizers]
         self.step = 0
         self.preempted = False
+        self.preempted_at: float | None = None  # time.monotonic() of the SIGTERM: the grace period starts there
         self.checkpoints = self._build_checkpoints()
         if self.checkpoints is not None and cfg.checkpoint.resume != "none":
             self._resume()
         self.history: list[StepResult] = []
         self.peak_flops = peak_flops(self.env.device, cfg.logging.peak_tflops)
+        self.health.start()
         self.events.emit(EventKind.INIT_DONE, seconds=time.time() - t0)
 
     def _build_model_parts(self) -> None:
@@ -212,19 +222,27 @@ class Trainer:
     def train_step(self, microbatches: list[tuple[torch.Tensor, torch.Tensor]]) -> StepResult:
         """Forward/backward the step's microbatches, clip, step. The loss is the mean over all tokens."""
         local_loss = self._pipeline_forward_backward(microbatches) if self.schedule else self._forward_backward(microbatches)
-        params = self.parameters()
-        max_norm = self.cfg.training.max_grad_norm
-        if self.schedule:
-            grad_norm = clip_grad_norm_pp(params, max_norm, self.mesh["pp"])
-        else:
-            grad_norm = torch.nn.utils.clip_grad_norm_(params, max_norm, foreach=True)
-            if hasattr(grad_norm, "full_tensor"):
-                grad_norm = grad_norm.full_tensor()
+        grad_norm = self.clip_grad_norm(self.cfg.training.max_grad_norm).item()
+        loss = self._mean_over_job(local_loss)
+        apply_update = self.health.guard_step(microbatches, local_loss, loss, grad_norm)  # False: anomaly replayed, step dropped
         for opt, sched in zip(self.optimizers, self.schedulers):
-            opt.step()
+            if apply_update:
+                opt.step()
             sched.step()
+        self.zero_grad()
+        return StepResult(loss=loss, grad_norm=grad_norm)
+
+    def clip_grad_norm(self, max_norm: float) -> torch.Tensor:
+        """Clip the gradients of every stage to ``max_norm``; returns their total norm (every rank)."""
+        params = self.parameters()
+        if self.schedule:
+            return clip_grad_norm_pp(params, max_norm, self.mesh["pp"])
+        grad_norm = torch.nn.utils.clip_grad_norm_(params, max_norm, foreach=True)
+        return grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm
+
+    def zero_grad(self) -> None:
+        for opt in self.optimizers:
             opt.zero_grad(set_to_none=True)
-        return StepResult(loss=self._mean_over_job(local_loss), grad_norm=grad_norm.item())
 
     def _forward_backward(self, microbatches: list[tuple[torch.Tensor, torch.Tensor]]) -> torch.Tensor:
         """Gradient accumulation over microbatches; gradients are reduced only on the last one."""
@@ -282,8 +300,12 @@ class Trainer:
         if not c.enabled:
             return None
         options = {"client_kwargs": {"endpoint_url": c.s3_endpoint}} if c.s3_endpoint else None
+        memory = None
+        if c.memory_interval > 0:
+            fingerprint = f"{self.env.world_size}:{sorted(self.dims.as_dict().items())}:{self.cfg.layout_hash()}"
+            memory = MemoryTier(c.memory_dir or default_memory_dir(self.cfg.run_dir), fingerprint, events=self.events)
         return CheckpointManager(
-            self.cfg.checkpoint_url, options, keep_last=c.keep_last, keep_every=c.keep_every, events=self.events
+            self.cfg.checkpoint_url, options, keep_last=c.keep_last, keep_every=c.keep_every, events=self.events, memory=memory
         )
 
     def _resume(self) -> None:
@@ -297,19 +319,34 @@ class Trainer:
 
     def save_checkpoint(self, sync: bool = False) -> None:
         """Async by default: training blocks only while the state is staged to host memory."""
-        self.checkpoints.save(
-            self.step,
-            train_state(self),
-            layout=self.dims.as_dict(),
-            config_hash=self.cfg.layout_hash(),
-            async_=self.cfg.checkpoint.mode == "async" and not sync,
-        )
+        with self.health.checkpoint_phase(self.step) as verified:
+            self.checkpoints.save(
+                self.step,
+                train_state(self),
+                layout=self.dims.as_dict(),
+                config_hash=self.cfg.layout_hash(),
+                verified=verified,
+                async_=self.cfg.checkpoint.mode == "async" and not sync,
+                model=hf_config_from_args(self.model_args),
+            )
+
+    def rollback(self, reason: str, skip_data_steps: int = 0) -> int:
+        """Restore the newest verified checkpoint into the live state (collective); returns its step."""
+        return self.health.rollback(reason, skip_data_steps)
+
+    def _newest_local_checkpoint(self) -> Path | None:
+        """The newest committed step's directory when checkpoints are on local disk (fault injection)."""
+        if self.checkpoints is None or "://" in self.cfg.checkpoint_url:
+            return None
+        step = self.checkpoints.latest()
+        return None if step is None else Path(self.cfg.checkpoint_url) / self.checkpoints.step_dir(step)
 
     def _install_preemption_handler(self) -> None:
         """SIGTERM (preemption, scheduler stop): finish the step, save, exit cleanly."""
         import signal
 
         def on_sigterm(signum: int, frame: object) -> None:
+            self.preempted_at = self.preempted_at or time.monotonic()
             self.preempted = True
 
         signal.signal(signal.SIGTERM, on_sigterm)
@@ -332,6 +369,8 @@ class Trainer:
                 self.step += 1
                 t0 = time.perf_counter()
                 self.events.emit(EventKind.STEP_BEGIN, step=self.step)
+                if self.faults:
+                    self.faults.before_step(self.step, self.parameters, self._newest_local_checkpoint)
                 microbatches = self.loader.next_step()
                 data_seconds = time.perf_counter() - t0
                 lr = self.schedulers[0].get_last_lr()[0]
@@ -358,8 +397,20 @@ class Trainer:
                     self._save_on_preemption()
                     status = "preempted"
                     return
+                action = self.health.after_step(step_seconds)  # SDC checks may roll back
+                if action == StepAction.STOP:
+                    status = "stopped_by_healthd"
+                    return
+                if action == StepAction.ROLLED_BACK:
+                    continue
                 if self.checkpoints and (self.step % cfg.checkpoint.interval == 0 or self.step == cfg.training.steps):
                     self.save_checkpoint(sync=self.step == cfg.training.steps)
+                    if self.faults:
+                        self.faults.after_save_started(self.step)
+                elif self.checkpoints and self.checkpoints.memory and self.step % cfg.checkpoint.memory_interval == 0:
+                    self.checkpoints.memory.save(self.step, train_state(self))
+            if self.checkpoints and self.checkpoints.memory:
+                self.checkpoints.memory.discard()  # the last step is committed: release the host memory
             status = "ok"
         finally:
             self.events.emit(EventKind.WORKER_STOP, reason=status)
@@ -370,11 +421,14 @@ class Trainer:
     def _save_on_preemption(self) -> None:
         if self.checkpoints is None:
             return
-        self.save_checkpoint(sync=True)
+        grace = self.cfg.checkpoint.preemption_grace_s
+        with grace_deadline(self.preempted_at or time.monotonic(), grace, self.step, self.events, announce=self.env.is_main):
+            self.save_checkpoint(sync=True)
         if self.env.is_main:
             print(f"preempted: committed step {self.step} to {self.cfg.checkpoint_url}; exiting cleanly", flush=True)
 
     def close(self) -> None:
+        self.health.close()
         if self.checkpoints is not None:
             self.checkpoints.close()
         destroy_distributed()

@@ -1,0 +1,174 @@
+"""Carries out a fault plan from inside the trainer, at step boundaries.
+
+Every fault fires once per job, however often the worker group restarts and replays the step:
+the acting process claims it by creating ``RUN/faults/fired/<fault id>`` exclusively. Each
+firing is logged as a ``fault_injected`` event first (flushed, since the next thing may be a
+SIGKILL): that event is the ground truth the chaos tests hold detection and goodput against.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import signal
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+
+from stalwart.runtime.events import EventKind, EventLog
+from stalwart.runtime.faults.plan import FaultKind, FaultPlan, FaultSpec
+
+# Faults that one process of a node carries out for the whole node (its local rank 0).
+NODE_KINDS = frozenset({FaultKind.GPU_FAULT, FaultKind.KILL_AGENT})
+
+
+NODE_ID_ENV = "STALWART_NODE_ID"
+
+
+def node_from_env() -> str:
+    """This worker's node name as the launcher set it (falls back to the node rank)."""
+    return os.environ.get(NODE_ID_ENV) or os.environ.get("GROUP_RANK", "0")
+
+
+class FaultInjector:
+    def __init__(self, plan: FaultPlan, run_dir: str | Path, rank: int, local_rank: int, node: str, events: EventLog) -> None:
+        self.plan, self.rank, self.local_rank, self.node, self.events = plan, rank, local_rank, node, events
+        self.run_dir = Path(run_dir)
+        self.ledger = self.run_dir / "faults" / "fired"
+        self.ledger.mkdir(parents=True, exist_ok=True)
+        self._slow_until: dict[str, tuple[int, float]] = {}
+
+    @classmethod
+    def from_env(cls, run_dir: str | Path, rank: int, local_rank: int, events: EventLog) -> FaultInjector | None:
+        """The injector for ``$STALWART_FAULT_PLAN``; None (nothing to do) without a plan."""
+        plan = FaultPlan.from_env()
+        return cls(plan, run_dir, rank, local_rank, node_from_env(), events) if plan else None
+
+    def mine(self, spec: FaultSpec) -> bool:
+        if spec.kind in NODE_KINDS:
+            return spec.node == self.node and self.local_rank == 0
+        return (spec.rank or 0) == self.rank
+
+    def _claim(self, spec: FaultSpec) -> bool:
+        try:
+            os.close(os.open(self.ledger / spec.id, os.O_CREAT | os.O_EXCL | os.O_WRONLY))
+            return True
+        except FileExistsError:
+            return False
+
+    def _record(self, spec: FaultSpec, step: int) -> None:
+        target = f"node {spec.node}" if spec.kind in NODE_KINDS else f"rank {spec.rank}"
+        self.events.emit(EventKind.FAULT_INJECTED, fault=spec.kind.value, target=target, step=step, spec=spec.to_dict())
+        self.events.flush()
+
+    def before_step(
+        self,
+        step: int,
+        parameters: Callable[[], list[torch.nn.Parameter]],
+        newest_checkpoint: Callable[[], Path | None] = lambda: None,
+    ) -> None:
+        """Fire this process's due faults.
+
+        ``parameters`` gives the local (sharded) parameters; ``newest_checkpoint`` the directory
+        of the newest committed step on local disk (None when there is none).
+        """
+        for last_step, seconds in list(self._slow_until.values()):
+            if step <= last_step:
+                time.sleep(seconds)
+        for spec in self.plan.faults:
+            if spec.step > step or not self.mine(spec) or spec.kind == FaultKind.CKPT_KILL_DURING_WRITE:
+                continue  # a kill during the write fires in after_save_started
+            if spec.kind == FaultKind.CKPT_CORRUPT:
+                directory = newest_checkpoint()
+                if directory is None or not self._claim(spec):
+                    continue
+                self._record(spec, step)
+                self.events.emit(EventKind.FAULT_INJECTED, fault="ckpt_corrupt_file", target=str(corrupt_one_shard(directory, spec.step)), step=step)
+                self.events.flush()
+                continue
+            if not self._claim(spec):
+                continue
+            self._record(spec, step)
+            self._fire(spec, step, parameters)
+
+    def after_save_started(self, step: int) -> None:
+        """Right after a save began (async: its write is in flight): kill this rank mid-write."""
+        for spec in self.plan.faults:
+            if spec.kind == FaultKind.CKPT_KILL_DURING_WRITE and spec.step <= step and self.mine(spec) and self._claim(spec):
+                self._record(spec, step)
+                os.kill(os.getpid(), signal.SIGKILL)
+
+    def _fire(self, spec: FaultSpec, step: int, parameters: Callable[[], list[torch.nn.Parameter]]) -> None:
+        kind = spec.kind
+        if kind == FaultKind.KILL_RANK:
+            os.kill(os.getpid(), signal.SIGKILL)
+        elif kind == FaultKind.HANG:
+            if spec.seconds > 0:
+                time.sleep(spec.seconds)  # the peers wait inside the step's first collective
+            else:
+                os.kill(os.getpid(), signal.SIGSTOP)
+        elif kind == FaultKind.SLOW:
+            self._slow_until[spec.id] = (step + spec.steps - 1, spec.seconds)
+            time.sleep(spec.seconds)
+        elif kind == FaultKind.FLIP_BIT:
+            flip_one_parameter_bit(parameters(), spec.bit, seed=spec.step)
+        elif kind == FaultKind.GPU_FAULT:
+            write_gpu_fault(self.run_dir, self.node)
+        elif kind == FaultKind.KILL_AGENT:
+            kill_agent_and_workers()
+        elif kind == FaultKind.SIGTERM:
+            launcher = os.getppid() if "TORCHELASTIC_RUN_ID" in os.environ else os.getpid()
+            os.kill(launcher, signal.SIGTERM)
+
+
+def flip_one_parameter_bit(params: list[torch.nn.Parameter], bit: int, seed: int) -> tuple[int, int]:
+    """Flip ``bit`` of one element of this rank's largest local parameter shard; returns (param, index)."""
+    from stalwart.health.sdc import flip_bit, local_tensor
+
+    locals_ = [local_tensor(p) for p in params]
+    which = max(range(len(locals_)), key=lambda i: locals_[i].numel())
+    index = random.Random(seed).randrange(locals_[which].numel())
+    with torch.no_grad():
+        flip_bit(params[which], index, bit)
+    return which, index
+
+
+def write_gpu_fault(run_dir: Path, node: str) -> Path:
+    """What the node daemon's FaultInjectionProbe reads: a fatal XID 79 (GPU fell off the bus)."""
+    import json
+
+    path = run_dir / "faults" / f"gpu-{node}.json"
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps({"gpu": 0, "fault": "xid", "code": 79}))
+    tmp.replace(path)
+    return path
+
+
+def kill_agent_and_workers() -> None:
+    """A node lost at once: its agent and every worker it started (they are in their own sessions)."""
+    import psutil
+
+    agent = psutil.Process(os.getppid())
+    victims = [agent, *agent.children(recursive=True)]
+    for p in victims:
+        if p.pid != os.getpid():
+            try:
+                p.kill()
+            except psutil.NoSuchProcess:
+                pass
+    os.kill(os.getpid(), signal.SIGKILL)
+
+
+def corrupt_one_shard(step_dir: Path, seed: int) -> Path:
+    """Flip one byte in the middle of the largest data file of a committed step."""
+    shards = sorted((p for p in Path(step_dir).rglob("*.distcp")), key=lambda p: (-p.stat().st_size, p.name))
+    if not shards:
+        raise FileNotFoundError(f"no .distcp shard under {step_dir}")
+    shard = shards[0]
+    data = bytearray(shard.read_bytes())
+    at = random.Random(seed).randrange(len(data) // 4, 3 * len(data) // 4)
+    data[at] ^= 0xFF
+    shard.write_bytes(bytes(data))
+    return shard
