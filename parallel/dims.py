@@ -51,22 +51,32 @@ class ParallelDims:
 
     @classmethod
     def resolve(cls, dp_replicate: int, dp_shard: int, cp: int, tp: int, pp: int, world_size: int) -> ParallelDims:
-        """Fill ``dp_shard = -1`` from the world size and check that the product matches."""
-        for name, value in (("dp_replicate", dp_replicate), ("cp", cp), ("tp", tp), ("pp", pp)):
+        """Fill the one data-parallel degree set to -1 from the world size; check the product.
+
+        ``dp_shard = -1`` (the default) grows FSDP with the world; ``dp_replicate = -1`` grows the
+        number of full replicas instead (DDP, or HSDP with a fixed ``dp_shard``), which keeps
+        cross-replica SDC fingerprints available at any size.
+        """
+        for name, value in (("cp", cp), ("tp", tp), ("pp", pp)):
             if value < 1:
                 raise ParallelLayoutError(f"parallel.{name} = {value} must be at least 1")
-        if dp_shard == 0 or dp_shard < -1:
-            raise ParallelLayoutError(f"parallel.dp_shard = {dp_shard} must be at least 1, or -1 for 'whatever is left'")
-        others = dp_replicate * cp * tp * pp
-        if dp_shard == -1:
+        for name, value in (("dp_replicate", dp_replicate), ("dp_shard", dp_shard)):
+            if value == 0 or value < -1:
+                raise ParallelLayoutError(f"parallel.{name} = {value} must be at least 1, or -1 for 'whatever is left'")
+        if dp_replicate == -1 and dp_shard == -1:
+            raise ParallelLayoutError("parallel.dp_replicate and parallel.dp_shard are both -1; fix one of them (e.g. dp_shard = 1 for DDP)")
+        fill = "dp_replicate" if dp_replicate == -1 else "dp_shard" if dp_shard == -1 else None
+        others = max(dp_replicate, 1) * max(dp_shard, 1) * cp * tp * pp if fill else 0
+        if fill:
             if world_size % others:
                 fitting = [w for w in range(others, 4 * others + 1, others)]
+                fixed, value = ("dp_shard", dp_shard) if fill == "dp_replicate" else ("dp_replicate", dp_replicate)
                 raise ParallelLayoutError(
-                    f"world size {world_size} is not divisible by dp_replicate×cp×tp×pp = "
-                    f"{dp_replicate}×{cp}×{tp}×{pp} = {others}; run on a multiple of {others} ranks "
-                    f"(e.g. {', '.join(map(str, fitting))}) or lower the degrees"
+                    f"world size {world_size} is not divisible by {fixed}×cp×tp×pp = {value}×{cp}×{tp}×{pp} = {others}; run on a multiple of "
+                    f"{others} ranks (e.g. {', '.join(map(str, fitting))}) or lower the degrees"
                 )
-            dp_shard = world_size // others
+            dp_replicate, dp_shard = (world_size // others, dp_shard) if fill == "dp_replicate" else (dp_replicate, world_size // others)
+        others = dp_replicate * cp * tp * pp
         product = others * dp_shard
         if product != world_size:
             raise ParallelLayoutError(

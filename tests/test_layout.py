@@ -48,3 +48,13 @@ def test_batch_constraints():
     with pytest.raises(ParallelLayoutError, match=r"3 pipeline microbatches .* do not divide the local batch global_batch_size/dp = 32/2 = 16; choose pp_microbatches in \{1, 2, 4, 8, 16\}"):
         pp.validate_batch(32, 8, 3)
     dims.validate_batch(32, 8, 0)
+
+
+def test_dp_replicate_can_take_what_is_left_instead_of_dp_shard():
+    dims = ParallelDims.resolve(-1, 1, 1, 2, 2, 8)
+    assert (dims.dp_replicate, dims.dp_shard) == (2, 1)
+    assert ParallelDims.resolve(-1, 2, 1, 1, 1, 8).dp_replicate == 4
+    with pytest.raises(ParallelLayoutError, match="both -1; fix one of them"):
+        ParallelDims.resolve(-1, -1, 1, 1, 1, 8)
+    with pytest.raises(ParallelLayoutError, match="not divisible by dp_shard×cp×tp×pp = 1×1×2×2 = 4"):
+        ParallelDims.resolve(-1, 1, 1, 2, 2, 6)
