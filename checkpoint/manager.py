@@ -10,6 +10,12 @@ Protocol of one save of step N (every rank calls :meth:`CheckpointManager.save`)
    (create-if-absent), and on local disk renames the directory to ``step-N``;
 4. rank 0 prunes old steps and stale temporary directories.
 
+With a :class:`~stalwart.checkpoint.memory_tier.MemoryTier` attached, ``load("latest")`` and
+``load(N)`` take the newest complete copy among the host-memory tier and this persistent tier
+(``ckpt_load`` events say which in ``tier``); ``latest-verified`` reads only the persistent tier,
+the memory tier holds no verified steps. :meth:`CheckpointManager.rollback` is the entry point the
+health side uses after silent data corruption or a loss spike.
+
 A crash anywhere before 3 leaves an uncommitted directory that no reader looks at. Loading picks
 the newest committed step whose files match their manifest; a damaged step is skipped with a
 ``ckpt_fail`` event naming the file, and the previous committed step is loaded instead.
@@ -36,7 +42,9 @@ from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.staging import BlockingAsyncStager
 
 from stalwart.checkpoint import naming
-from stalwart.checkpoint.manifest import MANIFEST_NAME, CheckpointManifest, compute_files, find_damage
+from stalwart.checkpoint.manifest import MANIFEST_NAME, CheckpointManifest, compute_files, find_damage, list_damage
+from stalwart.checkpoint.memory_tier import TIER as MEMORY_TIER
+from stalwart.checkpoint.memory_tier import MemoryTier
 from stalwart.checkpoint.retention import steps_to_keep
 from stalwart.checkpoint.storage import Storage
 from stalwart.runtime.events import EventKind, EventLog
@@ -84,6 +92,7 @@ class CheckpointManager:
         checksum: str = "crc32",
         thread_count: int = 1,
         cache_staging: bool = False,
+        memory: MemoryTier | None = None,
     ) -> None:
         if keep_last < 1:
             raise ValueError(f"keep_last={keep_last}: keep at least the newest checkpoint (keep_last >= 1)")
@@ -107,6 +116,8 @@ class CheckpointManager:
         self._committer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="ckpt-commit")
         self._pending: _PendingSave | None = None
         self._loading: set[int] = set()
+        self.memory = memory
+        self.last_load_tier: str | None = None  # where the last load came from: "memory" or storage.scheme
 
     # ----------------------------------------------------------------------------------- save
 
@@ -123,6 +134,7 @@ class CheckpointManager:
         config_hash: str = "",
         verified: bool = False,
         async_: bool = False,
+        model: dict[str, Any] | None = None,
     ) -> None:
         """Save ``state`` as step ``step``; collective. Finishes the previous async save first.
 
@@ -138,7 +150,7 @@ class CheckpointManager:
         started = time.monotonic()
         token = self._broadcast(uuid.uuid4().hex[:12] if self.rank == 0 else None)
         tmp = naming.tmp_name(step, token)
-        meta = dict(layout=dict(layout or {}), config_hash=config_hash, verified=verified)
+        meta = dict(layout=dict(layout or {}), config_hash=config_hash, verified=verified, model=dict(model or {}))
         writer = self._writer(tmp)
         try:
             if async_:
@@ -279,6 +291,28 @@ class CheckpointManager:
         manifest.verified = True
         self.storage.write_bytes(f"{dirs[step]}/{MANIFEST_NAME}", manifest.to_json().encode())
 
+    def step_dir(self, step: int) -> str:
+        """The directory (relative to the root) of committed ``step``."""
+        dirs = self._committed_dirs()
+        if step not in dirs:
+            raise NoCheckpointError(f"step {step} is not committed under {self.storage.base_url}; committed: {sorted(dirs)}")
+        return dirs[step]
+
+    def reader(self, step: int) -> dcp.StorageReader:
+        """A DCP reader of committed ``step`` (its ``.metadata`` lists every tensor's shape and dtype)."""
+        return self._reader(self.step_dir(step))
+
+    def verify(self, step: int) -> list[str]:
+        """Every file of committed ``step`` that does not match its manifest, one line each; [] = intact."""
+        name = self.step_dir(step)
+        self._loading.add(step)
+        try:
+            manifest = CheckpointManifest.from_json(self.storage.read_bytes(f"{name}/{MANIFEST_NAME}"))
+            opener = lambda rel: self.storage.open_read(f"{name}/{rel}")  # noqa: E731
+            return list_damage(manifest, self.storage.walk_files(name), opener, max(4, self.thread_count))
+        finally:
+            self._loading.discard(step)
+
     # ----------------------------------------------------------------------------------- load
 
     def load(self, state: dict[str, Any], step: int | str = "latest") -> int:
@@ -293,7 +327,15 @@ class CheckpointManager:
             raise ValueError(f"step={step!r}: use 'latest', 'latest-verified' or a step number")
         self.wait()
         started = time.monotonic()
+        in_memory = self._memory_candidate(step)
+        if in_memory is not None and (isinstance(step, int) or not self._broadcast(self._stored_newer_on_rank0(in_memory))):
+            if self._load_memory(state, in_memory):
+                return in_memory
+            in_memory = None
         choice = self._broadcast(self._choose_on_rank0(step) if self.rank == 0 else None)
+        # The newest stored step was damaged and an older one chosen: the memory copy may be newer.
+        if in_memory is not None and (choice[0] != "ok" or choice[1] < in_memory) and self._load_memory(state, in_memory):
+            return in_memory
         if choice[0] == "none":
             raise NoCheckpointError(choice[1])
         if choice[0] == "error":
@@ -311,7 +353,52 @@ class CheckpointManager:
         finally:
             self._loading.discard(chosen)
         self._emit(EventKind.CKPT_LOAD, step=chosen, seconds=time.monotonic() - started, bytes=nbytes, tier=self.storage.scheme)
+        self.last_load_tier = self.storage.scheme
         return chosen
+
+    def _memory_candidate(self, request: int | str) -> int | None:
+        """The memory tier's newest complete step that satisfies ``request``; collective."""
+        if self.memory is None or request == "latest-verified":
+            return None
+        newest = self.memory.newest_complete()
+        if isinstance(request, int):
+            return request if newest == request else None
+        return newest
+
+    def _stored_newer_on_rank0(self, step: int) -> bool | None:
+        """Whether storage holds a committed step newer than ``step`` (rank 0; None elsewhere)."""
+        if self.rank != 0:
+            return None
+        try:
+            newest = self.latest()
+        except Exception:  # an unreachable store: the memory copy is what there is
+            return False
+        return newest is not None and newest > step
+
+    def _load_memory(self, state: dict[str, Any], step: int) -> bool:
+        """Load ``step`` from the memory tier; False (on every rank) sends the caller to storage."""
+        try:
+            self.memory.load(state, step)
+        except Exception as e:
+            logger.warning("%s; loading from %s instead", e, self.storage.base_url)
+            self._emit(EventKind.CKPT_FAIL, step=step, reason=str(e), tier=MEMORY_TIER)
+            return False
+        self.last_load_tier = MEMORY_TIER
+        return True
+
+    def rollback(self, state: dict[str, Any], to: int | str = "latest-verified", *, reason: str, from_step: int | None = None) -> int:
+        """Load ``to`` into ``state`` (collective) and record a ``rollback`` event; returns the step.
+
+        The health side calls this after silent data corruption or a loss spike; ``to`` is
+        ``"latest-verified"`` (the default), ``"latest"`` or a step number, ``from_step`` the step
+        training had reached. Skipping the data that caused a spike is the caller's move: the
+        restored loader position is in ``state``.
+        """
+        step = self.load(state, step=to)
+        if self.rank == 0:
+            self._emit(EventKind.ROLLBACK, from_step=from_step, to_step=step, reason=reason, tier=self.last_load_tier)
+        logger.warning("rolled back to step %d (%s) from %s: %s", step, self.last_load_tier, from_step, reason)
+        return step
 
     def _choose_on_rank0(self, request: int | str) -> tuple:
         """("ok", step, directory, bytes), ("none", why) or ("error", why); never raises.
@@ -402,6 +489,8 @@ class CheckpointManager:
         finally:
             self._committer.shutdown(wait=True)
             self._stager.close()
+            if self.memory is not None:
+                self.memory.close()
 
     def _writer(self, rel: str) -> dcp.StorageWriter:
         if self.storage.is_local:

@@ -59,6 +59,8 @@ class CheckpointManifest:
     world_size: int
     layout: dict[str, Any] = field(default_factory=dict)
     config_hash: str = ""
+    model: dict[str, Any] = field(default_factory=dict)
+    """The model's shape as a Hugging Face config.json (what ``stalwart ckpt export --format hf`` needs)."""
     files: dict[str, FileEntry] = field(default_factory=dict)
     checksum: str = "crc32"
     verified: bool = False
@@ -95,20 +97,39 @@ def compute_files(
         return dict(sorted(pool.map(one, sizes)))
 
 
+def list_damage(
+    manifest: CheckpointManifest,
+    sizes: dict[str, int],
+    open_file: Callable[[str], Any],
+    threads: int = 4,
+    first_only: bool = False,
+) -> list[str]:
+    """Why each file on storage differs from the manifest, one line per bad file; empty = intact.
+
+    Sizes are compared first (cheap, catches truncation and missing files); ``first_only`` stops
+    there when one is wrong, before any byte is read.
+    """
+    problems, same_size = [], {}
+    for rel, entry in manifest.files.items():
+        if rel not in sizes:
+            problems.append(f"file {rel} is missing")
+        elif sizes[rel] != entry.size:
+            problems.append(f"file {rel} has {sizes[rel]} bytes, manifest says {entry.size}")
+        else:
+            same_size[rel] = sizes[rel]
+    if problems and first_only:
+        return problems[:1]
+    actual = compute_files(same_size, open_file, manifest.checksum, threads) if same_size else {}
+    for rel in same_size:
+        expected = manifest.files[rel].checksum
+        if actual[rel].checksum != expected:
+            problems.append(f"file {rel} fails its {manifest.checksum} check ({actual[rel].checksum} != {expected})")
+    return problems
+
+
 def find_damage(
     manifest: CheckpointManifest, sizes: dict[str, int], open_file: Callable[[str], Any], threads: int = 4
 ) -> str | None:
-    """Why the files on storage differ from the manifest, or None when they all match.
-
-    Sizes are compared first (cheap, catches truncation and missing files) before any byte is read.
-    """
-    for rel, entry in manifest.files.items():
-        if rel not in sizes:
-            return f"file {rel} is missing"
-        if sizes[rel] != entry.size:
-            return f"file {rel} has {sizes[rel]} bytes, manifest says {entry.size}"
-    actual = compute_files({rel: sizes[rel] for rel in manifest.files}, open_file, manifest.checksum, threads)
-    for rel, entry in manifest.files.items():
-        if actual[rel].checksum != entry.checksum:
-            return f"file {rel} fails its {manifest.checksum} check ({actual[rel].checksum} != {entry.checksum})"
-    return None
+    """Why the files on storage differ from the manifest (the first reason), or None when intact."""
+    problems = list_damage(manifest, sizes, open_file, threads, first_only=True)
+    return problems[0] if problems else None

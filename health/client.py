@@ -90,6 +90,16 @@ class HeartbeatClient:
         """True once healthd answered STOP (node unhealthy): stop at the next safe point."""
         return self._stop_requested
 
+    def quarantine(self, fault: str, reason: str, token: str) -> bool:
+        """Ask healthd to take this node out (mutating: needs the job token); False if it could not."""
+        request = healthd_pb2.QuarantineRequest(token=token, rank=self.rank, fault=fault, reason=reason[:200])
+        try:
+            self._stub.Quarantine(request, timeout=self.rpc_timeout_s)
+        except grpc.RpcError as e:
+            log.error("healthd at %s refused or missed the quarantine of rank %d (%s: %s)", self.address, self.rank, e.code(), e.details())
+            return False
+        return True
+
     def _run(self) -> None:
         while not self._closed.is_set():
             self._send()

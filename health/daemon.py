@@ -5,7 +5,9 @@ the GPUs and the host, and protects its node without waiting for anyone: on a ha
 local rank's Python stacks, SIGKILLs the worker group (the elastic agent restarts it) and records a
 ``fault_detected`` event; on a fatal GPU fault it marks the node UNHEALTHY (``RUN/health/node-<n>.unhealthy``
 for the launcher, STOP in heartbeat replies), kills the workers and records the event. The job
-controller may read its status but is never needed for any of this.
+controller may read its status but is never needed for any of this; with ``controller`` set, a
+background thread pushes the status there every ``report_interval_s`` (at once after a fault) and
+keeps retrying while the controller is down.
 
 Trust model: heartbeats and status are unauthenticated (bind to loopback or a ``unix:`` socket,
 which is made mode 0600); the one mutating call, ``KillWorkers``, needs the job token. A heartbeat
@@ -38,9 +40,11 @@ import psutil
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from stalwart.health.client import faulthandler_path
+from stalwart.health.controller_client import ControllerClient
 from stalwart.health.hang import HangConfig, HangDetector, Phase
 from stalwart.health.probes import FaultInjectionProbe, GpuIssue, GpuProbe, GpuReport, HostProbe, HostReport
 from stalwart.health.proto import healthd_pb2, healthd_pb2_grpc
+from stalwart.health.security import TlsConfig, TokenError, read_token
 from stalwart.runtime.events import EventKind, EventLog
 
 log = logging.getLogger(__name__)
@@ -84,6 +88,9 @@ class HealthDaemon:
         worker_ancestor: int | None = None,
         stack_dump_timeout_s: float = 10.0,
         max_workers: int = 8,
+        controller: str | None = None,
+        controller_tls: TlsConfig | None = None,
+        report_interval_s: float = 1.0,
     ) -> None:
         if not token:
             raise ValueError("healthd needs a non-empty job token (KillWorkers is refused without one); pass --token-file with a random secret")
@@ -103,6 +110,10 @@ class HealthDaemon:
         self.fault_probe = FaultInjectionProbe(self.run_dir, str(node))
         self.events = EventLog(self.run_dir, role="healthd", node=node)
         self.marker_path = self.health_dir / f"node-{node}.unhealthy"
+        self.controller = controller
+        self.controller_tls = controller_tls
+        self.report_interval_s = report_interval_s
+        self.reporter: ControllerClient | None = None
 
         self._lock = threading.RLock()
         self._ranks: dict[int, _Rank] = {}
@@ -152,6 +163,10 @@ class HealthDaemon:
             thread = threading.Thread(target=target, name=name, daemon=True)
             thread.start()
             self._threads.append(thread)
+        if self.controller:  # pushes status every interval, at once on a fault; never needed to protect the node
+            self.reporter = ControllerClient(
+                self.controller, token=self._token.decode(), tls=self.controller_tls, node_status=self.status, interval_s=self.report_interval_s
+            )
         info = {"address": self.address, "pid": os.getpid(), "node": self.node}
         _atomic_write(self.health_dir / f"healthd-node{self.node}.json", json.dumps(info))
         log.info("healthd node %s serving on %s", self.node, self.address)
@@ -159,6 +174,8 @@ class HealthDaemon:
 
     def stop(self, grace_s: float = 1.0) -> None:
         self._stop.set()
+        if self.reporter is not None:
+            self.reporter.close()
         self._health.enter_graceful_shutdown()
         self._server.stop(grace_s).wait()
         for thread in self._threads:
@@ -226,7 +243,7 @@ class HealthDaemon:
         now, now_mono = time.time(), time.monotonic()
         with self._lock:
             state, reasons = self._state()
-            msg = healthd_pb2.NodeStatus(node=str(self.node), state=state, reasons=reasons, ts=now)
+            msg = healthd_pb2.NodeStatus(node=str(self.node), state=state, reasons=reasons, ts=now, host_name=self.events.host, address=self.address)
             for rank in sorted(self._ranks):
                 e = self._ranks[rank]
                 msg.ranks.add(
@@ -401,6 +418,24 @@ class HealthDaemon:
                 detail={"kind": issue.kind, "code": issue.code, "detail": issue.detail, "killed_pids": killed},
             )
         self.events.flush()
+        if self.reporter is not None:
+            self.reporter.wake()
+
+
+    def quarantine(self, rank: int, fault: str, reason: str) -> int:
+        """A rank's report that its device must not train (SDC): UNHEALTHY, no kill; the trainer stops itself.
+
+        The rank records the ``fault_detected`` event itself; this only takes the node out.
+        """
+        why = f"rank{rank}: {fault}: {reason}"
+        log.error("node %s UNHEALTHY: %s", self.node, why)
+        with self._lock:
+            self._unhealthy_reasons.append(why)
+            all_reasons = list(self._unhealthy_reasons)
+        _atomic_write(self.marker_path, json.dumps({"node": self.node, "ts": time.time(), "reasons": all_reasons, "issues": [{"rank": rank, "kind": fault, "detail": reason}]}))
+        if self.reporter is not None:
+            self.reporter.wake()
+        return healthd_pb2.UNHEALTHY
 
 
 class _Servicer(healthd_pb2_grpc.NodeHealthServicer):
@@ -424,6 +459,12 @@ class _Servicer(healthd_pb2_grpc.NodeHealthServicer):
             context.abort(grpc.StatusCode.PERMISSION_DENIED, "KillWorkers needs the job token")
         killed = self.daemon.kill_workers(f"KillWorkers from {context.peer()}: {request.reason[:200]}")
         return healthd_pb2.KillReply(killed_pids=killed)
+
+    def Quarantine(self, request: Any, context: grpc.ServicerContext) -> Any:
+        if not self.daemon.check_token(request.token):
+            log.warning("refused unauthenticated Quarantine from %s (reason %r)", context.peer(), request.reason[:200])
+            context.abort(grpc.StatusCode.PERMISSION_DENIED, "Quarantine needs the job token")
+        return healthd_pb2.QuarantineReply(state=self.daemon.quarantine(request.rank, request.fault[:40], request.reason[:200]))
 
 
 def _same_process(pid: int, create_time: float) -> bool:
@@ -461,7 +502,7 @@ def healthd_main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="stalwart healthd", description="Per-node health daemon: heartbeats, hang detection, GPU probes.")
     parser.add_argument("--run-dir", required=True, help="the job's run directory (events/, health/)")
     parser.add_argument("--bind", default="127.0.0.1:0", help="host:port (port 0 picks one) or unix:PATH")
-    parser.add_argument("--token-file", required=True, help="file holding the job token that KillWorkers must present")
+    parser.add_argument("--token-file", default=None, help="file holding the job token that KillWorkers must present (default $STALWART_TOKEN_FILE)")
     parser.add_argument("--node", type=int, default=int(os.environ.get("GROUP_RANK", "0")), help="node rank (default $GROUP_RANK or 0)")
     parser.add_argument("--warmup-steps", type=int, default=3)
     parser.add_argument("--safety-factor", type=float, default=5.0)
@@ -471,20 +512,20 @@ def healthd_main(argv: list[str] | None = None) -> int:
     parser.add_argument("--probe-interval-s", type=float, default=1.0)
     parser.add_argument("--expected-gpus", type=int, default=None, help="fewer GPUs than this marks the node unhealthy")
     parser.add_argument("--worker-ancestor", type=int, default=None, help="only descendants of this pid may register as workers")
+    parser.add_argument("--controller", default=os.environ.get("STALWART_CONTROLLER"), help="job controller host:port to report to (default $STALWART_CONTROLLER)")
+    parser.add_argument("--report-interval-s", type=float, default=1.0, help="seconds between status reports to the controller")
+    parser.add_argument("--controller-ca", help="PEM CA that signed the controller's certificate (TLS to the controller)")
+    parser.add_argument("--controller-cert", help="PEM client certificate for mutual TLS to the controller")
+    parser.add_argument("--controller-key", help="PEM private key of --controller-cert")
     args = parser.parse_args(argv)
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s healthd %(levelname)s %(message)s")
-    token_path = Path(args.token_file)
     try:
-        token = token_path.read_text().strip()
-    except OSError as e:
-        print(f"stalwart healthd: cannot read --token-file {token_path}: {e}", file=sys.stderr)
+        token = read_token(args.token_file)
+        controller_tls = TlsConfig.from_paths(args.controller_cert, args.controller_key, args.controller_ca, server=False)
+    except (TokenError, ValueError) as e:
+        print(f"stalwart healthd: error: {e}", file=sys.stderr)
         return 2
-    if not token:
-        print(f"stalwart healthd: {token_path} is empty; write a random secret into it (e.g. `openssl rand -hex 32 > {token_path}`)", file=sys.stderr)
-        return 2
-    if token_path.stat().st_mode & 0o077:
-        log.warning("token file %s is readable by other users; chmod 600 it", token_path)
     config = HangConfig(
         warmup_steps=args.warmup_steps, safety_factor=args.safety_factor, floor_s=args.floor_s,
         initial_limits={p: getattr(args, f"{p.value.lower()}_limit_s") for p in Phase},
@@ -492,6 +533,7 @@ def healthd_main(argv: list[str] | None = None) -> int:
     daemon = HealthDaemon(
         args.run_dir, token, bind=args.bind, node=args.node, hang_config=config, probe_interval_s=args.probe_interval_s,
         expected_gpus=args.expected_gpus, worker_ancestor=args.worker_ancestor,
+        controller=args.controller, controller_tls=controller_tls, report_interval_s=args.report_interval_s,
     )
     try:
         address = daemon.start()

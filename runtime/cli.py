@@ -29,6 +29,10 @@ def cmd_train(args: argparse.Namespace, overrides: list[str]) -> int:
     from stalwart.runtime.train import plan_job
 
     cfg = load_config(args.config, overrides)
+    if os.environ.get("STALWART_LAUNCHER"):
+        from stalwart.runtime.launcher.worker import worker_main
+
+        return worker_main(cfg)
     if _under_launcher() or args.nproc_per_node == 1:
         from stalwart.runtime.train import train
 
@@ -36,14 +40,32 @@ def cmd_train(args: argparse.Namespace, overrides: list[str]) -> int:
         return 0
     plan = plan_job(cfg, args.nproc_per_node)
     print(f"stalwart train: {args.nproc_per_node} ranks, layout {plan.dims.describe()}, run dir {cfg.run_dir}", flush=True)
+    import math
+    import time
+
+    from torch.distributed.elastic.multiprocessing.api import SignalException
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
     from torch.distributed.run import get_args_parser, run
 
+    # On SIGTERM the agent forwards it to the ranks and waits this long before SIGKILL: longer than
+    # the ranks' own preemption grace period, which they enforce themselves.
+    shutdown = f"--shutdown-timeout={math.ceil(cfg.checkpoint.preemption_grace_s) + 15}"
     torchrun_args = get_args_parser().parse_args(
-        ["--standalone", f"--nproc-per-node={args.nproc_per_node}", "--module", "stalwart", "train", "--config", args.config, *overrides]
+        ["--standalone", f"--nproc-per-node={args.nproc_per_node}", shutdown, "--module", "stalwart", "train", "--config", args.config, *overrides]
     )
+    launched = time.time()
     try:
         run(torchrun_args)
+    except SignalException as e:
+        from stalwart.checkpoint.preemption import preempted_step
+
+        step = preempted_step(cfg.run_dir, launched)
+        if step is None:
+            print(f"stalwart train: error: stopped by {e.sigval.name} before a checkpoint was committed on the way out; "
+                  f"the previous committed step is intact (see the ranks' lines above)", file=sys.stderr)
+            return 1
+        print(f"stalwart train: stopped by {e.sigval.name}; step {step} is committed, rerun the same command to resume", flush=True)
+        return 0
     except ChildFailedError as e:
         first = next(iter(e.failures.values()))
         print(f"stalwart train: rank {first.local_rank} exited with code {first.exitcode}; see its log above", file=sys.stderr)
@@ -58,6 +80,18 @@ def cmd_healthd(args: argparse.Namespace, rest: list[str]) -> int:
     from stalwart.health.daemon import healthd_main
 
     return healthd_main(rest)
+
+
+def cmd_controller(args: argparse.Namespace, rest: list[str]) -> int:
+    from stalwart.health.controller import controller_main
+
+    return controller_main(rest)
+
+
+def cmd_launch(args: argparse.Namespace, rest: list[str]) -> int:
+    from stalwart.runtime.launcher.main import launch_main
+
+    return launch_main(rest)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -78,8 +112,16 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_goodput_parser(sub)
 
+    from stalwart.checkpoint.command import add_ckpt_parser
+
+    add_ckpt_parser(sub)
+
     healthd = sub.add_parser("healthd", help="run the node health daemon (heartbeats, hang detection, GPU probes)", add_help=False)
     healthd.set_defaults(func=cmd_healthd)
+    controller = sub.add_parser("controller", help="run the job controller (exclusions, stragglers, dashboard, /metrics)", add_help=False)
+    controller.set_defaults(func=cmd_controller)
+    launch = sub.add_parser("launch", help="run the elastic agent of one node (torchrun-compatible flags; shrinks, grows, survives lost nodes)", add_help=False)
+    launch.set_defaults(func=cmd_launch)
     return parser
 
 

@@ -90,6 +90,7 @@ class TrainingConfig:
 @dataclass
 class ParallelConfig:
     dp_replicate: int = 1
+    """Full replicas (DDP, or HSDP with dp_shard > 1); -1 takes what is left instead of dp_shard."""
     dp_shard: int = -1
     """-1 takes whatever the other degrees leave of the world size."""
     cp: int = 1
@@ -116,6 +117,27 @@ class CheckpointConfig:
     resume: Literal["latest", "latest-verified", "none"] = "latest"
     preemption_grace_s: float = 60.0
     """Time allowed after SIGTERM to finish the step, save synchronously and exit 0."""
+    memory_interval: int = 0
+    """Copy the state to host memory (own node + a peer node) every this many steps; 0 turns the tier off."""
+    memory_dir: str = ""
+    """Where the host-memory tier lives; empty means a per-job directory on /dev/shm (tmpfs)."""
+
+
+@dataclass
+class HealthConfig:
+    healthd: str = ""
+    """The node daemon's address (host:port or unix:PATH); empty uses $STALWART_HEALTHD, else no daemon."""
+    heartbeat_interval_s: float = 0.5
+    fingerprint_every: int = 50
+    """Compare parameter fingerprints across data-parallel replicas every this many steps; 0 is off."""
+    golden_every: int = 200
+    """Run the golden workload on every rank at start-up and every this many steps; 0 is off."""
+    spike_factor: float = 10.0
+    """A loss/grad norm above median + factor × robust spread is an anomaly (replayed); 0 checks NaN/Inf only."""
+    rollback_on_sdc: bool = True
+    """Roll back to the last verified checkpoint when silent data corruption is found."""
+    verify_checkpoints: bool = True
+    """Mark a checkpoint verified once an SDC check passed at or after its step."""
 
 
 @dataclass
@@ -133,6 +155,7 @@ class Config:
     training: TrainingConfig = field(default_factory=TrainingConfig)
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    health: HealthConfig = field(default_factory=HealthConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
 
     @property
@@ -297,8 +320,18 @@ def validate(cfg: Config) -> None:
     ):
         if value < 1:
             raise ConfigError(f"{key} = {value} must be at least 1")
+    if cfg.checkpoint.memory_interval < 0:
+        raise ConfigError(f"checkpoint.memory_interval = {cfg.checkpoint.memory_interval} must be 0 (off) or a number of steps")
+    if cfg.checkpoint.preemption_grace_s <= 0:
+        raise ConfigError(f"checkpoint.preemption_grace_s = {cfg.checkpoint.preemption_grace_s} must be positive")
     if t.lr <= 0:
         raise ConfigError(f"training.lr = {t.lr} must be positive")
+    h = cfg.health
+    for key, value in (("health.fingerprint_every", h.fingerprint_every), ("health.golden_every", h.golden_every), ("health.spike_factor", h.spike_factor)):
+        if value < 0:
+            raise ConfigError(f"{key} = {value} must be >= 0 (0 turns the check off)")
+    if h.heartbeat_interval_s <= 0:
+        raise ConfigError(f"health.heartbeat_interval_s = {h.heartbeat_interval_s} must be positive")
     if not 0 <= t.min_lr_ratio <= 1:
         raise ConfigError(f"training.min_lr_ratio = {t.min_lr_ratio} must be within [0, 1]")
     if t.warmup_steps < 0:

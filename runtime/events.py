@@ -100,6 +100,7 @@ class EventLog:
         self.emit(EventKind.CLOCK, mono=time.monotonic())
 
     def emit(self, kind: EventKind | str, **fields: Any) -> dict[str, Any]:
+        node = fields.pop("node", self.node)  # an event about another node (the controller's node_excluded) names it
         clash = _COMMON_KEYS.intersection(fields)
         if clash:
             raise ValueError(f"event fields {sorted(clash)} are reserved by the common schema")
@@ -109,7 +110,7 @@ class EventLog:
             "kind": EventKind(kind).value,
             "role": self.role,
             "host": self.host,
-            "node": self.node,
+            "node": node,
             "pid": os.getpid(),
             "rank": self.rank,
             "attempt": self.attempt,

@@ -37,7 +37,7 @@ from stalwart.runtime.data.loader import GlobalBatchLoader
 from stalwart.runtime.data.tokenizer import Tokenizer, build_tokenizer
 from stalwart.runtime.events import EventKind, EventLog
 from stalwart.runtime.faults.injector import FaultInjector
-from stalwart.runtime.health_hooks import StepAction, TrainerHealth
+from stalwart.runtime.health_hooks import NodeUnhealthy, StepAction, TrainerHealth
 from stalwart.runtime.metrics import StepMetrics, memory_bytes, peak_flops
 from stalwart.runtime.optim import build_lr_scheduler, build_optimizer
 from stalwart.runtime.train_state import train_state
@@ -400,7 +400,7 @@ class Trainer:
                 action = self.health.after_step(step_seconds)  # SDC checks may roll back
                 if action == StepAction.STOP:
                     status = "stopped_by_healthd"
-                    return
+                    raise NodeUnhealthy(f"healthd marked this job's node unhealthy; stopped after step {self.step} (see RUN/health/)")
                 if action == StepAction.ROLLED_BACK:
                     continue
                 if self.checkpoints and (self.step % cfg.checkpoint.interval == 0 or self.step == cfg.training.steps):
@@ -434,9 +434,11 @@ class Trainer:
         destroy_distributed()
 
 
-def train(cfg: Config) -> None:
+def train(cfg: Config) -> Trainer:
+    """Run to the configured step (or a preemption); the finished trainer tells which (``step``, ``preempted``)."""
     trainer = Trainer(cfg)
     try:
         trainer.run()
     finally:
         trainer.close()
+    return trainer

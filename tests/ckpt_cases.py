@@ -26,7 +26,7 @@ def _full(value: torch.Tensor) -> torch.Tensor:
     return (value.full_tensor() if hasattr(value, "full_tensor") else value).detach().clone()
 
 
-def save_fsdp(url: str) -> dict[str, dict[str, torch.Tensor]]:
+def save_fsdp(url: str, model_config: dict | None = None) -> dict[str, dict[str, torch.Tensor]]:
     """FSDP2 on every rank: sync save of step 1, async save of step 2 while training goes on.
 
     Returns the full parameters and Adam moments as of step 2, for comparison with a load on a
@@ -41,7 +41,7 @@ def save_fsdp(url: str) -> dict[str, dict[str, torch.Tensor]]:
     for step in (1, 2):
         _train_one_step(model, optimizer)
         model_sd, optim_sd = get_state_dict(model, optimizer)
-        manager.save(step, {"model": model_sd, "optim": optim_sd, "step": step}, layout=layout, async_=step == 2)
+        manager.save(step, {"model": model_sd, "optim": optim_sd, "step": step}, layout=layout, async_=step == 2, model=model_config)
     expected = {
         "model": {k: _full(v) for k, v in model.state_dict().items()},
         "exp_avg": {fqn: _full(st["exp_avg"]) for fqn, st in optim_sd["state"].items()},

@@ -1,4 +1,4 @@
-"""The committed stubs are exactly what the generator makes from healthd.proto, and import as stalwart.*."""
+"""The committed stubs are exactly what the generator makes from healthd.proto and controller.proto, and import as stalwart.*."""
 
 import filecmp
 from pathlib import Path
@@ -12,8 +12,10 @@ def test_committed_stubs_match_proto(tmp_path):
     committed = Path(gen.__file__).parent
     stale = [name for name in gen.GENERATED if not filecmp.cmp(tmp_path / name, committed / name, shallow=False)]
     assert not stale, f"{stale} are stale: run `python -m stalwart.health.proto.generate`"
-    grpc_stub = (committed / "healthd_pb2_grpc.py").read_text()
-    assert "from stalwart.health.proto import healthd_pb2" in grpc_stub
+    assert {"healthd_pb2_grpc.py", "controller_pb2_grpc.py"} <= set(gen.GENERATED)  # both protos covered
+    for proto in ("healthd", "controller"):
+        grpc_stub = (committed / f"{proto}_pb2_grpc.py").read_text()
+        assert f"from stalwart.health.proto import {proto}_pb2" in grpc_stub
 
 
 def test_stubs_import_and_roundtrip():
@@ -22,3 +24,10 @@ def test_stubs_import_and_roundtrip():
     req = healthd_pb2.HeartbeatRequest(rank=3, phase=healthd_pb2.CHECKPOINT, ts=1.5)
     assert healthd_pb2.HeartbeatRequest.FromString(req.SerializeToString()) == req
     assert hasattr(healthd_pb2_grpc, "NodeHealthStub")
+    from stalwart.health.proto import controller_pb2, controller_pb2_grpc
+
+    status = healthd_pb2.NodeStatus(node="2", state=healthd_pb2.UNHEALTHY, address="10.0.0.2:50051")
+    assert healthd_pb2.NodeStatus.FromString(status.SerializeToString()) == status
+    rollback = controller_pb2.RollbackRequest(token="t", latest_verified=True)
+    assert rollback.WhichOneof("target") == "latest_verified"
+    assert hasattr(controller_pb2_grpc, "ControllerStub")

@@ -8,17 +8,18 @@ import tempfile
 from importlib import resources
 from pathlib import Path
 
-PROTO = Path(__file__).resolve().parent / "healthd.proto"
+HERE = Path(__file__).resolve().parent
+PROTOS = (HERE / "healthd.proto", HERE / "controller.proto")
 PACKAGE_PATH = Path("stalwart/health/proto")
-GENERATED = ("healthd_pb2.py", "healthd_pb2.pyi", "healthd_pb2_grpc.py")
+GENERATED = tuple(f"{p.stem}{suffix}" for p in PROTOS for suffix in ("_pb2.py", "_pb2.pyi", "_pb2_grpc.py"))
 
 
 def generate(out_dir: str | Path) -> list[Path]:
-    """Run protoc on ``healthd.proto`` and write the Python stubs into ``out_dir``.
+    """Run protoc on every proto of :data:`PROTOS` and write the Python stubs into ``out_dir``.
 
-    The proto is copied under ``stalwart/health/proto/`` in a scratch include root: protoc derives
-    the generated import lines from the proto's path relative to ``-I``, and the repository folder is
-    not named ``stalwart``.
+    The protos are copied under ``stalwart/health/proto/`` in a scratch include root: protoc derives
+    the generated import lines (and ``controller.proto``'s import of ``healthd.proto``) from the
+    proto's path relative to ``-I``, and the repository folder is not named ``stalwart``.
     """
     from grpc_tools import protoc
 
@@ -28,7 +29,8 @@ def generate(out_dir: str | Path) -> list[Path]:
         src_root, gen_root = Path(tmp) / "src", Path(tmp) / "gen"
         (src_root / PACKAGE_PATH).mkdir(parents=True)
         gen_root.mkdir()
-        shutil.copyfile(PROTO, src_root / PACKAGE_PATH / PROTO.name)
+        for proto in PROTOS:
+            shutil.copyfile(proto, src_root / PACKAGE_PATH / proto.name)
         well_known = resources.files("grpc_tools") / "_proto"
         args = [
             "grpc_tools.protoc",
@@ -37,11 +39,11 @@ def generate(out_dir: str | Path) -> list[Path]:
             f"--python_out={gen_root}",
             f"--pyi_out={gen_root}",
             f"--grpc_python_out={gen_root}",
-            str(src_root / PACKAGE_PATH / PROTO.name),
+            *(str(src_root / PACKAGE_PATH / proto.name) for proto in PROTOS),
         ]
         rc = protoc.main(args)
         if rc != 0:
-            raise RuntimeError(f"protoc failed (exit {rc}) on {PROTO}; run `python -m grpc_tools.protoc --version` to check grpcio-tools")
+            raise RuntimeError(f"protoc failed (exit {rc}) on {[p.name for p in PROTOS]}; run `python -m grpc_tools.protoc --version` to check grpcio-tools")
         written = []
         for name in GENERATED:
             target = out_dir / name
@@ -51,6 +53,6 @@ def generate(out_dir: str | Path) -> list[Path]:
 
 
 if __name__ == "__main__":
-    out = sys.argv[1] if len(sys.argv) > 1 else PROTO.parent
+    out = sys.argv[1] if len(sys.argv) > 1 else HERE
     for path in generate(out):
         print(path)

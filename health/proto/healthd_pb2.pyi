@@ -124,7 +124,7 @@ class HostStatus(_message.Message):
     def __init__(self, mem_available_bytes: _Optional[int] = ..., disk_free_bytes: _Optional[int] = ...) -> None: ...
 
 class NodeStatus(_message.Message):
-    __slots__ = ("node", "state", "reasons", "ranks", "gpu", "host", "ts")
+    __slots__ = ("node", "state", "reasons", "ranks", "gpu", "host", "ts", "host_name", "address")
     NODE_FIELD_NUMBER: _ClassVar[int]
     STATE_FIELD_NUMBER: _ClassVar[int]
     REASONS_FIELD_NUMBER: _ClassVar[int]
@@ -132,6 +132,8 @@ class NodeStatus(_message.Message):
     GPU_FIELD_NUMBER: _ClassVar[int]
     HOST_FIELD_NUMBER: _ClassVar[int]
     TS_FIELD_NUMBER: _ClassVar[int]
+    HOST_NAME_FIELD_NUMBER: _ClassVar[int]
+    ADDRESS_FIELD_NUMBER: _ClassVar[int]
     node: str
     state: NodeState
     reasons: _containers.RepeatedScalarFieldContainer[str]
@@ -139,7 +141,9 @@ class NodeStatus(_message.Message):
     gpu: GpuReport
     host: HostStatus
     ts: float
-    def __init__(self, node: _Optional[str] = ..., state: _Optional[_Union[NodeState, str]] = ..., reasons: _Optional[_Iterable[str]] = ..., ranks: _Optional[_Iterable[_Union[RankStatus, _Mapping]]] = ..., gpu: _Optional[_Union[GpuReport, _Mapping]] = ..., host: _Optional[_Union[HostStatus, _Mapping]] = ..., ts: _Optional[float] = ...) -> None: ...
+    host_name: str
+    address: str
+    def __init__(self, node: _Optional[str] = ..., state: _Optional[_Union[NodeState, str]] = ..., reasons: _Optional[_Iterable[str]] = ..., ranks: _Optional[_Iterable[_Union[RankStatus, _Mapping]]] = ..., gpu: _Optional[_Union[GpuReport, _Mapping]] = ..., host: _Optional[_Union[HostStatus, _Mapping]] = ..., ts: _Optional[float] = ..., host_name: _Optional[str] = ..., address: _Optional[str] = ...) -> None: ...
 
 class KillRequest(_message.Message):
     __slots__ = ("token", "reason")
@@ -154,3 +158,21 @@ class KillReply(_message.Message):
     KILLED_PIDS_FIELD_NUMBER: _ClassVar[int]
     killed_pids: _containers.RepeatedScalarFieldContainer[int]
     def __init__(self, killed_pids: _Optional[_Iterable[int]] = ...) -> None: ...
+
+class QuarantineRequest(_message.Message):
+    __slots__ = ("token", "rank", "fault", "reason")
+    TOKEN_FIELD_NUMBER: _ClassVar[int]
+    RANK_FIELD_NUMBER: _ClassVar[int]
+    FAULT_FIELD_NUMBER: _ClassVar[int]
+    REASON_FIELD_NUMBER: _ClassVar[int]
+    token: str
+    rank: int
+    fault: str
+    reason: str
+    def __init__(self, token: _Optional[str] = ..., rank: _Optional[int] = ..., fault: _Optional[str] = ..., reason: _Optional[str] = ...) -> None: ...
+
+class QuarantineReply(_message.Message):
+    __slots__ = ("state",)
+    STATE_FIELD_NUMBER: _ClassVar[int]
+    state: NodeState
+    def __init__(self, state: _Optional[_Union[NodeState, str]] = ...) -> None: ...

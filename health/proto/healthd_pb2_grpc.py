@@ -50,6 +50,11 @@ class NodeHealthStub:
                 request_serializer=stalwart_dot_health_dot_proto_dot_healthd__pb2.KillRequest.SerializeToString,
                 response_deserializer=stalwart_dot_health_dot_proto_dot_healthd__pb2.KillReply.FromString,
                 _registered_method=True)
+        self.Quarantine = channel.unary_unary(
+                '/stalwart.health.NodeHealth/Quarantine',
+                request_serializer=stalwart_dot_health_dot_proto_dot_healthd__pb2.QuarantineRequest.SerializeToString,
+                response_deserializer=stalwart_dot_health_dot_proto_dot_healthd__pb2.QuarantineReply.FromString,
+                _registered_method=True)
 
 
 class NodeHealthServicer:
@@ -74,6 +79,15 @@ class NodeHealthServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Quarantine(self, request, context):
+        """Mutating: requires the job token. A rank found its device computing or holding wrong numbers
+        (silent data corruption): the node turns UNHEALTHY (marker file, STOP in heartbeat replies)
+        without a kill, so the trainer finishes its rollback and stops cleanly.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_NodeHealthServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -91,6 +105,11 @@ def add_NodeHealthServicer_to_server(servicer, server):
                     servicer.KillWorkers,
                     request_deserializer=stalwart_dot_health_dot_proto_dot_healthd__pb2.KillRequest.FromString,
                     response_serializer=stalwart_dot_health_dot_proto_dot_healthd__pb2.KillReply.SerializeToString,
+            ),
+            'Quarantine': grpc.unary_unary_rpc_method_handler(
+                    servicer.Quarantine,
+                    request_deserializer=stalwart_dot_health_dot_proto_dot_healthd__pb2.QuarantineRequest.FromString,
+                    response_serializer=stalwart_dot_health_dot_proto_dot_healthd__pb2.QuarantineReply.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -174,6 +193,33 @@ class NodeHealth:
             '/stalwart.health.NodeHealth/KillWorkers',
             stalwart_dot_health_dot_proto_dot_healthd__pb2.KillRequest.SerializeToString,
             stalwart_dot_health_dot_proto_dot_healthd__pb2.KillReply.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Quarantine(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/stalwart.health.NodeHealth/Quarantine',
+            stalwart_dot_health_dot_proto_dot_healthd__pb2.QuarantineRequest.SerializeToString,
+            stalwart_dot_health_dot_proto_dot_healthd__pb2.QuarantineReply.FromString,
             options,
             channel_credentials,
             insecure,

@@ -45,6 +45,20 @@ def add_goodput_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentPars
     report.add_argument("--since", metavar="TIME", help="window start: epoch seconds or ISO 8601 (UTC if no zone)")
     report.add_argument("--until", metavar="TIME", help="window end: epoch seconds or ISO 8601 (UTC if no zone)")
     report.add_argument("--timeline", action="store_true", help="JSON: include per-segment and per-step timelines")
+    sim = gsub.add_parser("simulate", help="project goodput at cluster scale (Monte Carlo over a failure mix)",
+                          description="Project goodput for a cluster size from Llama 3's failure mix and a cost profile: "
+                                      "Monte Carlo with confidence intervals, the best checkpoint interval against "
+                                      "Young/Daly, and what each cost is worth.")
+    sim.add_argument("--gpus", type=int, nargs="+", default=[16384, 100000], metavar="N", help="cluster sizes (default 16384 100000)")
+    sim.add_argument("--costs", nargs="+", default=["stalwart"], metavar="PROFILE",
+                     help="stalwart (default), llama3, a TOML file, or 'measured RUN' (stalwart's profile with RUN's measured costs)")
+    sim.add_argument("--days", type=float, default=54.0, help="job length in days (default 54, Llama 3's window)")
+    sim.add_argument("--interval", type=float, metavar="S", help="checkpoint interval in seconds (default: the profile's)")
+    sim.add_argument("--replicas", type=int, default=1000, help="Monte Carlo jobs per cluster size (default 1000)")
+    sim.add_argument("--seed", type=int, default=0)
+    sim.add_argument("--target", type=float, default=97.0, metavar="PCT", help="goodput to reach, percent (default 97)")
+    sim.add_argument("--format", choices=("text", "json"), default="text")
+    sim.add_argument("--output", "-o", metavar="PATH", help="write here instead of standard output")
     goodput.set_defaults(func=cmd_goodput)
     return goodput
 
@@ -56,7 +70,9 @@ def cmd_goodput(args: argparse.Namespace, overrides: list[str] | None = None) ->
     from stalwart.runtime.goodput.report import format_text, render_html, to_json
 
     if overrides:
-        raise GoodputUsageError(f"unexpected arguments {' '.join(overrides)}; see stalwart goodput report --help")
+        raise GoodputUsageError(f"unexpected arguments {' '.join(overrides)}; see stalwart goodput {args.goodput_command} --help")
+    if args.goodput_command == "simulate":
+        return cmd_simulate(args)
     events_dir = Path(args.run) / "events"
     if not events_dir.is_dir():
         raise FileNotFoundError(f"{events_dir} does not exist: RUN must be a run directory (the --job.run_dir of a job)")
@@ -74,10 +90,51 @@ def cmd_goodput(args: argparse.Namespace, overrides: list[str] | None = None) ->
         text = render_html(report, events)
     else:
         text = format_text(report)
-    if args.output:
-        Path(args.output).write_text(text, encoding="utf-8")
+    _write(text, args.output)
+    return 0
+
+
+def _write(text: str, output: str | None) -> None:
+    if output:
+        Path(output).write_text(text, encoding="utf-8")
     else:
         sys.stdout.write(text)
+
+
+def simulation_costs(spec: list[str]):
+    """The cost profile named by ``--costs``: a profile name or file, or ``measured RUN``."""
+    from stalwart.runtime.goodput.costs import load_profile, measured_profile
+
+    if spec[0] == "measured":
+        if len(spec) != 2:
+            raise GoodputUsageError("--costs measured needs exactly one run directory: --costs measured RUN")
+        return measured_profile(spec[1], load_profile("stalwart"))
+    if len(spec) != 1:
+        raise GoodputUsageError(f"--costs takes one profile (or 'measured RUN'), got {' '.join(spec)}")
+    return load_profile(spec[0])
+
+
+def cmd_simulate(args: argparse.Namespace) -> int:
+    """Run ``goodput simulate`` for every ``--gpus`` value with one seeded Monte Carlo each."""
+    import dataclasses
+
+    from stalwart.runtime.goodput import simulate as sim
+
+    if any(g < 1 for g in args.gpus) or args.days <= 0 or args.replicas < 2 or not 0 < args.target < 100:
+        raise GoodputUsageError("need --gpus >= 1, --days > 0, --replicas >= 2 and 0 < --target < 100")
+    costs = simulation_costs(args.costs)
+    if args.interval is not None:
+        if args.interval <= 0:
+            raise GoodputUsageError(f"--interval must be > 0 seconds, got {args.interval}")
+        costs = dataclasses.replace(costs, interval_s=args.interval)
+    target = args.target / 100.0
+    model = sim.LLAMA3_MIX
+    results = [sim.simulate(model, costs, g, args.days, args.replicas, args.seed, target) for g in args.gpus]
+    if args.format == "json":
+        text = json.dumps(sim.to_json(results, model, costs, args.days, args.replicas, args.seed, target), indent=2) + "\n"
+    else:
+        text = sim.format_text(results, model, costs, args.days, args.replicas, args.seed, target)
+    _write(text, args.output)
     return 0
 
 
@@ -101,6 +158,6 @@ def goodput_main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(["goodput", *(sys.argv[1:] if argv is None else argv)])
     try:
         return cmd_goodput(args)
-    except (GoodputUsageError, FileNotFoundError) as e:
+    except (UserError, FileNotFoundError) as e:
         print(f"stalwart goodput: error: {e}", file=sys.stderr)
         return 2

@@ -186,10 +186,11 @@ def render_html(report: GoodputReport, events: list[dict[str, Any]] | None = Non
     """One self-contained HTML page (plots inlined as PNG data URIs; no external resources)."""
     esc = _html.escape
     rows = "".join(
-        f"<tr><td>{esc(n)}</td><td>{s:,.2f}</td><td>{p:.2f}%</td></tr>" for n, s, p in category_rows(report)
+        f'<tr data-category="{esc(n)}"><td>{esc(n)}</td><td class="seconds">{s:,.2f}</td><td class="pct">{p:.2f}%</td></tr>'
+        for n, s, p in category_rows(report)
     )
     inc_rows = "".join(
-        "<tr>" + "".join(f"<td>{esc(c)}</td>" for c in (
+        "<tr data-incident>" + "".join(f"<td>{esc(c)}</td>" for c in (
             _iso(i.ts), i.kind, _fmt_opt(i.fault), _fmt_opt(i.target), _fmt_opt(i.detection_latency),
             f"{i.downtime:.2f}", str(i.lost_steps), f"{i.lost_seconds:.2f}", _fmt_opt(i.restored_step),
         )) + "</tr>"
@@ -211,12 +212,12 @@ img {{ max-width: 100%; }}
 .big {{ font-size: 2em; font-weight: bold; }}
 </style></head><body>
 <h1>Goodput report</h1>
-<p class="big">goodput {100.0 * report.goodput:.2f} %</p>
-<p>window {esc(_iso(report.wall_start))} .. {esc(_iso(report.wall_end))} ({report.wall_seconds:,.2f} s wall);
+<p class="big" id="goodput">goodput <span id="goodput-pct">{100.0 * report.goodput:.2f} %</span></p>
+<p>window {esc(_iso(report.wall_start))} .. {esc(_iso(report.wall_end))} (<span id="wall-seconds">{report.wall_seconds:,.2f}</span> s wall);
 steps {report.steps_kept} kept, {report.steps_lost} lost; {report.incarnations} incarnation(s); events: {esc(count_text)}</p>
-<table><tr><th>category</th><th>seconds</th><th>% wall</th></tr>{rows}</table>
+<table id="categories"><tr><th>category</th><th>seconds</th><th>% wall</th></tr>{rows}</table>
 <h2>Incidents ({len(report.incidents)})</h2>
-<table><tr><th>time (UTC)</th><th>kind</th><th>fault</th><th>target</th><th>detection s</th><th>downtime s</th>
+<table id="incidents"><tr><th>time (UTC)</th><th>kind</th><th>fault</th><th>target</th><th>detection s</th><th>downtime s</th>
 <th>lost steps</th><th>lost s</th><th>restored step</th></tr>{inc_rows}</table>
 {figures}
 </body></html>

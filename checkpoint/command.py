@@ -1,0 +1,174 @@
+"""``stalwart ckpt ls|verify|inspect|export RUN``: look into a job's committed checkpoints.
+
+RUN is a run directory (its checkpoints are under ``RUN/checkpoints``), a directory of ``step-*``
+checkpoints, or a checkpoint URL (``s3://bucket/prefix`` with ``--s3-endpoint`` for an
+S3-compatible server). Nothing here writes under RUN: these commands only read committed steps.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as _dt
+import sys
+from pathlib import Path
+from typing import Any
+
+from stalwart.runtime.cli import UserError
+
+
+class CkptUsageError(UserError, ValueError):
+    """Input the user can fix (no such run or step, output exists); one line, exit 2."""
+
+
+def add_ckpt_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
+    """Mount ``ckpt ls|verify|inspect|export`` on a ``stalwart`` subparsers object."""
+    ckpt = sub.add_parser("ckpt", help="list, verify, inspect and export a run's checkpoints",
+                          description="List, verify, inspect and export the committed checkpoints of a run.")
+    csub = ckpt.add_subparsers(dest="ckpt_command", metavar="ACTION", required=True)
+
+    def action(name: str, help_: str) -> argparse.ArgumentParser:
+        p = csub.add_parser(name, help=help_, description=help_[0].upper() + help_[1:] + ".")
+        p.add_argument("run", metavar="RUN", help="run directory, directory of step-* checkpoints, or URL (s3://bucket/prefix)")
+        p.add_argument("--s3-endpoint", metavar="URL", help="endpoint of an S3-compatible store (e.g. http://127.0.0.1:9000)")
+        return p
+
+    action("ls", "committed steps with verified flag, size, time and layout")
+    verify = action("verify", "check every file of a step (default: all steps) against its manifest checksums")
+    verify.add_argument("step", nargs="?", type=int, metavar="STEP")
+    inspect = action("inspect", "layout, world size, config hash and every tensor's name, shape and dtype of a step")
+    inspect.add_argument("step", type=int, metavar="STEP")
+    export = action("export", "write a step as one torch.save file of full tensors, or as Hugging Face safetensors")
+    export.add_argument("step", type=int, metavar="STEP")
+    export.add_argument("--format", choices=("torch", "hf"), default="torch",
+                        help="torch: the whole state, unsharded; hf: the model as config.json + model.safetensors")
+    export.add_argument("--out", required=True, metavar="PATH", help="file (torch) or new folder (hf) to write")
+    ckpt.set_defaults(func=cmd_ckpt)
+    return ckpt
+
+
+def open_checkpoints(run: str, s3_endpoint: str | None = None):
+    """The :class:`CheckpointManager` of RUN, read-only; a missing run is a :class:`CkptUsageError`."""
+    from stalwart.checkpoint.manager import CheckpointManager
+
+    if "://" in run and not run.startswith("file://"):
+        options = {"client_kwargs": {"endpoint_url": s3_endpoint}} if s3_endpoint else None
+        manager = CheckpointManager(run, options)
+    else:
+        path = Path(run.removeprefix("file://"))
+        root = path / "checkpoints" if (path / "checkpoints").is_dir() else path
+        if not root.is_dir():
+            raise CkptUsageError(f"{run} does not exist: give a run directory (holding checkpoints/), a checkpoint directory or a URL")
+        manager = CheckpointManager(str(root))
+    if not manager.committed_steps():
+        raise CkptUsageError(f"no committed checkpoints under {manager.storage.base_url}: is RUN the job's run directory or checkpoint.url?")
+    return manager
+
+
+def cmd_ckpt(args: argparse.Namespace, overrides: list[str] | None = None) -> int:
+    from stalwart.checkpoint.manager import NoCheckpointError
+
+    if overrides:
+        raise CkptUsageError(f"unexpected arguments {' '.join(overrides)}; see stalwart ckpt {args.ckpt_command} --help")
+    manager = open_checkpoints(args.run, args.s3_endpoint)
+    try:
+        return {"ls": _ls, "verify": _verify, "inspect": _inspect, "export": _export}[args.ckpt_command](manager, args)
+    except NoCheckpointError as e:
+        raise CkptUsageError(f"{e}; see stalwart ckpt ls {args.run}") from None
+
+
+def _ls(manager: Any, args: argparse.Namespace) -> int:
+    print(f"{'step':>10}  {'verified':8}  {'size':>10}  {'saved (UTC)':19}  {'world':>5}  layout")
+    for step in manager.committed_steps():
+        m = manager.manifest(step)
+        print(f"{step:>10}  {'yes' if m.verified else 'no':8}  {_size(m.total_bytes):>10}  {_time(m.created):19}  "
+              f"{m.world_size:>5}  {_layout(m.layout)}")
+    return 0
+
+
+def _verify(manager: Any, args: argparse.Namespace) -> int:
+    steps = [args.step] if args.step is not None else manager.committed_steps()
+    bad = 0
+    for step in steps:
+        problems = manager.verify(step)
+        for problem in problems:
+            print(f"step {step}: {problem}", file=sys.stderr)
+        if problems:
+            bad += 1
+        else:
+            m = manager.manifest(step)
+            print(f"step {step}: ok ({len(m.files)} files, {_size(m.total_bytes)}, {m.checksum})")
+    if bad:
+        print(f"stalwart ckpt verify: {bad} of {len(steps)} steps damaged; a load falls back past them", file=sys.stderr)
+    return 1 if bad else 0
+
+
+def _inspect(manager: Any, args: argparse.Namespace) -> int:
+    from torch.distributed.checkpoint.metadata import TensorStorageMetadata
+
+    m = manager.manifest(args.step)
+    print(f"step {m.step} under {manager.storage.base_url}")
+    print(f"  saved {_time(m.created)} UTC, verified: {'yes' if m.verified else 'no'}")
+    print(f"  world size {m.world_size}, layout {_layout(m.layout)}, config hash {m.config_hash or '-'}")
+    print(f"  {len(m.files)} files, {_size(m.total_bytes)}, checksum {m.checksum}")
+    if m.model:
+        keys = ("hidden_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads", "vocab_size")
+        print("  model " + ", ".join(f"{k}={m.model[k]}" for k in keys if k in m.model))
+    metadata = manager.reader(args.step).read_metadata()
+    rows = []
+    for name, meta in sorted(metadata.state_dict_metadata.items()):
+        if isinstance(meta, TensorStorageMetadata):
+            rows.append((name, str(list(meta.size)), str(meta.properties.dtype).removeprefix("torch."), f"{len(meta.chunks)} shards"))
+        else:
+            rows.append((name, "-", "object", "1 blob"))
+    width = max(len(r[0]) for r in rows)
+    print(f"  {len(rows)} entries:")
+    for name, shape, dtype, chunks in rows:
+        print(f"    {name:<{width}}  {shape:<14} {dtype:<9} {chunks}")
+    return 0
+
+
+def _export(manager: Any, args: argparse.Namespace) -> int:
+    import torch
+    from torch.distributed.checkpoint.default_planner import _EmptyStateDictLoadPlanner
+    from torch.distributed.checkpoint.state_dict_loader import _load_state_dict
+
+    out = Path(args.out)
+    if out.exists() and (out.is_file() or any(out.iterdir())):
+        raise CkptUsageError(f"{out} already exists; give --out a new path")
+    m = manager.manifest(args.step)
+    if args.format == "hf" and not m.model:
+        raise CkptUsageError(f"step {args.step}'s manifest records no model config (saved by an older stalwart); use --format torch")
+    problems = manager.verify(args.step)
+    if problems:
+        print(f"stalwart ckpt: error: step {args.step} is damaged ({problems[0]}); export an earlier step", file=sys.stderr)
+        return 1
+    state: dict[str, Any] = {}
+    # What DCP's dcp_to_torch_save does (the planner rebuilds every full tensor from its shards),
+    # with this step's reader so that s3:// works too; dcp.load would fill a copy of ``state``.
+    _load_state_dict(state, storage_reader=manager.reader(args.step), planner=_EmptyStateDictLoadPlanner(), no_dist=True)
+    if args.format == "torch":
+        out.parent.mkdir(parents=True, exist_ok=True)
+        torch.save(state, out)
+    else:
+        from stalwart.model.hf import args_from_hf_config, save_hf_checkpoint
+
+        save_hf_checkpoint(state["model"], args_from_hf_config(m.model), out)
+    print(f"exported step {args.step} ({args.format}) to {out}")
+    return 0
+
+
+def _size(n: int) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if n < 1024 or unit == "TiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return ""
+
+
+def _time(ts: float) -> str:
+    return _dt.datetime.fromtimestamp(ts, _dt.timezone.utc).strftime("%Y-%m-%d %H:%M:%S")
+
+
+def _layout(layout: dict[str, Any]) -> str:
+    degrees = [f"{k}={v}" for k, v in layout.items() if v not in (1, None)]
+    return " ".join(degrees) or "single"

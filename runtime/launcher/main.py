@@ -1,0 +1,252 @@
+"""``stalwart launch``: one elastic agent per node, torchrun-compatible flags.
+
+    stalwart launch --config C --nnodes MIN:MAX --nproc-per-node N --rdzv-endpoint HOST:PORT --rdzv-id JOB
+                    [--max-restarts K] [--run-dir D] [--healthd ADDR|off] [--controller ADDR|off] [--section.key VALUE ...]
+
+Order of work, cheapest check first so bad input costs nothing: flags → config and layout against the
+node range → exclusion list → rendezvous store (short connect timeout) → healthd / controller →
+the agent. Exit codes: 0 finished or preempted (SIGTERM: ranks checkpoint, then exit), 1 ranks
+failed past --max-restarts, 2 bad input, 93 this node is excluded.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import signal
+import socket
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from stalwart.runtime.launcher.exclusion import EXIT_NODE_EXCLUDED
+
+if TYPE_CHECKING:
+    from torch.distributed.elastic.rendezvous import RendezvousHandler
+
+    from stalwart.runtime.config import Config
+    from stalwart.runtime.launcher.exclusion import ExclusionWatch
+    from stalwart.runtime.launcher.plan import NodePlan
+
+DEFAULT_HEALTHD = "127.0.0.1:50051"
+
+
+class LaunchError(ValueError):
+    """Bad flags; the message names the fix."""
+
+
+@dataclass(frozen=True)
+class LaunchArgs:
+    config: str
+    overrides: list[str]
+    min_nodes: int
+    max_nodes: int
+    nproc_per_node: int
+    rdzv_backend: str
+    rdzv_endpoint: str
+    rdzv_id: str
+    rdzv_conf: dict[str, str]
+    rdzv_connect_timeout: float
+    max_restarts: int
+    monitor_interval: float
+    local_addr: str | None
+    node_id: str
+    run_dir: str | None
+    healthd: str
+    controller: str
+    peer_timeout: float
+    failure_stop_timeout: float
+
+
+def parse_nnodes(spec: str) -> tuple[int, int]:
+    lo, sep, hi = spec.partition(":")
+    try:
+        lo_n, hi_n = int(lo), int(hi if sep else lo)
+    except ValueError:
+        raise LaunchError(f"--nnodes {spec!r}: write N or MIN:MAX with whole numbers (e.g. 2:4)") from None
+    if lo_n < 1:
+        raise LaunchError(f"--nnodes {spec}: MIN must be at least 1")
+    if lo_n > hi_n:
+        raise LaunchError(f"--nnodes {spec}: MIN ({lo_n}) is larger than MAX ({hi_n}); write --nnodes {hi_n}:{lo_n}")
+    return lo_n, hi_n
+
+
+def parse_rdzv_conf(spec: str) -> dict[str, str]:
+    conf = {}
+    for item in filter(None, (s.strip() for s in spec.split(","))):
+        key, eq, value = item.partition("=")
+        if not eq or not key:
+            raise LaunchError(f"--rdzv-conf {spec!r}: write key=value[,key=value] (e.g. join_timeout=900,last_call_timeout=30)")
+        conf[key.strip()] = value.strip()
+    return conf
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="stalwart launch", allow_abbrev=False,
+                                description="Elastic agent of one node (torch.distributed.elastic). Extra --section.key VALUE arguments override the config.")
+    p.add_argument("--config", required=True, help="TOML file, or a shipped config name")
+    p.add_argument("--nnodes", default="1", help="N or MIN:MAX nodes (default 1)")
+    p.add_argument("--nproc-per-node", "--nproc_per_node", type=int, default=1, help="ranks on this node (default 1)")
+    p.add_argument("--rdzv-backend", "--rdzv_backend", default="c10d", choices=("c10d", "etcd", "etcd-v2"), help="default c10d (the store lives on the endpoint's node)")
+    p.add_argument("--rdzv-endpoint", "--rdzv_endpoint", default="127.0.0.1:29400", help="HOST:PORT of the rendezvous store (default 127.0.0.1:29400)")
+    p.add_argument("--rdzv-id", "--rdzv_id", default="stalwart", help="job id shared by all nodes (e.g. $SLURM_JOB_ID)")
+    p.add_argument("--rdzv-conf", "--rdzv_conf", default="", help="torch rendezvous settings key=value,... (join_timeout, last_call_timeout, keep_alive_interval, read_timeout, ...)")
+    p.add_argument("--rdzv-connect-timeout", type=float, default=60.0, help="seconds to reach the rendezvous store before giving up (default 60)")
+    p.add_argument("--max-restarts", "--max_restarts", type=int, default=3, help="worker-group restarts after failures (node joins do not count; default 3)")
+    p.add_argument("--monitor-interval", "--monitor_interval", type=float, default=0.5, help="seconds between checks of the ranks (default 0.5)")
+    p.add_argument("--local-addr", "--local_addr", default=None, help="this node's address as the others reach it (default: its FQDN)")
+    p.add_argument("--node-id", default=socket.gethostname(), help="this node's name in the exclusion list (default: host name)")
+    p.add_argument("--run-dir", default=None, help="the job's run directory (default: the config's job.run_dir)")
+    p.add_argument("--healthd", default=DEFAULT_HEALTHD, help=f"node health daemon address; started when none answers (default {DEFAULT_HEALTHD}; 'off' for none)")
+    p.add_argument("--controller", default="", help="job controller address; default: started on the rendezvous host ('off' for none)")
+    p.add_argument("--peer-timeout", type=float, default=30.0, help="seconds of silence after which a peer node counts as lost (default 30)")
+    p.add_argument("--failure-stop-timeout", type=float, default=5.0, help="seconds a failed group's ranks get between SIGTERM and SIGKILL (default 5)")
+    return p
+
+
+def parse_args(argv: list[str]) -> LaunchArgs:
+    args, overrides = build_parser().parse_known_args(argv)
+    min_nodes, max_nodes = parse_nnodes(args.nnodes)
+    if args.nproc_per_node < 1:
+        raise LaunchError(f"--nproc-per-node {args.nproc_per_node}: must be at least 1")
+    for flag, value in (("--peer-timeout", args.peer_timeout), ("--rdzv-connect-timeout", args.rdzv_connect_timeout),
+                        ("--monitor-interval", args.monitor_interval)):
+        if value <= 0:
+            raise LaunchError(f"{flag} {value:g}: must be positive")
+    if args.max_restarts < 0:
+        raise LaunchError(f"--max-restarts {args.max_restarts}: must be >= 0")
+    return LaunchArgs(
+        args.config, overrides, min_nodes, max_nodes, args.nproc_per_node, args.rdzv_backend, args.rdzv_endpoint, args.rdzv_id,
+        parse_rdzv_conf(args.rdzv_conf), args.rdzv_connect_timeout, args.max_restarts, args.monitor_interval, args.local_addr,
+        args.node_id, args.run_dir, args.healthd, args.controller, args.peer_timeout, args.failure_stop_timeout,
+    )
+
+
+class Terminated(Exception):
+    """SIGTERM/SIGINT to the launcher; after the ranks start torch raises its SignalException instead."""
+
+    def __init__(self, sigval: signal.Signals) -> None:
+        super().__init__(sigval.name)
+        self.sigval = sigval
+
+
+def _on_signal(signum: int, frame: object) -> None:
+    raise Terminated(signal.Signals(signum))
+
+
+def _stopped_by(sigval: signal.Signals) -> int:
+    """Preemption: the ranks were sent the same signal and checkpoint; exit 0 so schedulers requeue cleanly."""
+    print(f"stalwart launch: {sigval.name}: the ranks were told to checkpoint and stop; exiting", flush=True)
+    return 0 if sigval == signal.SIGTERM else 128 + sigval
+
+
+def launch_main(argv: list[str]) -> int:
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, _on_signal)
+    try:
+        return _launch(argv)
+    except Terminated as e:
+        return _stopped_by(e.sigval)
+
+
+def _launch(argv: list[str]) -> int:
+    from stalwart.parallel.dims import ParallelLayoutError
+    from stalwart.runtime.config import ConfigError, load_config
+    from stalwart.runtime.launcher.exclusion import ExclusionWatch
+    from stalwart.runtime.launcher.plan import plan_nodes
+    from stalwart.runtime.launcher.rendezvous import RendezvousOptions, RendezvousUnreachable, build_handler, split_endpoint
+
+    try:
+        a = parse_args(argv)
+        overrides = [*a.overrides, *(["--job.run_dir", a.run_dir] if a.run_dir else [])]
+        cfg = load_config(a.config, overrides)
+        plan = plan_nodes(cfg, a.nproc_per_node, a.min_nodes, a.max_nodes)
+        rdzv_host, _ = split_endpoint(a.rdzv_endpoint)
+        exclusion = ExclusionWatch(cfg.run_dir, a.node_id)
+        reason = exclusion.reason()
+    except (LaunchError, ConfigError, ParallelLayoutError, RendezvousUnreachable, FileNotFoundError, ValueError) as e:
+        print(f"stalwart launch: error: {e}", file=sys.stderr)
+        return 2
+    if reason is not None:
+        print(f"stalwart launch: node {a.node_id} is on {exclusion.list.path} ({reason}); not joining (exit {EXIT_NODE_EXCLUDED})", file=sys.stderr)
+        return EXIT_NODE_EXCLUDED
+    if plan.rdzv_max_nodes < a.max_nodes:
+        print(f"stalwart launch: the layout trains on at most {plan.rdzv_max_nodes} of {a.max_nodes} nodes; later nodes wait as hot spares", flush=True)
+    os.environ["TORCH_DISABLE_SHARE_RDZV_TCP_STORE"] = "1"  # a fresh worker store per round: safe when node 0 changes
+    try:
+        handler, hosting = build_handler(RendezvousOptions(
+            a.rdzv_backend, a.rdzv_endpoint, a.rdzv_id, a.min_nodes, plan.rdzv_max_nodes, a.local_addr, a.rdzv_conf, a.rdzv_connect_timeout,
+        ))
+    except RendezvousUnreachable as e:
+        print(f"stalwart launch: error: {e}", file=sys.stderr)
+        return 2
+    return _run_agent(a, cfg, plan, exclusion, handler, hosting, rdzv_host, overrides)
+
+
+def _run_agent(a: LaunchArgs, cfg: Config, plan: NodePlan, exclusion: ExclusionWatch, handler: RendezvousHandler, hosting: bool,
+               rdzv_host: str, overrides: list[str]) -> int:
+    from torch.distributed.elastic.agent.server.api import WorkerSpec
+    from torch.distributed.elastic.multiprocessing import DefaultLogsSpecs, SignalException
+    from torch.distributed.elastic.rendezvous import RendezvousError
+
+    from stalwart.runtime.events import EventKind, EventLog
+    from stalwart.runtime.launcher import services
+    from stalwart.runtime.launcher.agent import AgentOptions, NodeExcluded, StalwartAgent
+    from stalwart.runtime.launcher.worker import LAUNCHER_ENV
+
+    logging.basicConfig(level=os.environ.get("LOGLEVEL", "WARNING"), format="%(asctime)s launch %(name)s %(levelname)s %(message)s")
+    run_dir = Path(cfg.run_dir)
+    procs = []
+    health = None
+    if a.healthd != "off":
+        procs.append(services.ensure_healthd(a.healthd, run_dir, a.node_id))
+        os.environ[services.HEALTHD_ENV] = a.healthd
+        health = services.HealthWatch(a.healthd)
+    if a.controller not in ("", "off"):
+        os.environ[services.CONTROLLER_ENV] = a.controller
+    elif a.controller == "" and hosting:
+        proc, address = services.start_controller(run_dir, rdzv_host)
+        procs.append(proc)
+        os.environ[services.CONTROLLER_ENV] = address
+    os.environ[LAUNCHER_ENV] = "1"
+    os.environ["STALWART_NODE_ID"] = a.node_id
+
+    events = EventLog(run_dir, role="agent")
+    spec = WorkerSpec(
+        role="trainer", local_world_size=a.nproc_per_node, entrypoint=sys.executable,
+        args=("-m", "stalwart", "train", "--config", a.config, *overrides), rdzv_handler=handler,
+        max_restarts=a.max_restarts, monitor_interval=a.monitor_interval, local_addr=a.local_addr,
+    )
+    opts = AgentOptions(a.node_id, plan, grace_s=cfg.checkpoint.preemption_grace_s, failure_stop_s=a.failure_stop_timeout,
+                        peer_timeout_s=a.peer_timeout)
+    agent = StalwartAgent(spec, DefaultLogsSpecs(), opts, exclusion, health, events)
+    try:
+        result = agent.run()
+    except (Terminated, SignalException) as e:
+        return _stopped_by(e.sigval)
+    except NodeExcluded as e:
+        events.emit(EventKind.NODE_EXCLUDED, node_id=a.node_id, reason=str(e))
+        print(f"stalwart launch: node {a.node_id} is excluded ({e}); leaving the job (exit {EXIT_NODE_EXCLUDED})", flush=True)
+        return EXIT_NODE_EXCLUDED
+    except RendezvousError as e:
+        print(f"stalwart launch: rendezvous failed: {type(e).__name__}: {e}", file=sys.stderr)
+        return 1
+    finally:
+        agent.close()
+        if health is not None:
+            health.close()
+        services.stop(procs)
+        events.close()
+    if result is None:  # torch: the rendezvous closed while this node waited as a spare
+        print("stalwart launch: the job ended while this node waited as a spare", flush=True)
+        return 0
+    if result.is_failed():
+        handler.shutdown()
+        rank, failure = min(result.failures.items())
+        print(f"stalwart launch: rank {rank} exited with code {failure.exitcode} after {a.max_restarts} restarts; see its log above", file=sys.stderr)
+        return 1
+    handler.shutdown()
+    print("stalwart launch: training finished", flush=True)
+    return 0

@@ -1,0 +1,140 @@
+"""The controller's dashboard in headless Chromium, against a real `stalwart controller` and `stalwart healthd`.
+
+The page must show what ``/api/state`` says, then follow a dead-GPU fault to UNHEALTHY/EXCLUDED by
+polling alone (no reload), with the fault in the incident list.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from browser import chromium, full_page_screenshot  # noqa: F401  (chromium is a fixture)
+from selenium.webdriver.common.by import By
+from stalwart.health.probes import FAULT_INJECTION_ENV
+from stalwart.runtime.events import EventKind, EventLog
+from stalwart.runtime.goodput.accounting import CATEGORIES
+from test_controller import (  # noqa: F401
+    ROOT,
+    api_state,
+    free_port,
+    node_of,
+    spawn_rank,
+    token_file,
+    wait_for,
+)
+
+
+def start(cmd: list[str], expect: str, env: dict | None = None) -> tuple[subprocess.Popen, str]:
+    """Start a ``stalwart`` subcommand; return it and the first line of its output (which names its address)."""
+    proc = subprocess.Popen([sys.executable, "-m", "stalwart", *cmd], stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
+                            text=True, cwd=ROOT, env=env)
+    line = proc.stdout.readline()
+    assert expect in line, f"{cmd[0]} did not start (got {line!r}, exit {proc.poll()})"
+    return proc, line
+
+
+def a_finished_stretch_of_training(run_dir: Path) -> None:
+    """Real trainer events and two real checkpoints (step 1 verified), for the goodput and checkpoint panels."""
+    import torch
+    from stalwart.checkpoint.manager import CheckpointManager
+
+    log = EventLog(run_dir, role="trainer", rank=0, node=0)
+    log.emit(EventKind.JOB_START, config={"checkpoint": {"enabled": True, "url": ""}}, steps=10)
+    log.emit(EventKind.INIT_DONE, seconds=0.2)
+    for step in (1, 2, 3):
+        log.emit(EventKind.STEP_BEGIN, step=step)
+        time.sleep(0.1)
+        log.emit(EventKind.STEP_END, step=step, step_seconds=0.1, data_seconds=0.01, tokens=64)
+    log.close()
+    manager = CheckpointManager(str(run_dir / "checkpoints"))
+    manager.save(1, {"w": torch.ones(1024)}, verified=True)
+    manager.save(2, {"w": torch.zeros(2048)})
+    manager.close()
+
+
+def page_node(driver, node: str):
+    found = driver.find_elements(By.CSS_SELECTOR, f'.node[data-node="{node}"]')
+    return found[0] if found else None
+
+
+@pytest.mark.filterwarnings("ignore:torch.distributed is disabled")
+def test_dashboard_follows_the_controller_live(chromium, tmp_path, token_file):  # noqa: F811
+    a_finished_stretch_of_training(tmp_path)
+    grpc_addr, http_addr = f"127.0.0.1:{free_port()}", f"127.0.0.1:{free_port()}"
+    procs = []
+    try:
+        controller, _ = start(["controller", "--run-dir", str(tmp_path), "--grpc-bind", grpc_addr, "--http-bind", http_addr,
+                               "--token-file", str(token_file), "--refresh-interval-s", "0.5"], "controller listening on")
+        procs.append(controller)
+        env = dict(os.environ, **{FAULT_INJECTION_ENV: "1"})
+        healthd, line = start(["healthd", "--run-dir", str(tmp_path), "--token-file", str(token_file), "--node", "0",
+                               "--controller", grpc_addr, "--probe-interval-s", "0.2", "--report-interval-s", "0.3",
+                               "--floor-s", "30"], "listening on", env)
+        procs.append(healthd)
+        procs.append(spawn_rank(line.split("listening on", 1)[1].strip(), grpc_addr, 0, 0, 0.05))
+
+        chromium.get(f"http://{http_addr}/")
+        chromium.execute_script("window.__sameDocument = true")
+        wait_for(lambda: (n := page_node(chromium, "0")) and n.get_attribute("data-state") == "HEALTHY"
+                 and n.find_elements(By.CSS_SELECTOR, 'tr[data-rank="0"]')
+                 and chromium.find_elements(By.CSS_SELECTOR, "#checkpoints-body tr[data-step]"), 30, "node 0 HEALTHY with rank 0 on the page")
+        wait_for(lambda: int(chromium.find_element(By.ID, "step").text) > 0, 10, "a step count")
+
+        # Slow-moving numbers: the page shows what /api/state says now.
+        state = api_state(http_addr)
+        assert chromium.find_element(By.ID, "job-run-dir").text == state["job"]["run_dir"]
+        assert chromium.find_element(By.ID, "goodput-ratio").text == f"{100 * state['goodput']['ratio']:.2f} %"
+        badput = {r.get_attribute("data-category"): r.find_element(By.CLASS_NAME, "seconds").text
+                  for r in chromium.find_elements(By.CSS_SELECTOR, "#badput-body tr[data-category]")}
+        assert badput == {c: f"{state['goodput']['badput_s'][c]:.2f}" for c in CATEGORIES}
+        shown = [(int(r.get_attribute("data-step")), r.get_attribute("data-verified"))
+                 for r in chromium.find_elements(By.CSS_SELECTOR, "#checkpoints-body tr[data-step]")]
+        assert sorted(shown) == [(c["step"], str(c["verified"]).lower()) for c in state["checkpoints"]] == [(1, "true"), (2, "false")]
+        assert page_node(chromium, "0").get_attribute("data-state") == node_of(state, "0")["state"] == "HEALTHY"
+        # Fast-moving numbers (ages, step, rate): the page shows exactly the state it last fetched.
+        seen = chromium.execute_script("return window.__lastState")
+        rank = node_of(seen, "0")["ranks"][0]
+        row = page_node(chromium, "0").find_element(By.CSS_SELECTOR, 'tr[data-rank="0"]')
+        if int(row.find_element(By.CLASS_NAME, "step").text) == rank["step"]:  # not re-rendered in between
+            assert row.find_element(By.CLASS_NAME, "step-seconds").text == f"{rank['step_seconds']:.3f}"
+            assert row.find_element(By.CLASS_NAME, "straggler-score").text.startswith(f"{rank['straggler_score']:.2f}")
+        assert rank["step"] > 0 and seen["job"] == state["job"]
+        full_page_screenshot(chromium, tmp_path / "dashboard-healthy.png")
+
+        polls = int(chromium.find_element(By.TAG_NAME, "body").get_attribute("data-polls"))
+        (tmp_path / "faults").mkdir(exist_ok=True)
+        (tmp_path / "faults" / "gpu-0.json").write_text(json.dumps({"gpu": 0, "fault": "xid", "code": 79}))
+        t0 = time.monotonic()
+        wait_for(lambda: page_node(chromium, "0").get_attribute("data-state") in ("UNHEALTHY", "EXCLUDED"), 20,
+                 "node 0 UNHEALTHY or EXCLUDED on the page")
+        print(f"\ninjected XID 79 -> dashboard shows node 0 {page_node(chromium, '0').get_attribute('data-state')} "
+              f"after {time.monotonic() - t0:.2f}s")
+        assert chromium.execute_script("return window.__sameDocument === true"), "the page reloaded"
+        assert int(chromium.find_element(By.TAG_NAME, "body").get_attribute("data-polls")) > polls
+        wait_for(lambda: page_node(chromium, "0").find_elements(By.CSS_SELECTOR, '[data-gpu="0"][data-fatal="true"]'), 10,
+                 "the dead GPU marked fatal")
+        wait_for(lambda: chromium.find_elements(By.CSS_SELECTOR, '#incidents-body tr[data-incident="gpu"]'), 10, "the GPU incident")
+        assert node_of(api_state(http_addr), "0")["state"] in ("UNHEALTHY", "EXCLUDED")
+        shot = full_page_screenshot(chromium, tmp_path / "dashboard-fault.png")
+        assert shot.stat().st_size > 20_000
+    finally:
+        for p in reversed(procs):
+            p.kill()
+            p.wait()
+
+
+def test_dashboard_is_self_contained():
+    page = (ROOT / "health" / "dashboard" / "index.html").read_text()
+    assert "http://" not in page and "https://" not in page and "<link" not in page and "src=" not in page
+    assert "innerHTML" not in page  # state strings are rendered as text, never as markup
+
+
+@pytest.fixture(autouse=True)
+def _no_leftover_fault_env(monkeypatch):
+    monkeypatch.delenv(FAULT_INJECTION_ENV, raising=False)  # only the healthd subprocess gets it
