@@ -1,6 +1,5 @@
-"""Sharded checkpoints with atomic commit, integrity, tiers and rollback."""
+"""Sharded checkpoints with atomic commit, integrity, tiers and rollback.
 
-from stalwart.checkpoint.manager import CheckpointError, CheckpointManager, NoCheckpointError
-from stalwart.checkpoint.manifest import CheckpointManifest
-
-__all__ = ["CheckpointError", "CheckpointManager", "CheckpointManifest", "NoCheckpointError"]
+Import from the modules (``stalwart.checkpoint.manager``): this package imports nothing itself,
+so that ``stalwart ckpt --help`` and the CLI's parser build without loading torch.
+"""

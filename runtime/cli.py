@@ -94,6 +94,12 @@ def cmd_launch(args: argparse.Namespace, rest: list[str]) -> int:
     return launch_main(rest)
 
 
+def cmd_demo(args: argparse.Namespace, rest: list[str]) -> int:
+    from stalwart.runtime.demo import demo_main
+
+    return demo_main(rest)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="stalwart", description="Fault-tolerant distributed training for Llama-style LLMs.")
     parser.add_argument("--version", action="version", version=f"stalwart {__version__}")
@@ -120,6 +126,8 @@ def build_parser() -> argparse.ArgumentParser:
     healthd.set_defaults(func=cmd_healthd)
     controller = sub.add_parser("controller", help="run the job controller (exclusions, stragglers, dashboard, /metrics)", add_help=False)
     controller.set_defaults(func=cmd_controller)
+    demo = sub.add_parser("demo", help="the whole product on this machine: 2 nodes × 4 CPU ranks, health, dashboard, goodput (--chaos)", add_help=False)
+    demo.set_defaults(func=cmd_demo)
     launch = sub.add_parser("launch", help="run the elastic agent of one node (torchrun-compatible flags; shrinks, grows, survives lost nodes)", add_help=False)
     launch.set_defaults(func=cmd_launch)
     return parser

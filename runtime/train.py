@@ -315,7 +315,8 @@ class Trainer:
         except NoCheckpointError:
             return
         if self.env.is_main:
-            print(f"resumed from step {step} ({self.cfg.checkpoint_url})", flush=True)
+            source = "host-memory tier" if self.checkpoints.last_load_tier == "memory" else self.cfg.checkpoint_url
+            print(f"resumed from step {step} ({source})", flush=True)
 
     def save_checkpoint(self, sync: bool = False) -> None:
         """Async by default: training blocks only while the state is staged to host memory."""

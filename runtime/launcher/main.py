@@ -182,6 +182,8 @@ def _launch(argv: list[str]) -> int:
     except RendezvousUnreachable as e:
         print(f"stalwart launch: error: {e}", file=sys.stderr)
         return 2
+    if hosting:
+        print(f"stalwart launch: hosting the rendezvous store on {a.rdzv_endpoint}", flush=True)
     return _run_agent(a, cfg, plan, exclusion, handler, hosting, rdzv_host, overrides)
 
 

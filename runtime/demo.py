@@ -1,0 +1,213 @@
+"""``stalwart demo``: the whole product on one machine, in one command.
+
+Two simulated nodes (``stalwart launch`` each, 4 CPU ranks, tp2 × pp2 × 2 replicas of the debug
+model) rendezvous on localhost; each launcher starts its node's health daemon; the demo starts the
+job controller and prints its dashboard address. The demo itself plays the cluster scheduler: a
+node whose launcher dies (lost node) or leaves as excluded (exit 93) is replaced by a fresh node,
+and a job stopped by preemption is requeued, until the job reaches its target step. Then it prints
+the goodput report.
+
+``--chaos`` adds a schedule of injected faults (``runtime/faults``), one of each kind: a killed
+rank, a hung rank, a flipped bit, a corrupted checkpoint shard, a dead GPU, a lost node and a
+preemption.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+import urllib.request
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from stalwart.runtime.launcher.exclusion import EXIT_NODE_EXCLUDED
+
+# One fault of each kind, spaced so that each recovery finishes before the next fault fires.
+# Ranks 0-3 start on node0 and 4-7 on node1; node names are those the demo gives its launchers.
+CHAOS_PLAN: tuple[dict, ...] = (
+    {"kind": "kill_rank", "step": 4, "rank": 5},
+    {"kind": "hang", "step": 9, "rank": 2},
+    {"kind": "flip_bit", "step": 14, "rank": 1, "bit": 30},
+    {"kind": "ckpt_corrupt", "step": 22},
+    {"kind": "gpu_fault", "step": 23, "node": "node1"},
+    {"kind": "kill_agent", "step": 32, "node": "node2"},
+    {"kind": "sigterm", "step": 41},
+)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@dataclass
+class Node:
+    name: str
+    proc: subprocess.Popen
+    healthd: str
+    pump: threading.Thread = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.pump = threading.Thread(target=self._forward, daemon=True)
+        self.pump.start()
+
+    def _forward(self) -> None:
+        assert self.proc.stdout is not None
+        for line in self.proc.stdout:
+            sys.stdout.write(f"[{self.name}] {line}")
+            sys.stdout.flush()
+
+
+class Demo:
+    def __init__(self, args: argparse.Namespace) -> None:
+        self.args = args
+        stamp = time.strftime("%Y%m%d-%H%M%S")
+        self.run_dir = Path(args.run_dir or f"runs/demo-{stamp}{'-chaos' if args.chaos else ''}").resolve()
+        if self.run_dir.exists() and any(self.run_dir.iterdir()):
+            raise FileExistsError(f"{self.run_dir} already holds a run; give a new --run-dir (the demo never writes over a run)")
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        self.rdzv = f"127.0.0.1:{free_port()}"
+        self.controller_grpc = f"127.0.0.1:{free_port()}"
+        self.controller_http = f"127.0.0.1:{free_port()}"
+        self.env = {**os.environ, "STALWART_TOKEN_FILE": str(self._token_file())}
+        if args.chaos:
+            plan = self.run_dir / "faults" / "plan.json"
+            plan.parent.mkdir(parents=True, exist_ok=True)
+            plan.write_text(json.dumps(list(CHAOS_PLAN), indent=1))
+            self.env.update(STALWART_FAULT_INJECTION="1", STALWART_FAULT_PLAN=str(plan))
+        self.nodes: list[Node] = []
+        self.next_node = 0
+        self.requeues = 0
+        self.services: list[subprocess.Popen] = []
+
+    def _token_file(self) -> Path:
+        import secrets
+
+        path = self.run_dir / "health" / "token"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(fd, "w") as f:
+            f.write(secrets.token_hex(32) + "\n")
+        return path
+
+    def start_controller(self) -> None:
+        log = open(self.run_dir / "health" / "controller.log", "ab")
+        self.services.append(subprocess.Popen(
+            [sys.executable, "-m", "stalwart", "controller", "--run-dir", str(self.run_dir), "--grpc-bind", self.controller_grpc,
+             "--http-bind", self.controller_http, "--token-file", self.env["STALWART_TOKEN_FILE"]],
+            env=self.env, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+        ))
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            try:
+                urllib.request.urlopen(f"http://{self.controller_http}/healthz", timeout=1).read()
+                break
+            except OSError:
+                time.sleep(0.3)
+        print(f"stalwart demo: dashboard at http://{self.controller_http}/  (run dir {self.run_dir})", flush=True)
+
+    def start_node(self) -> Node:
+        name = f"node{self.next_node}"
+        self.next_node += 1
+        healthd = f"127.0.0.1:{free_port()}"
+        argv = [
+            sys.executable, "-m", "stalwart", "launch", "--config", self.args.config, "--nnodes", f"1:{self.args.nodes}",
+            "--nproc-per-node", str(self.args.nproc_per_node), "--rdzv-endpoint", self.rdzv, "--rdzv-id", "demo",
+            "--node-id", name, "--healthd", healthd, "--controller", self.controller_grpc, "--max-restarts", "20",
+            "--run-dir", str(self.run_dir), "--training.steps", str(self.args.steps), *self.args.overrides,
+        ]
+        proc = subprocess.Popen(argv, env=self.env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1,
+                                stdin=subprocess.DEVNULL)
+        node = Node(name, proc, healthd)
+        self.nodes.append(node)
+        return node
+
+    def last_step(self) -> int:
+        from stalwart.runtime.events import read_events
+
+        return max((e.get("step", 0) for e in read_events(self.run_dir) if e["kind"] == "step_end"), default=0)
+
+    def supervise(self) -> bool:
+        """Play the scheduler until every launcher has exited; True when the target step was reached."""
+        while True:
+            running = [n for n in self.nodes if n.proc.poll() is None]
+            ended = [n for n in self.nodes if n.proc.poll() is not None and not getattr(n, "handled", False)]
+            for node in ended:
+                node.handled = True  # type: ignore[attr-defined]
+                code = node.proc.returncode
+                if code == EXIT_NODE_EXCLUDED or code < 0:
+                    why = "was excluded" if code == EXIT_NODE_EXCLUDED else f"was lost ({signal.Signals(-code).name})"
+                    if self.last_step() < self.args.steps:
+                        replacement = self.start_node()
+                        print(f"stalwart demo: {node.name} {why}; the scheduler brings up {replacement.name}", flush=True)
+                        running.append(replacement)
+            if not running:
+                if self.last_step() >= self.args.steps or self.requeues >= 3:
+                    return self.last_step() >= self.args.steps
+                self.requeues += 1  # preempted (exit 0 before the target): requeue the whole job
+                print(f"stalwart demo: the job stopped at step {self.last_step()} (preempted); requeueing it", flush=True)
+                for _ in range(self.args.nodes):
+                    self.start_node()
+            time.sleep(0.5)
+
+    def stop(self) -> None:
+        for proc in [n.proc for n in self.nodes] + self.services:
+            if proc.poll() is None:
+                proc.terminate()
+        for proc in [n.proc for n in self.nodes] + self.services:
+            try:
+                proc.wait(30)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+        for node in self.nodes:
+            node.pump.join(timeout=5)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="stalwart demo", description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--chaos", action="store_true", help="inject one fault of every kind on the way")
+    p.add_argument("--config", default="demo", help="config to train (default: the shipped demo config)")
+    p.add_argument("--steps", type=int, default=60, help="target step (default 60)")
+    p.add_argument("--nodes", type=int, default=2, help="simulated nodes (default 2)")
+    p.add_argument("--nproc-per-node", type=int, default=4, help="CPU ranks per node (default 4)")
+    p.add_argument("--run-dir", default=None, help="where the run goes (default runs/demo-<time>)")
+    return p
+
+
+def demo_main(argv: list[str]) -> int:
+    args, overrides = build_parser().parse_known_args(argv)
+    args.overrides = overrides
+    if args.chaos and args.nodes != 2:
+        print("stalwart demo: error: --chaos is written for --nodes 2", file=sys.stderr)
+        return 2
+    try:
+        demo = Demo(args)
+    except FileExistsError as e:
+        print(f"stalwart demo: error: {e}", file=sys.stderr)
+        return 2
+    started = time.monotonic()
+    ok = False
+    try:
+        demo.start_controller()
+        for _ in range(args.nodes):
+            demo.start_node()
+        ok = demo.supervise()
+    except KeyboardInterrupt:
+        print("stalwart demo: interrupted; stopping the nodes", flush=True)
+    finally:
+        demo.stop()
+    from stalwart.runtime.goodput.command import summarize_run
+
+    print(summarize_run(demo.run_dir), end="", flush=True)
+    status = "reached" if ok else "did NOT reach"
+    print(f"stalwart demo: the job {status} step {args.steps} in {time.monotonic() - started:.0f} s; run dir {demo.run_dir}", flush=True)
+    return 0 if ok else 1
