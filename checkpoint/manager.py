@@ -291,6 +291,20 @@ class CheckpointManager:
         manifest.verified = True
         self.storage.write_bytes(f"{dirs[step]}/{MANIFEST_NAME}", manifest.to_json().encode())
 
+    def _mark_rolled_back(self, after: int) -> list[int]:
+        """Flag every committed step newer than ``after`` so that a later restart never resumes from it."""
+        dirs = self._committed_dirs()
+        marked = []
+        for step in sorted(s for s in dirs if s > after):
+            try:
+                manifest = self.manifest(step)
+                manifest.rolled_back = True
+                self.storage.write_bytes(f"{dirs[step]}/{MANIFEST_NAME}", manifest.to_json().encode())
+                marked.append(step)
+            except (OSError, ValueError, KeyError) as e:
+                logger.warning("could not flag step %d as rolled back: %s", step, _describe(e))
+        return marked
+
     def step_dir(self, step: int) -> str:
         """The directory (relative to the root) of committed ``step``."""
         dirs = self._committed_dirs()
@@ -395,8 +409,12 @@ class CheckpointManager:
         restored loader position is in ``state``.
         """
         step = self.load(state, step=to)
+        if self.memory is not None:
+            self.memory.discard()  # newer host-memory copies hold the state being rolled back
         if self.rank == 0:
-            self._emit(EventKind.ROLLBACK, from_step=from_step, to_step=step, reason=reason, tier=self.last_load_tier)
+            superseded = self._mark_rolled_back(after=step)
+            self._emit(EventKind.ROLLBACK, from_step=from_step, to_step=step, reason=reason, tier=self.last_load_tier,
+                       superseded=superseded)
         logger.warning("rolled back to step %d (%s) from %s: %s", step, self.last_load_tier, from_step, reason)
         return step
 
@@ -425,6 +443,9 @@ class CheckpointManager:
             try:
                 manifest = CheckpointManifest.from_json(self.storage.read_bytes(f"{name}/{MANIFEST_NAME}"))
                 if request == "latest-verified" and not manifest.verified:
+                    continue
+                if manifest.rolled_back and request != step:
+                    skipped.append(f"step {step} was rolled back past")
                     continue
                 sizes = self.storage.walk_files(name)
                 damage = find_damage(manifest, sizes, lambda rel, n=name: self.storage.open_read(f"{n}/{rel}"), max(4, self.thread_count))

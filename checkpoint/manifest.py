@@ -64,6 +64,9 @@ class CheckpointManifest:
     files: dict[str, FileEntry] = field(default_factory=dict)
     checksum: str = "crc32"
     verified: bool = False
+    rolled_back: bool = False
+    """A rollback went back past this step: it may hold the corruption that caused it. ``latest``
+    skips it; saving the same step again after the rollback replaces it."""
     created: float = field(default_factory=time.time)
     format_version: int = FORMAT_VERSION
 

@@ -262,3 +262,18 @@ def test_s3_round_trip_and_outage(s3: LocalS3, tmp_path: Path) -> None:
     manager.save(6, {"w": torch.ones(2)})
     assert manager.committed_steps() == [4, 6]
     manager.close()
+
+
+def test_a_restart_after_a_rollback_never_resumes_from_the_rolled_back_steps(tmp_path: Path) -> None:
+    manager = CheckpointManager(str(tmp_path / "ckpt"))
+    manager.save(1, {"w": torch.full((4,), 1.0)}, verified=True)
+    for step in (2, 3):  # saved after the corruption happened, before it was found
+        manager.save(step, {"w": torch.full((4,), float(step))})
+    target = {"w": torch.zeros(4)}
+    assert manager.rollback(target, reason="sdc", from_step=3) == 1
+    assert [manager.manifest(s).rolled_back for s in (1, 2, 3)] == [False, True, True]
+    assert manager.load(target) == 1, "a restart must not pick up the corrupted newer steps"
+    assert manager.load(target, step=3) == 3, "asking for a step by number still gets it"
+    manager.save(2, {"w": torch.full((4,), 20.0)})  # training went on after the rollback
+    assert manager.load(target) == 2 and torch.equal(target["w"], torch.full((4,), 20.0))
+    manager.close()
