@@ -400,12 +400,14 @@ class CheckpointManager:
         self.last_load_tier = MEMORY_TIER
         return True
 
-    def rollback(self, state: dict[str, Any], to: int | str = "latest-verified", *, reason: str, from_step: int | None = None) -> int:
+    def rollback(
+        self, state: dict[str, Any], to: int | str = "latest-verified", *, reason: str, from_step: int | None = None, **details: Any
+    ) -> int:
         """Load ``to`` into ``state`` (collective) and record a ``rollback`` event; returns the step.
 
         The health side calls this after silent data corruption or a loss spike; ``to`` is
         ``"latest-verified"`` (the default), ``"latest"`` or a step number, ``from_step`` the step
-        training had reached. Skipping the data that caused a spike is the caller's move: the
+        training had reached; ``details`` go into the event. Skipping the data that caused a spike is the caller's move: the
         restored loader position is in ``state``.
         """
         step = self.load(state, step=to)
@@ -414,7 +416,7 @@ class CheckpointManager:
         if self.rank == 0:
             superseded = self._mark_rolled_back(after=step)
             self._emit(EventKind.ROLLBACK, from_step=from_step, to_step=step, reason=reason, tier=self.last_load_tier,
-                       superseded=superseded)
+                       superseded=superseded, **details)
         logger.warning("rolled back to step %d (%s) from %s: %s", step, self.last_load_tier, from_step, reason)
         return step
 

@@ -22,6 +22,7 @@ import contextlib
 import enum
 import logging
 import os
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
@@ -48,11 +49,14 @@ from stalwart.runtime.events import EventKind
 from stalwart.runtime.train_state import train_state
 
 if TYPE_CHECKING:
+    from stalwart.health.controller_client import ControllerClient
     from stalwart.runtime.train import Trainer
 
 log = logging.getLogger(__name__)
 
 HEALTHD_ENV = "STALWART_HEALTHD"
+CONTROLLER_ENV = "STALWART_CONTROLLER"
+NODE_ID_ENV = "STALWART_NODE_ID"
 REPLAY_RTOL = 1e-5  # recomputations on GPU may reorder reductions; a hardware fault is far larger
 
 
@@ -96,6 +100,15 @@ class TrainerHealth:
         if self.address:
             install_stack_dump_handler(faulthandler_path(trainer.cfg.run_dir, self.rank, os.getpid()))
             self.client = HeartbeatClient(self.address, self.rank, trainer.env.local_rank, interval_s=self.cfg.heartbeat_interval_s)
+        # Per-step times for the controller's straggler scores; the CPU time of the step is this
+        # rank's own compute (gloo and NCCL waits do not burn it), its wall time is the job's.
+        self.controller: ControllerClient | None = None
+        if os.environ.get(CONTROLLER_ENV):
+            from stalwart.health.controller_client import ControllerClient
+
+            self.controller = ControllerClient(os.environ[CONTROLLER_ENV])
+        self.node = os.environ.get(NODE_ID_ENV) or os.environ.get("GROUP_RANK", "0")
+        self._cpu_mark = time.process_time()
         self.spikes = SpikeDetector(factor=self.cfg.spike_factor)
         self.verification = _Verification()
         self.golden_reference: torch.Tensor | None = None
@@ -146,6 +159,9 @@ class TrainerHealth:
         step = t.step
         if self.client is not None:
             self.client.beat(step, Phase.STEP, step_seconds)
+        if self.controller is not None:
+            cpu, self._cpu_mark = time.process_time() - self._cpu_mark, time.process_time()
+            self.controller.report_rank_metrics(self.rank, self.node, step, step_seconds, cpu)
         if self._stop_agreed:
             return StepAction.STOP
         action = StepAction.CONTINUE
@@ -192,20 +208,24 @@ class TrainerHealth:
         except Exception as e:  # a failed in-flight save is not needed for a rollback
             log.warning("in-flight checkpoint did not commit (%s); rolling back anyway", e)
         self._record_verified()
-        to_step = t.checkpoints.load(train_state(t), step="latest-verified" if self.cfg.verify_checkpoints else "latest")
+        to_step = t.checkpoints.rollback(
+            train_state(t), to="latest-verified" if self.cfg.verify_checkpoints else "latest", reason=reason, from_step=from_step,
+            skip_data_steps=skip_data_steps,
+        )
         if skip_data_steps:
             t.loader.skip(skip_data_steps * t.loader.global_batch_size)
         v = self.verification
         v.unverified = [s for s in v.unverified if s <= to_step]
         v.clean_at = to_step
         if t.env.is_main:
-            t.events.emit(EventKind.ROLLBACK, from_step=from_step, to_step=to_step, reason=reason, skip_data_steps=skip_data_steps)
             print(f"rollback: step {from_step} -> verified step {to_step} ({reason})", flush=True)
         return to_step
 
     def close(self) -> None:
         if self.client is not None:
             self.client.close()
+        if self.controller is not None:
+            self.controller.close()
 
     # ---------------------------------------------------------------------------- SDC checks
 

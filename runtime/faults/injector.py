@@ -76,7 +76,7 @@ class FaultInjector:
         """
         for last_step, seconds in list(self._slow_until.values()):
             if step <= last_step:
-                time.sleep(seconds)
+                burn_cpu(seconds)
         for spec in self.plan.faults:
             if spec.step > step or not self.mine(spec) or spec.kind == FaultKind.CKPT_KILL_DURING_WRITE:
                 continue  # a kill during the write fires in after_save_started
@@ -111,7 +111,7 @@ class FaultInjector:
                 os.kill(os.getpid(), signal.SIGSTOP)
         elif kind == FaultKind.SLOW:
             self._slow_until[spec.id] = (step + spec.steps - 1, spec.seconds)
-            time.sleep(spec.seconds)
+            burn_cpu(spec.seconds)
         elif kind == FaultKind.FLIP_BIT:
             flip_one_parameter_bit(parameters(), spec.bit, seed=spec.step)
         elif kind == FaultKind.GPU_FAULT:
@@ -121,6 +121,13 @@ class FaultInjector:
         elif kind == FaultKind.SIGTERM:
             launcher = os.getppid() if "TORCHELASTIC_RUN_ID" in os.environ else os.getpid()
             os.kill(launcher, signal.SIGTERM)
+
+
+def burn_cpu(seconds: float) -> None:
+    """A slow rank computes longer (busy, not asleep): its own compute time grows, as on a sick GPU."""
+    end = time.perf_counter() + seconds
+    while time.perf_counter() < end:
+        pass
 
 
 def flip_one_parameter_bit(params: list[torch.nn.Parameter], bit: int, seed: int) -> tuple[int, int]:

@@ -36,7 +36,7 @@ class FaultInjectionDisabled(RuntimeError):
 class FaultKind(str, enum.Enum):
     KILL_RANK = "kill_rank"          # SIGKILL one rank: the agent restarts the group
     HANG = "hang"                    # one rank stops making progress (SIGSTOP, or sleep with `seconds`)
-    SLOW = "slow"                    # one rank sleeps `seconds` per step for `steps` steps: a straggler
+    SLOW = "slow"                    # one rank computes `seconds` longer per step for `steps` steps: a straggler
     FLIP_BIT = "flip_bit"            # one bit of one parameter element on one rank: silent data corruption
     GPU_FAULT = "gpu_fault"          # the node's health probe reports a fatal GPU fault (XID 79)
     KILL_AGENT = "kill_agent"        # SIGKILL one node's launcher agent and its workers: a lost node
