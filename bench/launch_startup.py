@@ -61,7 +61,7 @@ def main() -> int:
     print(f"launcher start → all ranks ready (init_done):                {med['ready']:.2f} s")
     print(f"launcher start → first step done:                            {med['first_step']:.2f} s")
     print(f"| {date.today()} | {machine} | {args.ranks} | {med['spawn']:.2f} s | {med['ready']:.2f} s | {med['first_step']:.2f} s | "
-          f"median of {args.repeat}: {', '.join(f'{r['first_step']:.2f}' for r in runs)} s |")
+          f"median of {args.repeat}: {', '.join(format(r['first_step'], '.2f') for r in runs)} s |")
     return 0
 
 

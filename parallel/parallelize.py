@@ -45,9 +45,12 @@ def parallelize_model(
         apply_compile(model, compile_backend)
     if not distributed:
         return model
-    if dims.dp_shard * dims.cp > 1:
+    pure_replication = dims.dp_replicate > 1 and dims.dp_shard * dims.cp == 1
+    if pure_replication and dims.tp == 1 and not for_pipeline:
+        apply_ddp(model, mesh["dp_replicate"])
+    elif dims.dp_shard * dims.cp > 1 or pure_replication:
+        # Replicas next to TP or PP go through HSDP with a shard group of one: DDP's hooks do not
+        # see DTensor parameters (TP) and miss gradients produced inside a pipeline schedule.
         fsdp_mesh = mesh["dp_replicate", "dp_shard_cp"] if dims.dp_replicate > 1 else mesh["dp_shard_cp"]
         apply_fsdp(model, fsdp_mesh, param_dtype=param_dtype, reduce_dtype=torch.float32, reshard_after_forward=not for_pipeline)
-    elif dims.dp_replicate > 1:
-        apply_ddp(model, mesh["dp_replicate"])
     return model

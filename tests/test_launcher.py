@@ -89,6 +89,15 @@ def test_unreachable_rendezvous_endpoint_fails_within_the_connect_timeout(tmp_pa
     assert time.monotonic() - t0 < 90  # imports on a loaded machine; torch's default would be 900 s
 
 
+def test_accepts_every_flag_the_deploy_files_use():
+    from test_deploy import ALLOWED_FLAGS
+
+    from stalwart.runtime.launcher.main import build_parser
+
+    options = {o for action in build_parser()._actions for o in action.option_strings}
+    assert ALLOWED_FLAGS["launch"] <= options, ALLOWED_FLAGS["launch"] - options
+
+
 # ---------------------------------------------------------------- plan, exclusion, spares (fast)
 
 
@@ -257,7 +266,7 @@ def test_kill_a_node_shrink_then_grow_then_preempt_and_relaunch(tmp_path):
             n.proc.send_signal(signal.SIGTERM)
         assert host.proc.wait(timeout=120) == 0, host.text()[-3000:]
         assert joiner.proc.wait(timeout=120) == 0, joiner.text()[-3000:]
-        saved = [int(s) for n in (host, joiner) for s in re.findall(r"^preempted: committed step (\d+)", n.text()[marks[n.name]:], re.M)]
+        saved = [int(s) for n in (host, joiner) for s in re.findall(r"^preempted: committed step (\d+)", n.text()[marks[n.name]:], re.MULTILINE)]
         assert len(saved) == 1, saved  # rank 0 reports the emergency checkpoint of the whole job
         last = saved[0]
         assert last in committed(run_dir)
@@ -270,6 +279,66 @@ def test_kill_a_node_shrink_then_grow_then_preempt_and_relaunch(tmp_path):
         assert f"resumed from step {last}" in relaunch.text()
         assert re.search(rf"^step +{target}/{target}", relaunch.text(), re.MULTILINE)
         assert "training finished" in relaunch.text()
+    finally:
+        for n in nodes:
+            n.stop()
+
+
+@pytest.mark.slow
+def test_third_node_idles_as_hot_spare_and_ends_with_the_job(tmp_path):
+    """1 rank per node, dp must divide 4: of 3 nodes 2 train, the third waits and exits 0 with them."""
+    run_dir, port = tmp_path / "run", free_port()
+    argv = [*LAUNCH, "--nnodes", "1:4", "--nproc-per-node", "1", "--rdzv-endpoint", f"127.0.0.1:{port}", "--rdzv-id", "s",
+            *FAST_RDZV, "--run-dir", str(run_dir), *TINY, "--parallel.tp", "1", "--training.global_batch_size", "16",
+            "--training.steps", "6"]
+    nodes = [Node(name, [*argv, "--node-id", name], tmp_path) for name in "ABC"]
+    try:
+        for n in nodes:
+            n.wait_for(r"node rank \d of 3 \(2 training\)", timeout=180)
+        for n in nodes:
+            assert n.proc.wait(timeout=240) == 0, n.text()[-3000:]
+        spares = [n for n in nodes if "node rank 2 of 3 (2 training): hot spare" in n.text()]
+        assert len(spares) == 1 and "rank 2: hot spare (the layout trains on 2 ranks)" in spares[0].text()
+        assert world_sizes(run_dir) == [2]
+        assert max(e["step"] for e in read_events(run_dir) if e["kind"] == "step_end") == 6
+    finally:
+        for n in nodes:
+            n.stop()
+
+
+@pytest.mark.slow
+def test_node_marked_unhealthy_by_its_healthd_leaves_with_93_and_the_other_continues(tmp_path):
+    """B's launcher starts B's healthd; an injected fatal GPU fault there takes B out, A re-forms alone."""
+    run_dir, port = tmp_path / "run", free_port()
+    fault = tmp_path / "gpu-B.json"
+
+    def argv(node_id: str, healthd: str) -> list[str]:
+        return [*LAUNCH, "--nnodes", "1:2", "--nproc-per-node", "2", "--rdzv-endpoint", f"127.0.0.1:{port}", "--rdzv-id", "x",
+                *FAST_RDZV, "--healthd", healthd, "--node-id", node_id, "--run-dir", str(run_dir), *TINY, "--training.steps", "100000"]
+
+    a = Node("A", argv("A", "off"), tmp_path)
+    nodes = [a]
+    try:
+        a.wait_for("hosting the rendezvous store", timeout=120)
+        healthd = f"127.0.0.1:{free_port()}"
+        nodes.append(b := Node("B", argv("B", healthd), tmp_path,
+                               env={**os.environ, "STALWART_FAULT_INJECTION": "1", "STALWART_FAULT_GPU": str(fault)}))
+        b.wait_for(rf"started healthd on {healthd}", timeout=120)
+        for n in nodes:
+            n.wait_for(r"node rank \d of 2 \(2 training\)", timeout=180)
+        wait_any(nodes, r"^step +4/", timeout=180)
+        mark = len(a.text())
+        fault.write_text('{"gpu": 0, "fault": "xid", "code": 79}')  # "GPU has fallen off the bus"
+
+        assert b.proc.wait(timeout=120) == EXIT_NODE_EXCLUDED, b.text()[-3000:]
+        assert "xid" in ExclusionWatch(run_dir, "B").reason()
+        assert any(e["kind"] == "node_excluded" and e.get("node_id") == "B" for e in read_events(run_dir))
+        a.wait_for(r"node rank 0 of 1 \(1 training\)", timeout=120, after=mark)
+        resumed = int(a.wait_for(r"^resumed from step (\d+)", timeout=180, after=mark).group(1))
+        a.wait_for(rf"^step +{resumed + 1}/", timeout=120, after=mark)
+        a.proc.send_signal(signal.SIGTERM)
+        assert a.proc.wait(timeout=120) == 0, a.text()[-3000:]
+        assert world_sizes(run_dir)[-2:] == [4, 2], world_sizes(run_dir)
     finally:
         for n in nodes:
             n.stop()
@@ -318,7 +387,7 @@ def test_two_hosts_one_cut_off_the_other_continues_alone(tmp_path, two_hosts):
     nodes = [a]
     try:
         a.wait_for("hosting the rendezvous store", timeout=120)
-        nodes.append(b := node("B"))
+        nodes.append(node("B"))
         for n in nodes:
             n.wait_for(r"node rank \d of 2 \(2 training\)", timeout=180)
         wait_any(nodes, r"^step +4/", timeout=180)

@@ -31,6 +31,8 @@ def merged(results: list[RunResult]) -> RunResult:
 LAYOUTS = {
     "ddp2": (2, ["--parallel.dp_replicate", "2", "--parallel.dp_shard", "1"], False),
     "fsdp2": (2, [], False),
+    "ddp2_tp2": (4, ["--parallel.dp_replicate", "2", "--parallel.dp_shard", "1", "--parallel.tp", "2"], True),
+    "ddp2_pp2": (4, ["--parallel.dp_replicate", "2", "--parallel.dp_shard", "1", "--parallel.pp", "2"], True),
     "hsdp2x2": (4, ["--parallel.dp_replicate", "2", "--parallel.dp_shard", "2"], False),
     "tp2": (2, ["--parallel.tp", "2"], True),
     "fsdp2_tp2": (4, ["--parallel.tp", "2"], True),

@@ -189,7 +189,7 @@ def _launch(argv: list[str]) -> int:
 
 def _run_agent(a: LaunchArgs, cfg: Config, plan: NodePlan, exclusion: ExclusionWatch, handler: RendezvousHandler, hosting: bool,
                rdzv_host: str, overrides: list[str]) -> int:
-    from torch.distributed.elastic.agent.server.api import WorkerSpec
+    from torch.distributed.elastic.agent.server.api import WorkerSpec, WorkerState
     from torch.distributed.elastic.multiprocessing import DefaultLogsSpecs, SignalException
     from torch.distributed.elastic.rendezvous import RendezvousError
 
@@ -235,6 +235,10 @@ def _run_agent(a: LaunchArgs, cfg: Config, plan: NodePlan, exclusion: ExclusionW
     except RendezvousError as e:
         print(f"stalwart launch: rendezvous failed: {type(e).__name__}: {e}", file=sys.stderr)
         return 1
+    except RuntimeError as e:  # DistNetworkError / DistStoreError: the store's node is gone or unreachable
+        print(f"stalwart launch: lost the rendezvous store at {a.rdzv_endpoint} ({type(e).__name__}: {str(e).splitlines()[0]}); "
+              "this node cannot continue", file=sys.stderr)
+        return 1
     finally:
         agent.close()
         if health is not None:
@@ -244,11 +248,20 @@ def _run_agent(a: LaunchArgs, cfg: Config, plan: NodePlan, exclusion: ExclusionW
     if result is None:  # torch: the rendezvous closed while this node waited as a spare
         print("stalwart launch: the job ended while this node waited as a spare", flush=True)
         return 0
-    if result.is_failed():
-        handler.shutdown()
-        rank, failure = min(result.failures.items())
-        print(f"stalwart launch: rank {rank} exited with code {failure.exitcode} after {a.max_restarts} restarts; see its log above", file=sys.stderr)
+    _close_rendezvous(handler)  # the job is over (finished, or failed past --max-restarts): nobody may join it
+    if result.state != WorkerState.SUCCEEDED:  # FAILED, or UNHEALTHY (a lost peer) with no restarts left
+        what = "the worker group stayed unhealthy (a lost peer)"
+        if result.failures:
+            rank, failure = min(result.failures.items())
+            what = f"rank {rank} exited with code {failure.exitcode}"
+        print(f"stalwart launch: {what} after {a.max_restarts} restarts; see the log above", file=sys.stderr)
         return 1
-    handler.shutdown()
     print("stalwart launch: training finished", flush=True)
     return 0
+
+
+def _close_rendezvous(handler: RendezvousHandler) -> None:
+    try:
+        handler.shutdown()
+    except Exception as e:  # the store's node may have finished first
+        logging.getLogger(__name__).info("rendezvous already closed: %s", e)

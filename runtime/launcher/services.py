@@ -6,6 +6,7 @@ and ignored, and the launcher only *reads* healthd (UNHEALTHY → leave the job)
 
 from __future__ import annotations
 
+import ctypes
 import logging
 import os
 import secrets
@@ -55,11 +56,12 @@ def answers(address: str, timeout_s: float = 0.5) -> bool:
         return False
 
 
-def _die_with_launcher() -> None:
-    """preexec_fn: the service ends with the launcher that started it, even on SIGKILL."""
-    import ctypes
+_PRCTL = ctypes.CDLL(None).prctl if sys.platform.startswith("linux") else None
 
-    ctypes.CDLL(None).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+
+def _die_with_launcher() -> None:
+    """preexec_fn (runs between fork and exec: no imports, no locks): end with the launcher, even on SIGKILL."""
+    _PRCTL(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
 
 
 def _start(argv: list[str], what: str, log_path: Path) -> subprocess.Popen | None:
@@ -67,7 +69,7 @@ def _start(argv: list[str], what: str, log_path: Path) -> subprocess.Popen | Non
     with open(log_path, "ab") as out:
         try:
             proc = subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                    preexec_fn=_die_with_launcher if sys.platform.startswith("linux") else None)
+                                    preexec_fn=_die_with_launcher if _PRCTL else None)
         except OSError as e:
             log.warning("could not start %s (%s); training goes on without it", what, e)
             return None
