@@ -80,7 +80,7 @@ class HealthDaemon:
         run_dir: str | Path,
         token: str,
         bind: str = "127.0.0.1:0",
-        node: int = 0,
+        node: str | int = "0",
         hang_config: HangConfig | None = None,
         check_interval_s: float = 0.5,
         probe_interval_s: float = 1.0,
@@ -99,7 +99,7 @@ class HealthDaemon:
         self.health_dir.mkdir(parents=True, exist_ok=True)
         self._token = token.encode()
         self.bind = bind
-        self.node = node
+        self.node = str(node)
         self.detector = HangDetector(hang_config)
         self.check_interval_s = check_interval_s
         self.probe_interval_s = probe_interval_s
@@ -503,7 +503,8 @@ def healthd_main(argv: list[str] | None = None) -> int:
     parser.add_argument("--run-dir", required=True, help="the job's run directory (events/, health/)")
     parser.add_argument("--bind", default="127.0.0.1:0", help="host:port (port 0 picks one) or unix:PATH")
     parser.add_argument("--token-file", default=None, help="file holding the job token that KillWorkers must present (default $STALWART_TOKEN_FILE)")
-    parser.add_argument("--node", type=int, default=int(os.environ.get("GROUP_RANK", "0")), help="node rank (default $GROUP_RANK or 0)")
+    parser.add_argument("--node", default=os.environ.get("STALWART_NODE_ID") or os.environ.get("GROUP_RANK", "0"),
+                        help="this node's name, as the launcher's --node-id (default $STALWART_NODE_ID, else $GROUP_RANK or 0)")
     parser.add_argument("--warmup-steps", type=int, default=3)
     parser.add_argument("--safety-factor", type=float, default=5.0)
     parser.add_argument("--floor-s", type=float, default=2.0, help="smallest adaptive hang limit in seconds")

@@ -77,7 +77,8 @@ class Demo:
         self.rdzv = f"127.0.0.1:{free_port()}"
         self.controller_grpc = f"127.0.0.1:{free_port()}"
         self.controller_http = f"127.0.0.1:{free_port()}"
-        self.env = {**os.environ, "STALWART_TOKEN_FILE": str(self._token_file())}
+        # The ranks' library warnings (deprecations inside torch) would bury the progress lines.
+        self.env = {**os.environ, "STALWART_TOKEN_FILE": str(self._token_file()), "PYTHONWARNINGS": "ignore"}
         if args.chaos:
             plan = self.run_dir / "faults" / "plan.json"
             plan.parent.mkdir(parents=True, exist_ok=True)

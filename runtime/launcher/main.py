@@ -202,16 +202,18 @@ def _run_agent(a: LaunchArgs, cfg: Config, plan: NodePlan, exclusion: ExclusionW
     run_dir = Path(cfg.run_dir)
     procs = []
     health = None
+    controller = "" if a.controller == "off" else a.controller
+    if a.controller == "" and hosting:
+        proc, controller = services.start_controller(run_dir, rdzv_host)
+        procs.append(proc)
+    elif a.controller == "":  # started by the launcher that hosts the rendezvous store
+        controller = f"{rdzv_host}:{services.CONTROLLER_GRPC_PORT}"
+    if controller:
+        os.environ[services.CONTROLLER_ENV] = controller
     if a.healthd != "off":
-        procs.append(services.ensure_healthd(a.healthd, run_dir, a.node_id))
+        procs.append(services.ensure_healthd(a.healthd, run_dir, a.node_id, controller))
         os.environ[services.HEALTHD_ENV] = a.healthd
         health = services.HealthWatch(a.healthd)
-    if a.controller not in ("", "off"):
-        os.environ[services.CONTROLLER_ENV] = a.controller
-    elif a.controller == "" and hosting:
-        proc, address = services.start_controller(run_dir, rdzv_host)
-        procs.append(proc)
-        os.environ[services.CONTROLLER_ENV] = address
     os.environ[LAUNCHER_ENV] = "1"
     os.environ["STALWART_NODE_ID"] = a.node_id
 

@@ -77,11 +77,15 @@ def _start(argv: list[str], what: str, log_path: Path) -> subprocess.Popen | Non
     return proc
 
 
-def ensure_healthd(address: str, run_dir: Path, node_id: str) -> subprocess.Popen | None:
-    """Start ``stalwart healthd`` at ``address`` unless something already answers there."""
+def ensure_healthd(address: str, run_dir: Path, node_id: str, controller: str = "") -> subprocess.Popen | None:
+    """Start ``stalwart healthd`` at ``address`` unless something already answers there.
+
+    It reports to ``controller`` when one is known, under this node's name.
+    """
     if answers(address):
         return None
-    argv = [sys.executable, "-m", "stalwart", "healthd", "--run-dir", str(run_dir), "--bind", address, "--token-file", job_token_file(run_dir)]
+    argv = [sys.executable, "-m", "stalwart", "healthd", "--run-dir", str(run_dir), "--bind", address, "--token-file", job_token_file(run_dir),
+            "--node", node_id, *(["--controller", controller] if controller else [])]
     return _start(argv, f"healthd on {address}", run_dir / "health" / f"healthd-{node_id}.log")
 
 
