@@ -100,6 +100,7 @@ class HealthDaemon:
         self._token = token.encode()
         self.bind = bind
         self.node = str(node)
+        self.node_label = f"node{self.node}" if self.node.isdigit() else self.node  # "node3" for a bare node rank
         self.detector = HangDetector(hang_config)
         self.check_interval_s = check_interval_s
         self.probe_interval_s = probe_interval_s
@@ -108,7 +109,7 @@ class HealthDaemon:
         self.gpu_probe = GpuProbe(expected_gpus)
         self.host_probe = HostProbe(self.run_dir)
         self.fault_probe = FaultInjectionProbe(self.run_dir, str(node))
-        self.events = EventLog(self.run_dir, role="healthd", node=node)
+        self.events = EventLog(self.run_dir, role="healthd", node=self.node)
         self.marker_path = self.health_dir / f"node-{node}.unhealthy"
         self.controller = controller
         self.controller_tls = controller_tls
@@ -414,7 +415,7 @@ class HealthDaemon:
         killed = self.kill_workers("gpu fault: " + "; ".join(reasons))
         for issue in issues:
             self.events.emit(
-                EventKind.FAULT_DETECTED, fault="gpu", target=f"node{self.node}/gpu{issue.gpu}", detector="healthd", last_progress_ts=last_progress,
+                EventKind.FAULT_DETECTED, fault="gpu", target=f"{self.node_label}/gpu{issue.gpu}", detector="healthd", last_progress_ts=last_progress,
                 detail={"kind": issue.kind, "code": issue.code, "detail": issue.detail, "killed_pids": killed},
             )
         self.events.flush()

@@ -82,7 +82,7 @@ def test_a_fault_fires_once_per_job_even_when_the_step_is_replayed(tmp_path):
     assert torch.equal(param, snapshot)
     first.events.close()
     injected = [e for e in read_events(tmp_path) if e["kind"] == "fault_injected"]
-    assert [(e["fault"], e["target"], e["step"]) for e in injected] == [("flip_bit", "rank 1", 2)]
+    assert [(e["fault"], e["target"], e["step"]) for e in injected] == [("flip_bit", "rank1", 2)]
 
 
 def test_node_faults_are_carried_out_by_the_nodes_first_local_rank(tmp_path):

@@ -197,7 +197,7 @@ def test_injected_gpu_fault_marks_node_unhealthy(tmp_path, monkeypatch):
         finally:
             proc.kill()
             proc.wait()
-        assert event["target"] == "node3/gpu0" and event["node"] == 3 and event["detail"]["code"] == 79
+        assert event["target"] == "node3/gpu0" and event["node"] == "3" and event["detail"]["code"] == 79
         assert event["detail"]["killed_pids"] == [proc.pid]
         assert marker["issues"][0]["kind"] == "xid" and marker["issues"][0]["fatal"]
         status = d.status()

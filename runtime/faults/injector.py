@@ -59,7 +59,7 @@ class FaultInjector:
             return False
 
     def _record(self, spec: FaultSpec, step: int) -> None:
-        target = f"node {spec.node}" if spec.kind in NODE_KINDS else f"rank {spec.rank}"
+        target = spec.node if spec.kind in NODE_KINDS else f"rank{spec.rank or 0}"
         self.events.emit(EventKind.FAULT_INJECTED, fault=spec.kind.value, target=target, step=step, spec=spec.to_dict())
         self.events.flush()
 

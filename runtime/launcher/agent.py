@@ -19,6 +19,7 @@ What it adds, each on one of the agent's documented extension points:
 from __future__ import annotations
 
 import logging
+import signal
 import threading
 import time
 from dataclasses import dataclass
@@ -32,6 +33,7 @@ from stalwart.runtime.events import EventKind, EventLog
 from stalwart.runtime.launcher.exclusion import ExclusionWatch, exclude_node
 from stalwart.runtime.launcher.plan import NodePlan
 from stalwart.runtime.launcher.services import HealthWatch
+from stalwart.runtime.launcher.worker import EXIT_REJOIN
 
 log = logging.getLogger(__name__)
 
@@ -150,6 +152,7 @@ class StalwartAgent(LocalElasticAgent):
         self.check_membership()
         result = super()._monitor_workers(worker_group)
         if result.state == WorkerState.FAILED:
+            self._record_failure(result)
             self.check_membership(failed=True)  # healthd kills the ranks of a node it marks UNHEALTHY
         if result.state != WorkerState.HEALTHY or self._peers is None:
             return result
@@ -167,6 +170,16 @@ class StalwartAgent(LocalElasticAgent):
                              last_progress_ts=time.time() - silent, detail=msg)
             return RunResult(state=WorkerState.UNHEALTHY)
         return result
+
+    def _record_failure(self, result: RunResult) -> None:
+        """One ``fault_detected`` per failed group, naming the rank that failed first (the cause; the rest followed)."""
+        failures = {rank: f for rank, f in result.failures.items() if f.exitcode != EXIT_REJOIN}
+        if not failures:
+            return
+        rank, first = min(failures.items(), key=lambda kv: (kv[1].timestamp, kv[0]))
+        how = f"signal {signal.Signals(-first.exitcode).name}" if first.exitcode < 0 else f"exit code {first.exitcode}"
+        self.events.emit(EventKind.FAULT_DETECTED, fault="rank_exit", target=f"rank{rank}", detector="agent", node_id=self.opts.node_id,
+                         detail=f"rank {rank} ended with {how}; {len(failures)} local rank(s) failed")
 
     def _stop_workers(self, worker_group: WorkerGroup) -> None:
         healthy = worker_group.state == WorkerState.HEALTHY
