@@ -313,13 +313,38 @@ class HealthDaemon:
             path = self.health_dir / f"stacks-{stamp}-rank{entry.rank}.txt"
             _atomic_write(path, text)
             stack_files.append(str(path))
+        culprits = self._hang_culprits(hangs)
         killed = self.kill_workers(f"hang: {names}")
         for h in hangs:
+            # A rank whose process stopped or went silent hung; one still beating waits on it. Without
+            # such a culprit on this node every hung rank is reported (the controller sees all nodes).
+            fault = "hang_blocked" if culprits and h.rank not in culprits else "hang"
             self.events.emit(
-                EventKind.FAULT_DETECTED, fault="hang", target=f"rank{h.rank}", detector="healthd", last_progress_ts=_wall(h.last_progress_ts),
-                detail={"phase": h.phase.value, "limit_s": round(h.limit_s, 3), "waited_s": round(h.waited_s, 3), "killed_pids": killed, "stacks": stack_files},
+                EventKind.FAULT_DETECTED, fault=fault, target=f"rank{h.rank}", detector="healthd", last_progress_ts=_wall(h.last_progress_ts),
+                detail={"phase": h.phase.value, "limit_s": round(h.limit_s, 3), "waited_s": round(h.waited_s, 3), "killed_pids": killed,
+                        "stacks": stack_files, "why": culprits.get(h.rank, "still sending heartbeats: blocked in the step")},
             )
         self.events.flush()
+
+    def _hang_culprits(self, hangs: list) -> dict[int, str]:
+        """The hung ranks that are themselves stuck (stopped, or silent), with why; the rest are blocked on them.
+
+        Every rank of a synchronous job stops progressing when one hangs, but only the culprit stops
+        sending heartbeats: the others' heartbeat threads keep running while they wait in a collective.
+        """
+        now = time.monotonic()
+        out = {}
+        with self._lock:
+            entries = {h.rank: self._ranks.get(h.rank) for h in hangs}
+        for rank, entry in entries.items():
+            if entry is None:
+                continue
+            status = _status(entry.pid)
+            if status == psutil.STATUS_STOPPED:
+                out[rank] = "process stopped (SIGSTOP or a debugger)"
+            elif now - entry.heard_mono > MAX_BEAT_AGE_S:
+                out[rank] = f"no heartbeat message for {now - entry.heard_mono:.1f}s: the whole process is stuck"
+        return out
 
     def _dump_stacks(self, entry: _Rank) -> str:
         header = f"# healthd stack dump: rank {entry.rank} (local {entry.local_rank}) pid {entry.pid}, phase {entry.phase.value}, step {entry.step}\n"

@@ -123,6 +123,9 @@ class Demo:
             sys.executable, "-m", "stalwart", "launch", "--config", self.args.config, "--nnodes", f"1:{self.args.nodes}",
             "--nproc-per-node", str(self.args.nproc_per_node), "--rdzv-endpoint", self.rdzv, "--rdzv-id", "demo",
             "--node-id", name, "--healthd", healthd, "--controller", self.controller_grpc, "--max-restarts", "20",
+            # One machine: a lost peer or a finished round shows within seconds, not a datacenter's 30 s.
+            "--peer-timeout", "6", "--monitor-interval", "0.2",
+            "--rdzv-conf", "last_call_timeout=2,keep_alive_interval=1,keep_alive_max_attempt=3,join_timeout=300,read_timeout=20",
             "--run-dir", str(self.run_dir), "--training.steps", str(self.args.steps), *self.args.overrides,
         ]
         proc = subprocess.Popen(argv, env=self.env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1,
