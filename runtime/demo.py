@@ -42,6 +42,36 @@ CHAOS_PLAN: tuple[dict, ...] = (
 )
 
 
+# What a random soak plan draws from, with weights: mostly the common faults of a big job.
+SOAK_KINDS: tuple[tuple[str, float], ...] = (
+    ("kill_rank", 4), ("hang", 2), ("flip_bit", 1), ("slow", 1), ("ckpt_kill_during_write", 1),
+    ("gpu_fault", 1), ("kill_agent", 1), ("sigterm", 0.5),
+)
+
+
+def soak_plan(faults: int, steps: int, world: int, seed: int) -> list[dict]:
+    """``faults`` faults at distinct random steps in [3, steps - 2], seeded: the soak test's schedule."""
+    import random
+
+    rng = random.Random(seed)
+    kinds, weights = zip(*SOAK_KINDS)
+    at = sorted(rng.sample(range(3, steps - 1), faults))
+    plan = []
+    for step in at:
+        kind = rng.choices(kinds, weights)[0]
+        spec: dict = {"kind": kind, "step": step}
+        if kind in ("gpu_fault", "kill_agent"):
+            spec["node"] = "any"
+        elif kind != "sigterm":
+            spec["rank"] = rng.randrange(world)
+        if kind == "slow":
+            spec.update(seconds=0.5, steps=3)
+        if kind == "flip_bit":
+            spec["bit"] = 30
+        plan.append(spec)
+    return plan
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -70,7 +100,8 @@ class Demo:
     def __init__(self, args: argparse.Namespace) -> None:
         self.args = args
         stamp = time.strftime("%Y%m%d-%H%M%S")
-        self.run_dir = Path(args.run_dir or f"runs/demo-{stamp}{'-chaos' if args.chaos else ''}").resolve()
+        kind = "-soak" if args.soak else "-chaos" if args.chaos else ""
+        self.run_dir = Path(args.run_dir or f"runs/demo-{stamp}{kind}").resolve()
         if self.run_dir.exists() and any(self.run_dir.iterdir()):
             raise FileExistsError(f"{self.run_dir} already holds a run; give a new --run-dir (the demo never writes over a run)")
         self.run_dir.mkdir(parents=True, exist_ok=True)
@@ -79,14 +110,16 @@ class Demo:
         self.controller_http = f"127.0.0.1:{free_port()}"
         # The ranks' library warnings (deprecations inside torch) would bury the progress lines.
         self.env = {**os.environ, "STALWART_TOKEN_FILE": str(self._token_file()), "PYTHONWARNINGS": "ignore"}
-        if args.chaos:
+        faults = soak_plan(args.soak, args.steps, args.nodes * args.nproc_per_node, args.seed) if args.soak else CHAOS_PLAN if args.chaos else ()
+        if faults:
             plan = self.run_dir / "faults" / "plan.json"
             plan.parent.mkdir(parents=True, exist_ok=True)
-            plan.write_text(json.dumps(list(CHAOS_PLAN), indent=1))
+            plan.write_text(json.dumps(list(faults), indent=1))
             self.env.update(STALWART_FAULT_INJECTION="1", STALWART_FAULT_PLAN=str(plan))
         self.nodes: list[Node] = []
         self.next_node = 0
         self.requeues = 0
+        self.max_requeues = 3 + sum(1 for f in faults if f["kind"] == "sigterm")
         self.services: list[subprocess.Popen] = []
 
     def _token_file(self) -> Path:
@@ -154,7 +187,7 @@ class Demo:
                         print(f"stalwart demo: {node.name} {why}; the scheduler brings up {replacement.name}", flush=True)
                         running.append(replacement)
             if not running:
-                if self.last_step() >= self.args.steps or self.requeues >= 3:
+                if self.last_step() >= self.args.steps or self.requeues >= self.max_requeues:
                     return self.last_step() >= self.args.steps
                 self.requeues += 1  # preempted (exit 0 before the target): requeue the whole job
                 print(f"stalwart demo: the job stopped at step {self.last_step()} (preempted); requeueing it", flush=True)
@@ -175,6 +208,19 @@ class Demo:
             node.pump.join(timeout=5)
 
 
+def worst_incident(run_dir: Path) -> str:
+    """The incident that cost the most (downtime plus lost work), in one line."""
+    from stalwart.runtime.events import read_events
+    from stalwart.runtime.goodput.accounting import compute_goodput
+
+    report = compute_goodput(read_events(run_dir))
+    if not report.incidents:
+        return "stalwart demo: no incidents"
+    worst = max(report.incidents, key=lambda i: i.downtime + i.lost_seconds)
+    return (f"stalwart demo: {len(report.incidents)} incidents; worst: {worst.kind} {worst.fault or ''} on {worst.target or '-'} "
+            f"(detected after {worst.detection_latency or 0:.1f} s, {worst.downtime:.1f} s down, {worst.lost_steps} steps lost)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="stalwart demo", description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -184,6 +230,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--nodes", type=int, default=2, help="simulated nodes (default 2)")
     p.add_argument("--nproc-per-node", type=int, default=4, help="CPU ranks per node (default 4)")
     p.add_argument("--run-dir", default=None, help="where the run goes (default runs/demo-<time>)")
+    p.add_argument("--soak", type=int, default=0, metavar="N",
+                   help="soak test: N faults of random kinds at random steps (e.g. --soak 30 --steps 200)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the --soak schedule")
     return p
 
 
@@ -192,6 +241,9 @@ def demo_main(argv: list[str]) -> int:
     args.overrides = overrides
     if args.chaos and args.nodes != 2:
         print("stalwart demo: error: --chaos is written for --nodes 2", file=sys.stderr)
+        return 2
+    if args.soak and not 0 < args.soak <= args.steps - 4:
+        print(f"stalwart demo: error: --soak {args.soak} needs --steps of at least {args.soak + 4} (one fault per step at most)", file=sys.stderr)
         return 2
     try:
         demo = Demo(args)
@@ -212,6 +264,8 @@ def demo_main(argv: list[str]) -> int:
     from stalwart.runtime.goodput.command import summarize_run
 
     print(summarize_run(demo.run_dir), end="", flush=True)
+    if args.soak or args.chaos:
+        print(worst_incident(demo.run_dir), flush=True)
     status = "reached" if ok else "did NOT reach"
     print(f"stalwart demo: the job {status} step {args.steps} in {time.monotonic() - started:.0f} s; run dir {demo.run_dir}", flush=True)
     return 0 if ok else 1

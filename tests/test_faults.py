@@ -127,3 +127,15 @@ for step in range(1, 10):
     assert proc.returncode == -9, proc.stderr
     assert proc.stdout.split() == ["1", "2", "3"]
     assert [e["fault"] for e in read_events(tmp_path) if e["kind"] == "fault_injected"] == ["kill_rank"]
+
+
+def test_soak_plans_are_seeded_valid_and_spread_over_the_run():
+    from stalwart.runtime.demo import soak_plan
+
+    plan = soak_plan(30, 200, world=8, seed=3)
+    assert plan == soak_plan(30, 200, world=8, seed=3) and plan != soak_plan(30, 200, world=8, seed=4)
+    parsed = FaultPlan.parse(json.dumps(plan))
+    steps = [f.step for f in parsed.faults]
+    assert len(steps) == 30 == len(set(steps)) and 3 <= min(steps) and max(steps) <= 198
+    assert all(f.rank is None or 0 <= f.rank < 8 for f in parsed.faults)
+    assert {f.kind for f in parsed.faults} >= {FaultKind.KILL_RANK, FaultKind.HANG}

@@ -20,6 +20,7 @@ import torch
 from stalwart.runtime.events import EventKind, EventLog
 from stalwart.runtime.faults.plan import FaultKind, FaultPlan, FaultSpec
 
+ANY_NODE = "any"  # a node fault for whichever node gets there first (random soak plans)
 # Faults that one process of a node carries out for the whole node (its local rank 0).
 NODE_KINDS = frozenset({FaultKind.GPU_FAULT, FaultKind.KILL_AGENT})
 
@@ -48,7 +49,7 @@ class FaultInjector:
 
     def mine(self, spec: FaultSpec) -> bool:
         if spec.kind in NODE_KINDS:
-            return spec.node == self.node and self.local_rank == 0
+            return spec.node in (self.node, ANY_NODE) and self.local_rank == 0
         return (spec.rank or 0) == self.rank
 
     def _claim(self, spec: FaultSpec) -> bool:
@@ -59,7 +60,7 @@ class FaultInjector:
             return False
 
     def _record(self, spec: FaultSpec, step: int) -> None:
-        target = spec.node if spec.kind in NODE_KINDS else f"rank{spec.rank or 0}"
+        target = (self.node if spec.node == ANY_NODE else spec.node) if spec.kind in NODE_KINDS else f"rank{spec.rank or 0}"
         self.events.emit(EventKind.FAULT_INJECTED, fault=spec.kind.value, target=target, step=step, spec=spec.to_dict())
         self.events.flush()
 

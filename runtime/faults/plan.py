@@ -52,6 +52,7 @@ class FaultSpec:
     rank: int | None = None
     """The acting global rank; rank 0 when omitted (node-level kinds use ``node`` instead)."""
     node: str | None = None
+    """For node-level kinds: the node's name, or "any" for whichever node's first rank gets there first."""
     seconds: float = 0.0
     steps: int = 1
     bit: int = 30
