@@ -313,20 +313,29 @@ class HealthDaemon:
             path = self.health_dir / f"stacks-{stamp}-rank{entry.rank}.txt"
             _atomic_write(path, text)
             stack_files.append(str(path))
-        culprits = self._hang_culprits(hangs)
+        # A rank whose process stopped or went silent is the hang; ranks still beating wait on it. The
+        # culprit's own limit may not have run out yet (its limits differ), so every local rank is looked at.
+        culprits = self._hang_culprits([e.rank for e in ranks])
+        found = {h.rank: (h.phase, h.last_progress_ts, h.limit_s, h.waited_s) for h in hangs}
+        now = time.monotonic()
+        for rank in culprits.keys() - found.keys():
+            with self._lock:
+                if rank not in self.detector.ranks():
+                    continue
+                phase, last = self.detector.last_progress(rank)
+                found[rank] = (phase, last, self.detector.limit(rank), now - last)
         killed = self.kill_workers(f"hang: {names}")
-        for h in hangs:
-            # A rank whose process stopped or went silent hung; one still beating waits on it. Without
-            # such a culprit on this node every hung rank is reported (the controller sees all nodes).
-            fault = "hang_blocked" if culprits and h.rank not in culprits else "hang"
+        for rank, (phase, last, limit, waited) in sorted(found.items()):
+            # Without a culprit on this node every hung rank is reported (the controller sees all nodes).
+            fault = "hang_blocked" if culprits and rank not in culprits else "hang"
             self.events.emit(
-                EventKind.FAULT_DETECTED, fault=fault, target=f"rank{h.rank}", detector="healthd", last_progress_ts=_wall(h.last_progress_ts),
-                detail={"phase": h.phase.value, "limit_s": round(h.limit_s, 3), "waited_s": round(h.waited_s, 3), "killed_pids": killed,
-                        "stacks": stack_files, "why": culprits.get(h.rank, "still sending heartbeats: blocked in the step")},
+                EventKind.FAULT_DETECTED, fault=fault, target=f"rank{rank}", detector="healthd", last_progress_ts=_wall(last),
+                detail={"phase": phase.value, "limit_s": round(limit, 3), "waited_s": round(waited, 3), "killed_pids": killed,
+                        "stacks": stack_files, "why": culprits.get(rank, "still sending heartbeats: blocked in the step")},
             )
         self.events.flush()
 
-    def _hang_culprits(self, hangs: list) -> dict[int, str]:
+    def _hang_culprits(self, ranks: list[int]) -> dict[int, str]:
         """The hung ranks that are themselves stuck (stopped, or silent), with why; the rest are blocked on them.
 
         Every rank of a synchronous job stops progressing when one hangs, but only the culprit stops
@@ -335,7 +344,7 @@ class HealthDaemon:
         now = time.monotonic()
         out = {}
         with self._lock:
-            entries = {h.rank: self._ranks.get(h.rank) for h in hangs}
+            entries = {rank: self._ranks.get(rank) for rank in ranks}
         for rank, entry in entries.items():
             if entry is None:
                 continue

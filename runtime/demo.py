@@ -165,6 +165,12 @@ class Demo:
                                 stdin=subprocess.DEVNULL)
         node = Node(name, proc, healthd)
         self.nodes.append(node)
+        if len(self.nodes) == 1:  # it hosts the rendezvous store (the node a c10d job can't lose): let it bind first
+            from stalwart.runtime.launcher.services import answers
+
+            deadline = time.monotonic() + 120
+            while not answers(self.rdzv) and proc.poll() is None and time.monotonic() < deadline:
+                time.sleep(0.2)
         return node
 
     def last_step(self) -> int:

@@ -78,6 +78,8 @@ class Cluster:
         log = open(self.run_dir / f"launch-{node}-{len(self.nodes)}.log", "ab")
         proc = subprocess.Popen(argv, cwd=ROOT, env=self.env(), stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
         self.nodes[f"{node}#{len(self.nodes)}"] = proc
+        if len(self.nodes) == 1:
+            wait_until_listening(self.rdzv, proc)  # the first node hosts the rendezvous store: the one node a job can't lose
         return proc
 
     def wait(self, timeout: float = 300) -> dict[str, int]:
@@ -102,6 +104,15 @@ class Cluster:
                 except psutil.NoSuchProcess:
                     pass
             proc.wait(10)
+
+
+def wait_until_listening(address: str, proc: subprocess.Popen, timeout: float = 120) -> None:
+    from stalwart.runtime.launcher.services import answers
+
+    deadline = time.monotonic() + timeout
+    while not answers(address):
+        assert proc.poll() is None and time.monotonic() < deadline, f"nothing listens on {address}"
+        time.sleep(0.2)
 
 
 def events(run_dir: Path) -> list[dict[str, Any]]:

@@ -53,7 +53,8 @@ def test_killed_rank(tmp_path, tmp_path_factory):
     (found,) = faults_detected(cluster.run_dir, "rank_exit")
     assert found["target"] == "rank1" and "SIGKILL" in found["detail"]
     inc = incident(assert_recovered(cluster.run_dir, reference(TP2, tmp_path_factory)), "rank_exit")
-    assert inc.downtime > 0 and inc.restored_step == 4 and inc.lost_steps >= 0
+    # Step 4's async save may still be writing when the rank dies: then step 2 is the newest commit.
+    assert inc.downtime > 0 and inc.restored_step in (2, 4) and inc.lost_steps >= 1
 
 
 def test_hung_rank_is_found_within_10_s_and_restarted(tmp_path, tmp_path_factory):
@@ -92,7 +93,7 @@ def test_killed_during_a_checkpoint_write_resumes_from_the_previous_commit(tmp_p
 def test_corrupted_shard_is_detected_and_the_previous_step_loaded(tmp_path, tmp_path_factory):
     # Step 6 is committed, then one of its shards rots; a crash at step 7 makes the restart read it.
     plan = [{"kind": "ckpt_corrupt", "step": 7}, {"kind": "kill_rank", "step": 7, "rank": 1}]
-    cluster = run_single_node(tmp_path, TP2, plan)
+    cluster = run_single_node(tmp_path, TP2, plan, extra=["--checkpoint.mode", "sync"])  # step 6 surely committed
     evs = events(cluster.run_dir)
     fails = [e for e in evs if e["kind"] == "ckpt_fail" and e.get("step") == 6]
     assert fails and "crc32" in fails[0]["reason"], [e for e in evs if e["kind"] == "ckpt_fail"]
@@ -112,7 +113,7 @@ def test_preemption_commits_exits_0_and_the_requeued_job_continues(tmp_path, tmp
         assert cluster.wait()["node0#1"] == 0, cluster.logs()
     finally:
         cluster.kill_all()
-    assert [e["step"] for e in events(cluster.run_dir) if e["kind"] == "ckpt_load"] == [5]
+    assert {e["step"] for e in events(cluster.run_dir) if e["kind"] == "ckpt_load"} == {5}
     assert_recovered(cluster.run_dir, reference(TP2, tmp_path_factory))
 
 

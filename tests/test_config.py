@@ -59,7 +59,7 @@ def test_parse_overrides_forms():
     assert parse_overrides(["--a.b", "1", "--c.d-e=2"]) == [("a", "b", "1"), ("c", "d_e", "2")]
 
 
-WORLD_FOR_FLAVOR = {"debug": 4, "debug-3d": 8, "1B": 8, "3B": 8, "8B": 64, "70B": 256, "405B": 16384}
+WORLD_FOR_FLAVOR = {"debug": 4, "debug-3d": 8, "demo": 8, "1B": 8, "3B": 8, "8B": 64, "70B": 256, "405B": 16384}
 
 
 def test_every_shipped_config_plans_at_a_realistic_scale():
