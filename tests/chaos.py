@@ -132,7 +132,9 @@ def faults_detected(run_dir: Path, fault: str | None = None) -> list[dict[str, A
     return [e for e in events(run_dir) if e["kind"] == "fault_detected" and (fault is None or e.get("fault") == fault)]
 
 
-def assert_recovered(run_dir: Path, reference: dict[int, float], exact: bool = True) -> GoodputReport:
+def assert_recovered(
+    run_dir: Path, reference: dict[int, float], exact: bool = True, checkpoint_url: str | None = None, options: dict | None = None
+) -> GoodputReport:
     """Target reached, checkpoints intact, losses as fault-free, costs accounted; returns the goodput report."""
     got = trajectory(run_dir)
     assert max(got, default=0) == STEPS, f"the job stopped at step {max(got, default=0)} of {STEPS}"
@@ -149,7 +151,7 @@ def assert_recovered(run_dir: Path, reference: dict[int, float], exact: bool = T
     corrupted = {Path(e["target"]).parent.name for e in evs if e["kind"] == "fault_injected" and e.get("fault") == "ckpt_corrupt_file"}
     for load in (e for e in evs if e["kind"] == "ckpt_load" and e.get("tier") != "memory"):
         assert f"step-{load['step']:08d}" not in corrupted, f"the corrupted step {load['step']} was loaded"
-    manager = CheckpointManager(str(run_dir / "checkpoints"))
+    manager = CheckpointManager(checkpoint_url or str(run_dir / "checkpoints"), options)
     assert manager.latest() == STEPS
     assert manager.verify(STEPS) == []
     manager.close()

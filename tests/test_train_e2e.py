@@ -46,19 +46,27 @@ def run_cli(args: list[str], cwd, timeout: float = 600) -> subprocess.CompletedP
     return out
 
 
+COMMON_3D = ["train", "--config", "debug-3d", "--training.steps", "12", "--data.max_tokens", "200000"]
+
+
+@pytest.fixture(scope="module")
+def single_process_3d(tmp_path_factory) -> list[float]:
+    tmp = tmp_path_factory.mktemp("single")
+    out = run_cli([sys.executable, "-m", "stalwart", *COMMON_3D, "--parallel.tp", "1", "--parallel.pp", "1", "--job.run_dir", str(tmp / "run")], tmp)
+    return step_losses(out.stdout)
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("launcher", ["stalwart", "torchrun"])
-def test_3d_config_trains_like_the_single_process_run(launcher, tmp_path):
+def test_3d_config_trains_like_the_single_process_run(launcher, single_process_3d, tmp_path):
     """tp2 × pp2 × dp2 on 8 ranks follows the single-process loss curve of the same config."""
-    common = ["train", "--config", "debug-3d", "--training.steps", "12", "--data.max_tokens", "200000"]
-    single = run_cli([sys.executable, "-m", "stalwart", *common, "--parallel.tp", "1", "--parallel.pp", "1",
-                      "--job.run_dir", str(tmp_path / "single")], tmp_path)
+    common = COMMON_3D
     if launcher == "stalwart":
         cmd = [sys.executable, "-m", "stalwart", *common, "--nproc-per-node", "8"]
     else:
         cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "8", "-m", "stalwart", *common]
     parallel = run_cli([*cmd, "--job.run_dir", str(tmp_path / "parallel")], tmp_path)
-    ref, got = step_losses(single.stdout), step_losses(parallel.stdout)
+    ref, got = single_process_3d, step_losses(parallel.stdout)
     assert len(ref) == len(got) == 12
     assert got[-1] < got[0] - 1.5, got  # it learns
     for r, g in zip(ref, got):  # the printed losses (4 decimals) follow the reference
