@@ -194,7 +194,8 @@ def test_several_faults_in_one_run_a_write_killed_half_way_then_a_hang(tmp_path,
     loads = [e["step"] for e in events(cluster.run_dir) if e["kind"] == "ckpt_load"]
     assert loads and loads[0] == 2  # rank 0, the committer, died mid-write: step 4 never became visible
     report = assert_recovered(cluster.run_dir, reference(TP2, tmp_path_factory))
-    assert [f.get("fault") for f in faults_detected(cluster.run_dir) if f.get("fault") in ("rank_exit", "hang")] == ["rank_exit", "hang"]
+    seen = [f.get("fault") for f in faults_detected(cluster.run_dir) if f.get("fault") in ("rank_exit", "hang")]
+    assert seen[:2] == ["rank_exit", "hang"], seen  # healthd kills the hung group: the agent then sees exits too
     for fault in ("rank_exit", "hang"):
         incident(report, fault)
 

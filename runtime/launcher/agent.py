@@ -176,9 +176,14 @@ class StalwartAgent(LocalElasticAgent):
         failures = {rank: f for rank, f in result.failures.items() if f.exitcode != EXIT_REJOIN}
         if not failures:
             return
-        # A rank killed by a signal is the likelier cause than one that raised after losing its peer
-        # (a closed connection); torch's failure timestamps are whole seconds, so they break ties only.
-        rank, first = min(failures.items(), key=lambda kv: (kv[1].exitcode >= 0, kv[1].timestamp, kv[0]))
+        # The cause, most likely first: killed by a signal; then failed with an error (often a closed
+        # connection to the dead peer); last SIGTERM, which torch sends the survivors itself.
+        # Torch's failure timestamps are whole seconds: they only break ties.
+        def blame(kv: tuple[int, Any]) -> tuple:
+            code = kv[1].exitcode
+            return (code == -signal.SIGTERM, code >= 0, kv[1].timestamp, kv[0])
+
+        rank, first = min(failures.items(), key=blame)
         how = f"signal {signal.Signals(-first.exitcode).name}" if first.exitcode < 0 else f"exit code {first.exitcode}"
         self.events.emit(EventKind.FAULT_DETECTED, fault="rank_exit", target=f"rank{rank}", detector="agent", node_id=self.opts.node_id,
                          detail=f"rank {rank} ended with {how}; {len(failures)} local rank(s) failed")
