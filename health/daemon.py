@@ -313,7 +313,7 @@ class HealthDaemon:
             path = self.health_dir / f"stacks-{stamp}-rank{entry.rank}.txt"
             _atomic_write(path, text)
             stack_files.append(str(path))
-        # A rank whose process stopped or went silent is the hang; ranks still beating wait on it. The
+        # A rank whose process is stopped is the hang; the others wait on it. The
         # culprit's own limit may not have run out yet (its limits differ), so every local rank is looked at.
         culprits = self._hang_culprits([e.rank for e in ranks])
         found = {h.rank: (h.phase, h.last_progress_ts, h.limit_s, h.waited_s) for h in hangs}
@@ -336,23 +336,21 @@ class HealthDaemon:
         self.events.flush()
 
     def _hang_culprits(self, ranks: list[int]) -> dict[int, str]:
-        """The hung ranks that are themselves stuck (stopped, or silent), with why; the rest are blocked on them.
+        """The local ranks that are themselves stuck, with why; the rest are blocked on them.
 
-        Every rank of a synchronous job stops progressing when one hangs, but only the culprit stops
-        sending heartbeats: the others' heartbeat threads keep running while they wait in a collective.
+        Every rank of a synchronous job stops progressing when one hangs; the process state tells
+        the one that was stopped from those waiting for it.
         """
-        now = time.monotonic()
         out = {}
         with self._lock:
             entries = {rank: self._ranks.get(rank) for rank in ranks}
         for rank, entry in entries.items():
             if entry is None:
                 continue
-            status = _status(entry.pid)
-            if status == psutil.STATUS_STOPPED:
+            # Only a stopped process is a sure culprit: a rank blocked in a collective that holds the
+            # GIL also stops sending heartbeat messages, so silence alone names no one.
+            if _status(entry.pid) in (psutil.STATUS_STOPPED, psutil.STATUS_TRACING_STOP):
                 out[rank] = "process stopped (SIGSTOP or a debugger)"
-            elif now - entry.heard_mono > MAX_BEAT_AGE_S:
-                out[rank] = f"no heartbeat message for {now - entry.heard_mono:.1f}s: the whole process is stuck"
         return out
 
     def _dump_stacks(self, entry: _Rank) -> str:
