@@ -15,7 +15,6 @@ from pathlib import Path
 
 import pytest
 from browser import chromium, full_page_screenshot  # noqa: F401  (chromium is a fixture)
-from selenium.webdriver.common.by import By
 from stalwart.health.probes import FAULT_INJECTION_ENV
 from stalwart.runtime.events import EventKind, EventLog
 from stalwart.runtime.goodput.accounting import CATEGORIES
@@ -58,9 +57,37 @@ def a_finished_stretch_of_training(run_dir: Path) -> None:
     manager.close()
 
 
-def page_node(driver, node: str):
-    found = driver.find_elements(By.CSS_SELECTOR, f'.node[data-node="{node}"]')
-    return found[0] if found else None
+# The page re-renders its panels on every poll, so element handles go stale between two WebDriver calls.
+# Everything the test reads is taken in one script run, which JavaScript's single thread makes atomic.
+PAGE_SNAPSHOT_JS = """
+const all = (sel, root = document) => [...root.querySelectorAll(sel)];
+const text = (root, cls) => { const e = root.querySelector("." + cls); return e ? e.textContent : null; };
+return {
+  polls: Number(document.body.dataset.polls),
+  step: document.getElementById("step").textContent,
+  runDir: document.getElementById("job-run-dir").textContent,
+  goodputRatio: document.getElementById("goodput-ratio").textContent,
+  badput: Object.fromEntries(all("#badput-body tr[data-category]").map((r) => [r.dataset.category, text(r, "seconds")])),
+  checkpoints: all("#checkpoints-body tr[data-step]").map((r) => [Number(r.dataset.step), r.dataset.verified]),
+  incidents: all("#incidents-body tr[data-incident]").map((r) => r.dataset.incident),
+  nodes: Object.fromEntries(all(".node[data-node]").map((n) => [n.dataset.node, {
+    state: n.dataset.state,
+    fatalGpus: all("[data-gpu][data-fatal=true]", n).map((g) => g.dataset.gpu),
+    ranks: Object.fromEntries(all("tr[data-rank]", n).map((r) => [r.dataset.rank, {
+      step: text(r, "step"), stepSeconds: text(r, "step-seconds"), stragglerScore: text(r, "straggler-score")}])),
+  }])),
+  lastState: window.__lastState || null,
+  sameDocument: window.__sameDocument === true,
+};
+"""
+
+
+def page(driver) -> dict:
+    return driver.execute_script(PAGE_SNAPSHOT_JS)
+
+
+def node_state(driver, node: str) -> str | None:
+    return page(driver)["nodes"].get(node, {}).get("state")
 
 
 @pytest.mark.filterwarnings("ignore:torch.distributed is disabled")
@@ -81,45 +108,38 @@ def test_dashboard_follows_the_controller_live(chromium, tmp_path, token_file): 
 
         chromium.get(f"http://{http_addr}/")
         chromium.execute_script("window.__sameDocument = true")
-        wait_for(lambda: (n := page_node(chromium, "0")) and n.get_attribute("data-state") == "HEALTHY"
-                 and n.find_elements(By.CSS_SELECTOR, 'tr[data-rank="0"]')
-                 and chromium.find_elements(By.CSS_SELECTOR, "#checkpoints-body tr[data-step]"), 30, "node 0 HEALTHY with rank 0 on the page")
-        wait_for(lambda: int(chromium.find_element(By.ID, "step").text) > 0, 10, "a step count")
+        wait_for(lambda: (n := page(chromium)["nodes"].get("0")) and n["state"] == "HEALTHY" and "0" in n["ranks"]
+                 and page(chromium)["checkpoints"], 30, "node 0 HEALTHY with rank 0 on the page")
+        wait_for(lambda: page(chromium)["step"].isdigit() and int(page(chromium)["step"]) > 0, 10, "a step count")
 
         # Slow-moving numbers: the page shows what /api/state says now.
-        state = api_state(http_addr)
-        assert chromium.find_element(By.ID, "job-run-dir").text == state["job"]["run_dir"]
-        assert chromium.find_element(By.ID, "goodput-ratio").text == f"{100 * state['goodput']['ratio']:.2f} %"
-        badput = {r.get_attribute("data-category"): r.find_element(By.CLASS_NAME, "seconds").text
-                  for r in chromium.find_elements(By.CSS_SELECTOR, "#badput-body tr[data-category]")}
-        assert badput == {c: f"{state['goodput']['badput_s'][c]:.2f}" for c in CATEGORIES}
-        shown = [(int(r.get_attribute("data-step")), r.get_attribute("data-verified"))
-                 for r in chromium.find_elements(By.CSS_SELECTOR, "#checkpoints-body tr[data-step]")]
-        assert sorted(shown) == [(c["step"], str(c["verified"]).lower()) for c in state["checkpoints"]] == [(1, "true"), (2, "false")]
-        assert page_node(chromium, "0").get_attribute("data-state") == node_of(state, "0")["state"] == "HEALTHY"
+        state, shown = api_state(http_addr), page(chromium)
+        assert shown["runDir"] == state["job"]["run_dir"]
+        assert shown["goodputRatio"] == f"{100 * state['goodput']['ratio']:.2f} %"
+        assert shown["badput"] == {c: f"{state['goodput']['badput_s'][c]:.2f}" for c in CATEGORIES}
+        assert sorted(map(tuple, shown["checkpoints"])) == [(c["step"], str(c["verified"]).lower()) for c in state["checkpoints"]] \
+            == [(1, "true"), (2, "false")]
+        assert shown["nodes"]["0"]["state"] == node_of(state, "0")["state"] == "HEALTHY"
         # Fast-moving numbers (ages, step, rate): the page shows exactly the state it last fetched.
-        seen = chromium.execute_script("return window.__lastState")
-        rank = node_of(seen, "0")["ranks"][0]
-        row = page_node(chromium, "0").find_element(By.CSS_SELECTOR, 'tr[data-rank="0"]')
-        if int(row.find_element(By.CLASS_NAME, "step").text) == rank["step"]:  # not re-rendered in between
-            assert row.find_element(By.CLASS_NAME, "step-seconds").text == f"{rank['step_seconds']:.3f}"
-            assert row.find_element(By.CLASS_NAME, "straggler-score").text.startswith(f"{rank['straggler_score']:.2f}")
-        assert rank["step"] > 0 and seen["job"] == state["job"]
+        rank = node_of(shown["lastState"], "0")["ranks"][0]
+        row = shown["nodes"]["0"]["ranks"]["0"]
+        assert row["step"] == str(rank["step"])
+        assert row["stepSeconds"] == f"{rank['step_seconds']:.3f}"
+        assert row["stragglerScore"].startswith(f"{rank['straggler_score']:.2f}")
+        assert rank["step"] > 0 and shown["lastState"]["job"] == state["job"]
         full_page_screenshot(chromium, tmp_path / "dashboard-healthy.png")
 
-        polls = int(chromium.find_element(By.TAG_NAME, "body").get_attribute("data-polls"))
+        polls = page(chromium)["polls"]
         (tmp_path / "faults").mkdir(exist_ok=True)
         (tmp_path / "faults" / "gpu-0.json").write_text(json.dumps({"gpu": 0, "fault": "xid", "code": 79}))
         t0 = time.monotonic()
-        wait_for(lambda: page_node(chromium, "0").get_attribute("data-state") in ("UNHEALTHY", "EXCLUDED"), 20,
-                 "node 0 UNHEALTHY or EXCLUDED on the page")
-        print(f"\ninjected XID 79 -> dashboard shows node 0 {page_node(chromium, '0').get_attribute('data-state')} "
-              f"after {time.monotonic() - t0:.2f}s")
-        assert chromium.execute_script("return window.__sameDocument === true"), "the page reloaded"
-        assert int(chromium.find_element(By.TAG_NAME, "body").get_attribute("data-polls")) > polls
-        wait_for(lambda: page_node(chromium, "0").find_elements(By.CSS_SELECTOR, '[data-gpu="0"][data-fatal="true"]'), 10,
-                 "the dead GPU marked fatal")
-        wait_for(lambda: chromium.find_elements(By.CSS_SELECTOR, '#incidents-body tr[data-incident="gpu"]'), 10, "the GPU incident")
+        wait_for(lambda: node_state(chromium, "0") in ("UNHEALTHY", "EXCLUDED"), 20, "node 0 UNHEALTHY or EXCLUDED on the page")
+        print(f"\ninjected XID 79 -> dashboard shows node 0 {node_state(chromium, '0')} after {time.monotonic() - t0:.2f}s")
+        shown = page(chromium)
+        assert shown["sameDocument"], "the page reloaded"
+        assert shown["polls"] > polls
+        wait_for(lambda: "0" in page(chromium)["nodes"]["0"]["fatalGpus"], 10, "the dead GPU marked fatal")
+        wait_for(lambda: "gpu" in page(chromium)["incidents"], 10, "the GPU incident")
         assert node_of(api_state(http_addr), "0")["state"] in ("UNHEALTHY", "EXCLUDED")
         shot = full_page_screenshot(chromium, tmp_path / "dashboard-fault.png")
         assert shot.stat().st_size > 20_000
