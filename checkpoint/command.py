@@ -49,10 +49,10 @@ def add_ckpt_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
 def open_checkpoints(run: str, s3_endpoint: str | None = None):
     """The :class:`CheckpointManager` of RUN, read-only; a missing run is a :class:`CkptUsageError`."""
     from stalwart.checkpoint.manager import CheckpointManager
+    from stalwart.checkpoint.storage import s3_storage_options
 
     if "://" in run and not run.startswith("file://"):
-        options = {"client_kwargs": {"endpoint_url": s3_endpoint}} if s3_endpoint else None
-        manager = CheckpointManager(run, options)
+        manager = CheckpointManager(run, s3_storage_options(s3_endpoint or ""))
     else:
         path = Path(run.removeprefix("file://"))
         root = path / "checkpoints" if (path / "checkpoints").is_dir() else path

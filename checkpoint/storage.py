@@ -22,6 +22,21 @@ from fsspec.core import url_to_fs
 from fsspec.implementations.local import LocalFileSystem
 
 
+def s3_storage_options(endpoint: str = "", max_attempts: int = 0) -> dict[str, Any] | None:
+    """fsspec options for an S3 root: a custom endpoint (S3-compatible stores) and botocore's attempt budget.
+
+    botocore retries a refused connection with exponential back-off; with its default budget a
+    write during a store outage takes tens of seconds to fail, and the next save waits for it.
+    ``max_attempts`` 0 keeps botocore's default.
+    """
+    options: dict[str, Any] = {}
+    if endpoint:
+        options["client_kwargs"] = {"endpoint_url": endpoint}
+    if max_attempts > 0:
+        options["config_kwargs"] = {"retries": {"max_attempts": max_attempts, "mode": "standard"}}
+    return options or None
+
+
 class Storage:
     """Bytes in, bytes out, under ``base_url``; ``storage_options`` go to ``fsspec.url_to_fs``."""
 

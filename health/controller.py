@@ -25,7 +25,6 @@ import concurrent.futures
 import json
 import logging
 import math
-import signal
 import sys
 import threading
 import time
@@ -42,9 +41,10 @@ from stalwart.health.exclusion import Exclusion, ExclusionList, ExclusionPolicy,
 from stalwart.health.proto import controller_pb2, controller_pb2_grpc, healthd_pb2, healthd_pb2_grpc
 from stalwart.health.rollback import RollbackOrder, write_rollback_order
 from stalwart.health.security import TlsConfig, TokenError, add_port, open_channel, read_token, token_matches
+from stalwart.health.serving import serve_until_signalled
 from stalwart.health.straggler import RankScore, StragglerConfig, StragglerDetector
 from stalwart.runtime.events import EventKind, EventLog, read_events
-from stalwart.runtime.goodput.accounting import CATEGORIES, compute_goodput
+from stalwart.runtime.goodput.accounting import CATEGORIES, attribute_hangs, compute_goodput
 
 log = logging.getLogger(__name__)
 
@@ -375,8 +375,9 @@ class JobController:
             if ckpt.get("enabled") is False:
                 return None
             url = ckpt.get("url") or str(self.run_dir / "checkpoints")
-            if ckpt.get("s3_endpoint"):
-                options = {"client_kwargs": {"endpoint_url": ckpt["s3_endpoint"]}}
+            from stalwart.checkpoint.storage import s3_storage_options
+
+            options = s3_storage_options(str(ckpt.get("s3_endpoint") or ""), int(ckpt.get("s3_max_attempts") or 0))
         with self._checkpoints_lock:
             if self._checkpoints is None or self._checkpoints[0] != url:
                 from stalwart.checkpoint.manager import CheckpointManager
@@ -559,9 +560,11 @@ def _node_of(event: dict[str, Any]) -> str:
 def _incidents_from_events(events: list[dict[str, Any]]) -> tuple[list[dict[str, Any]], dict[str, int]]:
     """Faults, exclusions and rollbacks from the event log in the /api/state incident shape."""
     out = []
+    attributed = iter(attribute_hangs([e for e in events if e["kind"] == "fault_detected"]))  # same order
     for e in events:
         kind = e["kind"]
         if kind == "fault_detected":
+            e = next(attributed)
             target = str(e.get("target") or "")
             rank = _int(target[4:]) if target.startswith("rank") else e.get("rank")
             detail = e.get("detail")
@@ -629,10 +632,4 @@ def controller_main(argv: list[str] | None = None) -> int:
         print(f"stalwart controller: error: {e}", file=sys.stderr)
         return 2
     print(f"controller listening on {controller.grpc_address} (gRPC) and {controller.http_address} (HTTP)", flush=True)
-    stop = threading.Event()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(sig, lambda *_: stop.set())
-    while not stop.wait(1.0):
-        pass
-    controller.stop()
-    return 0
+    return serve_until_signalled(controller.stop)

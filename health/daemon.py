@@ -45,6 +45,7 @@ from stalwart.health.hang import HangConfig, HangDetector, Phase
 from stalwart.health.probes import FaultInjectionProbe, GpuIssue, GpuProbe, GpuReport, HostProbe, HostReport
 from stalwart.health.proto import healthd_pb2, healthd_pb2_grpc
 from stalwart.health.security import TlsConfig, TokenError, read_token
+from stalwart.health.serving import serve_until_signalled
 from stalwart.runtime.events import EventKind, EventLog
 
 log = logging.getLogger(__name__)
@@ -326,12 +327,14 @@ class HealthDaemon:
                 found[rank] = (phase, last, self.detector.limit(rank), now - last)
         killed = self.kill_workers(f"hang: {names}")
         for rank, (phase, last, limit, waited) in sorted(found.items()):
-            # Without a culprit on this node every hung rank is reported (the controller sees all nodes).
+            # Without a culprit on this node every hung rank is reported as ``hang``; the goodput
+            # accounting reads them as blocked when another node found the culprit (attribute_hangs).
             fault = "hang_blocked" if culprits and rank not in culprits else "hang"
             self.events.emit(
                 EventKind.FAULT_DETECTED, fault=fault, target=f"rank{rank}", detector="healthd", last_progress_ts=_wall(last),
                 detail={"phase": phase.value, "limit_s": round(limit, 3), "waited_s": round(waited, 3), "killed_pids": killed,
-                        "stacks": stack_files, "why": culprits.get(rank, "still sending heartbeats: blocked in the step")},
+                        "stacks": stack_files, "why": culprits.get(rank, "no progress; its process is running (blocked or wedged)"),
+                        "culprit_found_here": bool(culprits)},
             )
         self.events.flush()
 
@@ -575,10 +578,4 @@ def healthd_main(argv: list[str] | None = None) -> int:
         print(f"stalwart healthd: {e}", file=sys.stderr)
         return 2
     print(f"healthd node {args.node} listening on {address}", flush=True)
-    stop = threading.Event()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(sig, lambda *_: stop.set())
-    while not stop.wait(1.0):
-        pass
-    daemon.stop()
-    return 0
+    return serve_until_signalled(daemon.stop)

@@ -108,6 +108,8 @@ class CheckpointConfig:
     """A path or s3://bucket/prefix; empty means RUN_DIR/checkpoints."""
     s3_endpoint: str = ""
     """endpoint_url for S3-compatible stores (e.g. a local test server)."""
+    s3_max_attempts: int = 0
+    """Attempts per S3 request before a save gives up (botocore, standard mode); 0 keeps botocore's default."""
     interval: int = 50
     """Save every this many steps (and at the last step)."""
     mode: Literal["async", "sync"] = "async"
@@ -320,6 +322,8 @@ def validate(cfg: Config) -> None:
     ):
         if value < 1:
             raise ConfigError(f"{key} = {value} must be at least 1")
+    if cfg.checkpoint.s3_max_attempts < 0:
+        raise ConfigError(f"checkpoint.s3_max_attempts = {cfg.checkpoint.s3_max_attempts} must be 0 (botocore's default) or a number of attempts")
     if cfg.checkpoint.memory_interval < 0:
         raise ConfigError(f"checkpoint.memory_interval = {cfg.checkpoint.memory_interval} must be 0 (off) or a number of steps")
     if cfg.checkpoint.preemption_grace_s <= 0:

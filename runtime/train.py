@@ -19,6 +19,7 @@ import torch
 import torch.distributed as dist
 
 from stalwart.checkpoint.manager import CheckpointManager, NoCheckpointError
+from stalwart.checkpoint.storage import s3_storage_options
 from stalwart.checkpoint.memory_tier import MemoryTier, default_memory_dir
 from stalwart.checkpoint.preemption import grace_deadline
 from stalwart.model.args import ModelArgs, get_flavor
@@ -299,7 +300,7 @@ class Trainer:
         c = self.cfg.checkpoint
         if not c.enabled:
             return None
-        options = {"client_kwargs": {"endpoint_url": c.s3_endpoint}} if c.s3_endpoint else None
+        options = s3_storage_options(c.s3_endpoint, c.s3_max_attempts)
         memory = None
         if c.memory_interval > 0:
             fingerprint = f"{self.env.world_size}:{sorted(self.dims.as_dict().items())}:{self.cfg.layout_hash()}"

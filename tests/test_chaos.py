@@ -129,6 +129,8 @@ def test_dead_gpu_excludes_its_node_and_the_job_finishes_on_the_rest(tmp_path, t
     excluded = [e for e in events(cluster.run_dir) if e["kind"] == "node_excluded"]
     assert excluded and "node1" in json.dumps(excluded[0])
     assert "node1" in json.loads((cluster.run_dir / "excluded_nodes.json").read_text())
+    worlds = [e["world_size"] for e in events(cluster.run_dir) if e["kind"] == "worker_start" and e.get("role") == "agent" and e.get("node_id") == "node0"]
+    assert 4 in worlds and worlds[-1] == 2, worlds  # node0 trained with node1, then re-formed alone: dp halved
     detect = gpu[0]["ts"] - next(e["ts"] for e in events(cluster.run_dir) if e["kind"] == "fault_injected" and e["fault"] == "gpu_fault")
     print(f"dead GPU detected {detect:.2f} s after injection")
     assert detect <= 5.0
@@ -207,17 +209,22 @@ def test_s3_outage_training_goes_on_and_nothing_committed_is_lost(tmp_path, tmp_
     s3.start()
     s3.make_bucket("chaos")
     url = "s3://chaos/run"
-    cluster = Cluster(tmp_path / "run", TP2, extra=["--checkpoint.url", url, "--checkpoint.s3_endpoint", s3.endpoint])
+    cluster = Cluster(tmp_path / "run", TP2, extra=["--checkpoint.url", url, "--checkpoint.s3_endpoint", s3.endpoint, "--checkpoint.s3_max_attempts", "2"])
     try:
         cluster.start("node0")
         while max(trajectory(cluster.run_dir), default=0) < 3:
             assert cluster.nodes["node0#0"].poll() is None, cluster.logs()
             time.sleep(0.2)
-        before = CheckpointManager(url, s3.storage_options()).committed_steps()
-        s3.stop()  # the store goes away mid-run (saves of steps 4 and 6 meet the outage)
-        while max(trajectory(cluster.run_dir), default=0) < 7:
+        s3.stop()  # the store goes away mid-run: the next saves meet the outage
+        down_at = max(trajectory(cluster.run_dir))
+        before = [e["step"] for e in events(cluster.run_dir) if e["kind"] == "ckpt_commit"]
+        # Held down until a save has failed (after botocore's 2 attempts) and training went on.
+        deadline = time.monotonic() + 120
+        while not ([e for e in events(cluster.run_dir) if e["kind"] == "ckpt_fail"] and max(trajectory(cluster.run_dir)) >= down_at + 2):
             assert cluster.nodes["node0#0"].poll() is None, cluster.logs()
+            assert time.monotonic() < deadline, f"no failed save reported within 120 s of the outage:\n{cluster.logs()}"
             time.sleep(0.2)
+        assert max(trajectory(cluster.run_dir)) < STEPS, "the job finished during the outage (its last save is synchronous)"
         s3.start()
         assert cluster.wait() == {"node0#0": 0}, cluster.logs()
         fails = [e for e in events(cluster.run_dir) if e["kind"] == "ckpt_fail"]

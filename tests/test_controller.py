@@ -20,7 +20,7 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from prometheus_client.parser import text_string_to_metric_families
 
-from stalwart.health.controller import ControllerConfig, JobController, _daemon_address, controller_main
+from stalwart.health.controller import ControllerConfig, JobController, _daemon_address, _incidents_from_events, controller_main
 from stalwart.health.controller_client import TOKEN_METADATA, ControllerClient
 from stalwart.health.daemon import HealthDaemon
 from stalwart.health.exclusion import EXCLUDED_FILE, ExclusionList, ExclusionPolicy, StrikeBook
@@ -340,9 +340,11 @@ def test_controller_down_training_side_keeps_going_and_catches_up(tmp_path, toke
         def caught_up():
             state = api_state(http)
             n0, n7 = node_of(state, "0"), node_of(state, "7")
-            return n0 and n7 and [r["rank"] for r in n0["ranks"]] == [0] and n0["ranks"][0]["step_seconds"] > 0 and n7["ranks"][0]["step"] == 5
+            # Node 0 appears with the rank's own metrics first; its healthd's report (heartbeat age >= 0) may come later.
+            return (n0 and n7 and n0["heartbeat_age_s"] >= 0 and [r["rank"] for r in n0["ranks"]] == [0]
+                    and n0["ranks"][0]["step_seconds"] > 0 and n7["ranks"][0]["step"] == 5)
 
-        wait_for(caught_up, 20, "the returned controller to see node 0, rank 0 and the queued metrics")
+        wait_for(caught_up, 20, "the returned controller to see node 0's healthd, rank 0 and the queued metrics")
         print(f"\ncontroller back -> caught up in {time.monotonic() - t0:.2f}s")
         assert node_of(api_state(http), "0")["state"] == "HEALTHY"
         with grpc.insecure_channel(address) as channel:
@@ -494,3 +496,13 @@ def test_controller_cli_errors_are_one_line(tmp_path, monkeypatch, capsys):
             assert controller_main(base + args) == 2
             err = capsys.readouterr().err.strip().splitlines()
             assert err[-1].startswith("stalwart controller: error:") and fix in err[-1], err
+
+
+def test_incident_list_names_the_hung_rank_not_the_ranks_blocked_on_other_nodes():
+    def hang(ts: float, node: str, rank: int, found_here: bool) -> dict:
+        return {"ts": ts, "kind": "fault_detected", "role": "healthd", "node": node, "fault": "hang", "target": f"rank{rank}",
+                "detector": "healthd", "detail": {"culprit_found_here": found_here}}
+
+    incidents, counts = _incidents_from_events([hang(100.0, "a", 0, False), hang(101.0, "b", 2, True), {"ts": 102.0, "kind": "step_end"}])
+    assert [(i["rank"], i["kind"]) for i in incidents] == [(0, "hang_blocked"), (2, "hang")]
+    assert counts == {"hang_blocked": 1, "hang": 1}

@@ -163,6 +163,25 @@ def test_unexplained_restart_and_rollback():
     assert report.incidents[0].downtime == pytest.approx(12.0)  # last event 10 .. stepping again at 22
 
 
+def test_hang_seen_from_two_nodes_is_charged_to_the_node_that_found_the_culprit():
+    """Rank 2 on host b is SIGSTOPped: b names it (and its node mate 3 blocked); a sees 0 and 1 stall, no culprit."""
+    def hang(t, host, rank, fault, found_here):
+        return ev(t, "fault_detected", host, role="healthd", fault=fault, target=f"rank{rank}", detector="healthd",
+                  last_progress_ts=T0 + 10, detail={"culprit_found_here": found_here})
+
+    base = [ev(0, "clock", mono=0.0), ev(0, "init_done", seconds=0.0)] + steps(1, 5, 0.0, "a", 0, 0, data_s=0.0)
+    log = base + [hang(14, "a", 0, "hang", False), hang(14, "a", 1, "hang", False),
+                  hang(15, "b", 2, "hang", True), hang(15, "b", 3, "hang_blocked", True)]
+    faults = {i.target: i.fault for i in compute_goodput(log).incidents}
+    assert faults == {"rank0": "hang_blocked", "rank1": "hang_blocked", "rank2": "hang", "rank3": "hang_blocked"}
+    # One node alone, no culprit (a wedged thread, not a stopped process): its ranks stay the hang.
+    alone = base + [hang(14, "a", 0, "hang", False), hang(14, "a", 1, "hang", False)]
+    assert {i.target: i.fault for i in compute_goodput(alone).incidents} == {"rank0": "hang", "rank1": "hang"}
+    # A culprit found much later is another incident: it does not relabel this one.
+    later = alone + [hang(14 + 61, "b", 2, "hang", True)]
+    assert [i.fault for i in compute_goodput(later).incidents] == ["hang", "hang", "hang"]
+
+
 def test_since_until_window():
     report = compute_goodput(hand_log(), since=T0 + 20.0, until=T0 + 70.0)
     assert report.wall_seconds == pytest.approx(50.0, abs=1e-9)

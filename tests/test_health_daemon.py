@@ -85,6 +85,7 @@ def test_sigstopped_rank_is_detected_dumped_and_killed(daemon, tmp_path):
     assert event["detail"]["limit_s"] == FAST.floor_s  # 5 x ~0.2 s steps is below the floor
     assert latency <= 10.0
     assert event["detail"]["killed_pids"] == [proc.pid]
+    assert event["detail"]["culprit_found_here"] is True  # the stopped process is the culprit
     (stacks,) = event["detail"]["stacks"]
     text = Path(stacks).read_text()
     assert Path(stacks).parent == tmp_path / "health" and "rank0" in Path(stacks).name
@@ -107,6 +108,7 @@ def test_wedged_training_thread_is_caught_and_faulthandler_fallback_dumps(daemon
         proc.kill()
         proc.wait()
     assert event["target"] == "rank2" and event["detail"]["phase"] == "STEP"
+    assert event["detail"]["culprit_found_here"] is False  # running, just not progressing: no sure culprit
     text = Path(event["detail"]["stacks"][0]).read_text()
     assert "method: SIGUSR1 faulthandler" in text and "in stuck_in_collective" in text, text
 

@@ -199,6 +199,13 @@ class Node:
             time.sleep(0.3)
         raise AssertionError(f"{self.name}: no /{pattern}/ within {timeout}s:\n{self.text()[-4000:]}")
 
+    def exit_code(self, timeout: float) -> int:
+        """The launcher's exit code; a launcher still running after ``timeout`` fails the test with its log."""
+        try:
+            return self.proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            raise AssertionError(f"{self.name} still running after {timeout}s:\n{self.text()[-4000:]}") from None
+
     def stop(self) -> None:
         if self.proc.poll() is None:
             kill_tree(self.proc)
@@ -233,7 +240,12 @@ def committed(run_dir: Path) -> set[int]:
 
 
 @pytest.mark.slow
-def test_kill_a_node_shrink_then_grow_then_preempt_and_relaunch(tmp_path):
+def test_sigterm_to_both_launchers_commits_once_exits_0_and_a_smaller_relaunch_continues(tmp_path):
+    """Preemption of a 2-node job, then a requeue that got one node: dp halves, the state reshards.
+
+    Killing a node's agent, the re-formed smaller group and a new node growing the job back are in
+    tests/test_chaos.py (lost node); a node leaving with exit 93 there too (dead GPU).
+    """
     run_dir, port = tmp_path / "run", free_port()
 
     def argv(node_id: str, steps: int = 100000) -> list[str]:
@@ -244,41 +256,24 @@ def test_kill_a_node_shrink_then_grow_then_preempt_and_relaunch(tmp_path):
     try:
         for n in nodes:
             n.wait_for(r"node rank \d of 2 \(2 training\)", timeout=180)
-        wait_any(nodes, r"^step +4/", timeout=180)
-        host = next(n for n in nodes if "hosting the rendezvous store" in n.text())
-        victim = next(n for n in nodes if n is not host)
-        mark = len(host.text())
-        kill_tree(victim.proc)  # the node dies: its agent and its ranks, no clean-up
-
-        host.wait_for(r"node rank 0 of 1 \(1 training\)", timeout=120, after=mark)
-        resumed = int(host.wait_for(r"^resumed from step (\d+)", timeout=180, after=mark).group(1))
-        assert resumed >= 2 and resumed in committed(run_dir)
-        host.wait_for(rf"^step +{resumed + 2}/", timeout=120, after=mark)  # trains on alone, dp halved
-
-        mark = len(host.text())
-        joiner = Node("C", argv("C"), tmp_path)
-        nodes.append(joiner)
-        host.wait_for(r"node rank \d of 2 \(2 training\)", timeout=180, after=mark)
-        marks = {n.name: len(n.text()) for n in nodes}
-        wait_any([host, joiner], r"^step +\d+/", timeout=180, after=marks)  # a step with the grown group
-
-        for n in (host, joiner):
+        wait_any(nodes, r"^step +3/", timeout=180)
+        for n in nodes:
             n.proc.send_signal(signal.SIGTERM)
-        assert host.proc.wait(timeout=120) == 0, host.text()[-3000:]
-        assert joiner.proc.wait(timeout=120) == 0, joiner.text()[-3000:]
-        saved = [int(s) for n in (host, joiner) for s in re.findall(r"^preempted: committed step (\d+)", n.text()[marks[n.name]:], re.MULTILINE)]
+        for n in nodes:
+            assert n.exit_code(120) == 0, n.text()[-3000:]
+        saved = [int(s) for n in nodes for s in re.findall(r"^preempted: committed step (\d+)", n.text(), re.MULTILINE)]
         assert len(saved) == 1, saved  # rank 0 reports the emergency checkpoint of the whole job
         last = saved[0]
-        assert last in committed(run_dir)
-        assert world_sizes(run_dir)[-3:] == [4, 2, 4], world_sizes(run_dir)
+        assert last >= 3 and last in committed(run_dir)
 
         target = last + 3
         relaunch = Node("A2", argv("A", steps=target), tmp_path)
         nodes.append(relaunch)
-        assert relaunch.proc.wait(timeout=240) == 0, relaunch.text()[-3000:]
+        assert relaunch.exit_code(240) == 0, relaunch.text()[-3000:]
         assert f"resumed from step {last}" in relaunch.text()
         assert re.search(rf"^step +{target}/{target}", relaunch.text(), re.MULTILINE)
         assert "training finished" in relaunch.text()
+        assert world_sizes(run_dir) == [4, 2], world_sizes(run_dir)
     finally:
         for n in nodes:
             n.stop()
@@ -296,49 +291,11 @@ def test_third_node_idles_as_hot_spare_and_ends_with_the_job(tmp_path):
         for n in nodes:
             n.wait_for(r"node rank \d of 3 \(2 training\)", timeout=180)
         for n in nodes:
-            assert n.proc.wait(timeout=240) == 0, n.text()[-3000:]
+            assert n.exit_code(240) == 0, n.text()[-3000:]
         spares = [n for n in nodes if "node rank 2 of 3 (2 training): hot spare" in n.text()]
         assert len(spares) == 1 and "rank 2: hot spare (the layout trains on 2 ranks)" in spares[0].text()
         assert world_sizes(run_dir) == [2]
         assert max(e["step"] for e in read_events(run_dir) if e["kind"] == "step_end") == 6
-    finally:
-        for n in nodes:
-            n.stop()
-
-
-@pytest.mark.slow
-def test_node_marked_unhealthy_by_its_healthd_leaves_with_93_and_the_other_continues(tmp_path):
-    """B's launcher starts B's healthd; an injected fatal GPU fault there takes B out, A re-forms alone."""
-    run_dir, port = tmp_path / "run", free_port()
-    fault = tmp_path / "gpu-B.json"
-
-    def argv(node_id: str, healthd: str) -> list[str]:
-        return [*LAUNCH, "--nnodes", "1:2", "--nproc-per-node", "2", "--rdzv-endpoint", f"127.0.0.1:{port}", "--rdzv-id", "x",
-                *FAST_RDZV, "--healthd", healthd, "--node-id", node_id, "--run-dir", str(run_dir), *TINY, "--training.steps", "100000"]
-
-    a = Node("A", argv("A", "off"), tmp_path)
-    nodes = [a]
-    try:
-        a.wait_for("hosting the rendezvous store", timeout=120)
-        healthd = f"127.0.0.1:{free_port()}"
-        nodes.append(b := Node("B", argv("B", healthd), tmp_path,
-                               env={**os.environ, "STALWART_FAULT_INJECTION": "1", "STALWART_FAULT_GPU": str(fault)}))
-        b.wait_for(rf"started healthd on {healthd}", timeout=120)
-        for n in nodes:
-            n.wait_for(r"node rank \d of 2 \(2 training\)", timeout=180)
-        wait_any(nodes, r"^step +4/", timeout=180)
-        mark = len(a.text())
-        fault.write_text('{"gpu": 0, "fault": "xid", "code": 79}')  # "GPU has fallen off the bus"
-
-        assert b.proc.wait(timeout=120) == EXIT_NODE_EXCLUDED, b.text()[-3000:]
-        assert "xid" in ExclusionWatch(run_dir, "B").reason()
-        assert any(e["kind"] == "node_excluded" and e.get("node_id") == "B" for e in read_events(run_dir))
-        a.wait_for(r"node rank 0 of 1 \(1 training\)", timeout=120, after=mark)
-        resumed = int(a.wait_for(r"^resumed from step (\d+)", timeout=180, after=mark).group(1))
-        a.wait_for(rf"^step +{resumed + 1}/", timeout=120, after=mark)
-        a.proc.send_signal(signal.SIGTERM)
-        assert a.proc.wait(timeout=120) == 0, a.text()[-3000:]
-        assert world_sizes(run_dir)[-2:] == [4, 2], world_sizes(run_dir)
     finally:
         for n in nodes:
             n.stop()
@@ -398,7 +355,7 @@ def test_two_hosts_one_cut_off_the_other_continues_alone(tmp_path, two_hosts):
         resumed = int(a.wait_for(r"^resumed from step (\d+)", timeout=180, after=mark).group(1))
         a.wait_for(rf"^step +{resumed + 2}/", timeout=120, after=mark)
         a.proc.send_signal(signal.SIGTERM)
-        assert a.proc.wait(timeout=120) == 0, a.text()[-3000:]
+        assert a.exit_code(120) == 0, a.text()[-3000:]
         assert world_sizes(run_dir)[-2:] == [4, 2], world_sizes(run_dir)
     finally:
         for n in nodes:

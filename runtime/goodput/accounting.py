@@ -27,6 +27,12 @@ The report is a pure function of the events (``stalwart.runtime.events``). The m
    interval covers are ``other``. So productive time plus the badput categories sum to the
    wall time exactly, whatever the log looks like.
 
+5. **Hang attribution across nodes.** Each node's healthd names a hung rank ``hang`` only when it
+   found the stuck process itself (``detail.culprit_found_here``); a node that saw its ranks stall
+   without a culprit reports them as ``hang`` too, having no view of the others. An incident log
+   that has both reads them as one hang: within :data:`HANG_ATTRIBUTION_WINDOW_S` of a hang with a
+   culprit, the culprit-less ones are ``hang_blocked`` (waiting on the culprit, like its node mates).
+
 Wall time runs from the earliest evidence of the job (its first event, or an ``init_done``
 whose ``seconds`` reach further back) to its last event, clipped to ``[since, until]``.
 """
@@ -35,6 +41,7 @@ from __future__ import annotations
 
 import bisect
 import itertools
+import math
 import statistics
 from collections import defaultdict
 from collections.abc import Iterable
@@ -333,7 +340,7 @@ def compute_goodput(events: Iterable[dict[str, Any]], since: float | None = None
         launches = [e["ts"] for e in agent_starts
                     if e.get("attempt", inc.attempt) == inc.attempt and prev_end <= e["ts"] <= inc.start]
         inc.start = min([inc.start] + launches)
-    faults = [e for e in evs if e["kind"] == "fault_detected"]
+    faults = attribute_hangs([e for e in evs if e["kind"] == "fault_detected"])
     records, partial = _step_timeline(incs, evs, faults)
 
     first = min([evs[0]["ts"]] + [inc.start for inc in incs])
@@ -393,6 +400,28 @@ def compute_goodput(events: Iterable[dict[str, Any]], since: float | None = None
         segments=segments,
         steps=records,
     )
+
+
+HANG_ATTRIBUTION_WINDOW_S = 60.0  # each node detects a job-wide stall at its own limit; limits are seconds to a minute
+
+
+def attribute_hangs(faults: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """``hang`` events of nodes that found no culprit become ``hang_blocked`` when another node found one."""
+    def culprit_known(f: dict[str, Any]) -> bool | None:
+        detail = f.get("detail")
+        return detail.get("culprit_found_here") if isinstance(detail, dict) else None
+
+    def ts(f: dict[str, Any]) -> float:
+        return f["ts"] if isinstance(f.get("ts"), (int, float)) else math.nan
+
+    found = [ts(f) for f in faults if f.get("fault") == "hang" and culprit_known(f) is True]
+    out = []
+    for f in faults:
+        if (f.get("fault") == "hang" and culprit_known(f) is False
+                and any(abs(ts(f) - t) <= HANG_ATTRIBUTION_WINDOW_S for t in found)):
+            f = dict(f, fault="hang_blocked")
+        out.append(f)
+    return out
 
 
 def _last_progress(fault: dict[str, Any], records: list[StepRecord]) -> float:
