@@ -12,7 +12,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import socket
 import subprocess
 import sys
 import time
@@ -22,6 +21,7 @@ from typing import Any
 
 import psutil
 
+from polling import free_port
 from stalwart.checkpoint.manager import CheckpointManager
 from stalwart.runtime.events import read_events
 from stalwart.runtime.goodput.accounting import CATEGORIES, PRODUCTIVE, GoodputReport, compute_goodput
@@ -40,12 +40,6 @@ TP2 = ["--parallel.tp", "2", "--parallel.dp_replicate", "-1", "--parallel.dp_sha
 DDP2 = ["--parallel.dp_replicate", "2", "--parallel.dp_shard", "1", "--health.fingerprint_every", "1"]
 FAST = ["--rdzv-conf", "last_call_timeout=2,keep_alive_interval=1,keep_alive_max_attempt=3,join_timeout=300,read_timeout=20",
         "--monitor-interval", "0.2", "--peer-timeout", "6", "--max-restarts", "6", "--failure-stop-timeout", "3"]
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @dataclass

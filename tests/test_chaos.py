@@ -19,7 +19,8 @@ import pytest
 
 from stalwart.checkpoint.manager import CheckpointManager
 
-from chaos import DDP2, STEPS, TP2, Cluster, assert_recovered, events, faults_detected, free_port, incident, trajectory
+from chaos import DDP2, STEPS, TP2, Cluster, assert_recovered, events, faults_detected, incident, trajectory
+from polling import free_port
 
 pytestmark = pytest.mark.slow
 

@@ -20,6 +20,7 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from prometheus_client.parser import text_string_to_metric_families
 
+from polling import free_port, wait_for
 from stalwart.health.controller import ControllerConfig, JobController, _daemon_address, _incidents_from_events, controller_main
 from stalwart.health.controller_client import TOKEN_METADATA, ControllerClient
 from stalwart.health.daemon import HealthDaemon
@@ -42,16 +43,6 @@ NO_HANGS = HangConfig(warmup_steps=3, safety_factor=5.0, floor_s=30.0, initial_l
 
 
 # ---------------------------------------------------------------- helpers
-
-
-def wait_for(predicate, timeout: float, what: str):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(0.05)
-    raise AssertionError(f"timed out after {timeout}s waiting for {what}")
 
 
 @pytest.fixture
@@ -105,14 +96,6 @@ def node_of(state: dict, node: str) -> dict | None:
 
 def excluded_events(run_dir: Path) -> list[dict]:
     return [e for e in read_events(run_dir) if e["kind"] == "node_excluded"]
-
-
-def free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def serving(address: str, service: str = "", credentials: grpc.ChannelCredentials | None = None) -> int:

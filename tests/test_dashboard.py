@@ -18,14 +18,13 @@ from browser import chromium, full_page_screenshot  # noqa: F401  (chromium is a
 from stalwart.health.probes import FAULT_INJECTION_ENV
 from stalwart.runtime.events import EventKind, EventLog
 from stalwart.runtime.goodput.accounting import CATEGORIES
-from test_controller import (  # noqa: F401
+from polling import free_port, wait_for
+from test_controller import (  # noqa: F401  (token_file is a fixture)
     ROOT,
     api_state,
-    free_port,
     node_of,
     spawn_rank,
     token_file,
-    wait_for,
 )
 
 

@@ -14,6 +14,7 @@ import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from polling import wait_for
 from stalwart.health.client import HeartbeatClient
 from stalwart.health import daemon as daemon_module
 from stalwart.health.daemon import MAX_MESSAGE_BYTES, HealthDaemon, _find_py_spy, healthd_main
@@ -33,16 +34,6 @@ def spawn_beater(address: str, run_dir: Path, rank: int, mode: str = "beat") -> 
     line = proc.stdout.readline()
     assert line.strip() == "ready", f"heartbeat child did not start (got {line!r}, exit {proc.poll()})"
     return proc
-
-
-def wait_for(predicate, timeout: float, what: str):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(0.05)
-    raise AssertionError(f"timed out after {timeout}s waiting for {what}")
 
 
 def faults(run_dir: Path, fault: str) -> list[dict]:

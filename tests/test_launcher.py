@@ -10,7 +10,6 @@ from __future__ import annotations
 import os
 import re
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -20,6 +19,7 @@ from pathlib import Path
 import psutil
 import pytest
 
+from polling import free_port
 from stalwart.runtime.config import load_config
 from stalwart.runtime.events import read_events
 from stalwart.runtime.launcher import EXIT_NODE_EXCLUDED, exclude_node
@@ -220,12 +220,6 @@ def wait_any(nodes: list[Node], pattern: str, timeout: float, after: dict[str, i
                 return n, m
         time.sleep(0.3)
     raise AssertionError(f"no /{pattern}/ within {timeout}s:\n" + "\n".join(f"--- {n.name}\n{n.text()[-3000:]}" for n in nodes))
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def world_sizes(run_dir: Path) -> list[int]:
