@@ -182,6 +182,22 @@ def test_hang_seen_from_two_nodes_is_charged_to_the_node_that_found_the_culprit(
     assert [i.fault for i in compute_goodput(later).incidents] == ["hang", "hang", "hang"]
 
 
+def test_ranks_of_one_group_on_agents_with_different_restart_counts_are_one_incarnation():
+    """Host a's agent restarted twice before host c's replacement node joined: one group, attempts 2 and 0."""
+    log = [ev(0, "clock", mono=0.0), ev(0, "init_done", seconds=0.0)] + steps(1, 5, 0.0, "a", 0, 0, data_s=0.0)
+    log += steps(1, 5, 0.0, "b", 1, 0, data_s=0.0)
+    log.append(ev(11, "fault_detected", role="agent", fault="rank_exit", target="rank1", detector="agent", last_progress_ts=T0 + 10))
+    log += [ev(20, "init_done", "a", 0, attempt=2, seconds=0.0), ev(20, "init_done", "c", 1, attempt=0, pid=300, seconds=0.0)]
+    log += steps(6, 10, 20.0, "a", 0, 2, data_s=0.0) + steps(6, 10, 20.0, "c", 1, 0, data_s=0.0)
+    for e in log:
+        if e["host"] == "c":
+            e["pid"] = 300
+    report = compute_goodput(log)
+    assert report.incarnations == 2
+    assert [(i.kind, i.fault) for i in report.incidents] == [("fault", "rank_exit")]
+    assert report.steps_kept == 10 and report.steps_lost == 0
+
+
 def test_since_until_window():
     report = compute_goodput(hand_log(), since=T0 + 20.0, until=T0 + 70.0)
     assert report.wall_seconds == pytest.approx(50.0, abs=1e-9)

@@ -9,11 +9,12 @@ The report is a pure function of the events (``stalwart.runtime.events``). The m
    occurrence, each host's value the median over its ranks). Hosts with no trainer step in
    common with the reference (agents or controllers alone on a host) keep offset 0.
    ``since``/``until`` and all report timestamps are in the reference clock.
-2. **Incarnations.** Trainer processes are grouped into incarnations of the worker group by
-   ``attempt`` (``TORCHELASTIC_RESTART_COUNT``); a job relaunched by hand reuses attempt numbers,
-   so the k-th process of a rank within one attempt belongs to the k-th incarnation of it. The
-   step timeline of an incarnation is that of its lowest rank (all ranks step in lockstep, so
-   counting every rank would multiply time by the world size).
+2. **Incarnations.** Trainer processes are grouped into incarnations of the worker group: each
+   process of the lowest rank starts one, and every other process joins the one whose lowest-rank
+   process it overlaps most in time. (Restart counts cannot key this: every agent counts its own,
+   and a job relaunched by hand starts again at 0.) The step timeline of an incarnation is that of
+   its lowest rank (all ranks step in lockstep, so counting every rank would multiply time by the
+   world size).
 3. **Lost progress.** Walking the step timeline in time order, a step occurrence is thrown away
    when a later ``step_begin``/``step_end`` has a step number <= its own (the step was
    recomputed), when a later ``ckpt_load`` restores an earlier step, or when a ``rollback`` goes
@@ -215,12 +216,19 @@ def _incarnations(events: list[dict[str, Any]]) -> list[_Incarnation]:
         attempt = next((int(e["attempt"]) for e in evs if isinstance(e.get("attempt"), int)), 0)
         processes.append(_Process(host, pid, rank, attempt, evs))
     processes.sort(key=lambda p: p.first)
-    groups: dict[tuple[int, int], list[_Process]] = defaultdict(list)
-    seen: dict[tuple[int, int], int] = defaultdict(int)
+    # Every worker group has one process of the lowest rank: each such process anchors an
+    # incarnation, and every other process joins the anchor its lifetime overlaps most (the
+    # nearest start breaks ties). Restart counts cannot key this: each agent counts its own, so a
+    # node that joined late runs attempt 0 beside ranks on attempt 5 in the same group.
+    lowest = min(p.rank for p in processes) if processes else 0
+    anchors = [p for p in processes if p.rank == lowest]
+    groups: dict[int, list[_Process]] = {i: [a] for i, a in enumerate(anchors)}
     for p in processes:
-        k = seen[(p.attempt, p.rank)]
-        seen[(p.attempt, p.rank)] += 1
-        groups[(p.attempt, k)].append(p)
+        if p.rank == lowest:
+            continue
+        best = max(range(len(anchors)), key=lambda i: (min(p.last, anchors[i].last) - max(p.first, anchors[i].first),
+                                                        -abs(p.first - anchors[i].first)))
+        groups[best].append(p)
     incs = sorted(groups.values(), key=lambda ps: min(p.first for p in ps))
     out = []
     for i, ps in enumerate(incs):
@@ -337,8 +345,7 @@ def compute_goodput(events: Iterable[dict[str, Any]], since: float | None = None
     # (process spawn, imports) begins there, before the trainers' first events.
     agent_starts = [e for e in evs if e["kind"] == "worker_start" and e.get("role") != "trainer"]
     for prev_end, inc in zip([float("-inf")] + [i.last_progress for i in incs], incs):
-        launches = [e["ts"] for e in agent_starts
-                    if e.get("attempt", inc.attempt) == inc.attempt and prev_end <= e["ts"] <= inc.start]
+        launches = [e["ts"] for e in agent_starts if prev_end <= e["ts"] <= inc.start]
         inc.start = min([inc.start] + launches)
     faults = attribute_hangs([e for e in evs if e["kind"] == "fault_detected"])
     records, partial = _step_timeline(incs, evs, faults)
