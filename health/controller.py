@@ -560,11 +560,9 @@ def _node_of(event: dict[str, Any]) -> str:
 def _incidents_from_events(events: list[dict[str, Any]]) -> tuple[list[dict[str, Any]], dict[str, int]]:
     """Faults, exclusions and rollbacks from the event log in the /api/state incident shape."""
     out = []
-    attributed = iter(attribute_hangs([e for e in events if e["kind"] == "fault_detected"]))  # same order
-    for e in events:
+    for e in attribute_hangs(events):
         kind = e["kind"]
         if kind == "fault_detected":
-            e = next(attributed)
             target = str(e.get("target") or "")
             rank = _int(target[4:]) if target.startswith("rank") else e.get("rank")
             detail = e.get("detail")

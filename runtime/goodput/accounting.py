@@ -412,23 +412,22 @@ def compute_goodput(events: Iterable[dict[str, Any]], since: float | None = None
 HANG_ATTRIBUTION_WINDOW_S = 60.0  # each node detects a job-wide stall at its own limit; limits are seconds to a minute
 
 
-def attribute_hangs(faults: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """``hang`` events of nodes that found no culprit become ``hang_blocked`` when another node found one."""
-    def culprit_known(f: dict[str, Any]) -> bool | None:
-        detail = f.get("detail")
+def attribute_hangs(events: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The events, in order, with the ``hang`` faults of nodes that found no culprit turned into
+    ``hang_blocked`` when another node found one; every other event as it was."""
+    def culprit_known(e: dict[str, Any]) -> bool | None:
+        if e.get("kind") != "fault_detected" or e.get("fault") != "hang":
+            return None
+        detail = e.get("detail")
         return detail.get("culprit_found_here") if isinstance(detail, dict) else None
 
-    def ts(f: dict[str, Any]) -> float:
-        return f["ts"] if isinstance(f.get("ts"), (int, float)) else math.nan
+    def ts(e: dict[str, Any]) -> float:
+        return e["ts"] if isinstance(e.get("ts"), (int, float)) else math.nan
 
-    found = [ts(f) for f in faults if f.get("fault") == "hang" and culprit_known(f) is True]
-    out = []
-    for f in faults:
-        if (f.get("fault") == "hang" and culprit_known(f) is False
-                and any(abs(ts(f) - t) <= HANG_ATTRIBUTION_WINDOW_S for t in found)):
-            f = dict(f, fault="hang_blocked")
-        out.append(f)
-    return out
+    found = [ts(e) for e in events if culprit_known(e) is True]
+    return [dict(e, fault="hang_blocked")
+            if culprit_known(e) is False and any(abs(ts(e) - t) <= HANG_ATTRIBUTION_WINDOW_S for t in found) else e
+            for e in events]
 
 
 def _last_progress(fault: dict[str, Any], records: list[StepRecord]) -> float:
