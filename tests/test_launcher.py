@@ -234,12 +234,7 @@ def committed(run_dir: Path) -> set[int]:
 
 
 @pytest.mark.slow
-def test_sigterm_to_both_launchers_commits_once_exits_0_and_a_smaller_relaunch_continues(tmp_path):
-    """Preemption of a 2-node job, then a requeue that got one node: dp halves, the state reshards.
-
-    Killing a node's agent, the re-formed smaller group and a new node growing the job back are in
-    tests/test_chaos.py (lost node); a node leaving with exit 93 there too (dead GPU).
-    """
+def test_kill_a_node_shrink_then_grow_then_preempt_and_relaunch(tmp_path):
     run_dir, port = tmp_path / "run", free_port()
 
     def argv(node_id: str, steps: int = 100000) -> list[str]:
@@ -250,15 +245,33 @@ def test_sigterm_to_both_launchers_commits_once_exits_0_and_a_smaller_relaunch_c
     try:
         for n in nodes:
             n.wait_for(r"node rank \d of 2 \(2 training\)", timeout=180)
-        wait_any(nodes, r"^step +3/", timeout=180)
-        for n in nodes:
+        wait_any(nodes, r"^step +4/", timeout=180)
+        host = next(n for n in nodes if "hosting the rendezvous store" in n.text())
+        victim = next(n for n in nodes if n is not host)
+        mark = len(host.text())
+        kill_tree(victim.proc)  # the node dies: its agent and its ranks, no clean-up
+
+        host.wait_for(r"node rank 0 of 1 \(1 training\)", timeout=120, after=mark)
+        resumed = int(host.wait_for(r"^resumed from step (\d+)", timeout=180, after=mark).group(1))
+        assert resumed >= 2 and resumed in committed(run_dir)
+        host.wait_for(rf"^step +{resumed + 2}/", timeout=120, after=mark)  # trains on alone, dp halved
+
+        mark = len(host.text())
+        joiner = Node("C", argv("C"), tmp_path)
+        nodes.append(joiner)
+        host.wait_for(r"node rank \d of 2 \(2 training\)", timeout=180, after=mark)
+        marks = {n.name: len(n.text()) for n in nodes}
+        wait_any([host, joiner], r"^step +\d+/", timeout=180, after=marks)  # a step with the grown group
+
+        for n in (host, joiner):
             n.proc.send_signal(signal.SIGTERM)
-        for n in nodes:
-            assert n.exit_code(120) == 0, n.text()[-3000:]
-        saved = [int(s) for n in nodes for s in re.findall(r"^preempted: committed step (\d+)", n.text(), re.MULTILINE)]
+        assert host.exit_code(120) == 0, host.text()[-3000:]
+        assert joiner.exit_code(120) == 0, joiner.text()[-3000:]
+        saved = [int(s) for n in (host, joiner) for s in re.findall(r"^preempted: committed step (\d+)", n.text()[marks[n.name]:], re.MULTILINE)]
         assert len(saved) == 1, saved  # rank 0 reports the emergency checkpoint of the whole job
         last = saved[0]
-        assert last >= 3 and last in committed(run_dir)
+        assert last in committed(run_dir)
+        assert world_sizes(run_dir)[-3:] == [4, 2, 4], world_sizes(run_dir)
 
         target = last + 3
         relaunch = Node("A2", argv("A", steps=target), tmp_path)
@@ -267,7 +280,6 @@ def test_sigterm_to_both_launchers_commits_once_exits_0_and_a_smaller_relaunch_c
         assert f"resumed from step {last}" in relaunch.text()
         assert re.search(rf"^step +{target}/{target}", relaunch.text(), re.MULTILINE)
         assert "training finished" in relaunch.text()
-        assert world_sizes(run_dir) == [4, 2], world_sizes(run_dir)
     finally:
         for n in nodes:
             n.stop()
