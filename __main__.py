@@ -1,3 +1,3 @@
-from stalwart.runtime.cli import main
+from stalwart.cli.main import main
 
 raise SystemExit(main())

@@ -23,7 +23,7 @@ import platform
 import statistics
 import tempfile
 import time
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 
 import torch
 
@@ -96,7 +96,7 @@ def main() -> int:
         parser.error("--device cuda needs a CUDA GPU; this torch sees none (use --device cpu)")
     state = make_state(args.size_mb, device)
     nbytes = sum(t.numel() * t.element_size() for t in state.values())
-    print(f"# {datetime.now(timezone.utc):%Y-%m-%d} {platform.machine()} {torch.__version__} device={device} "
+    print(f"# {datetime.now(UTC):%Y-%m-%d} {platform.machine()} {torch.__version__} device={device} "
           f"cpus={torch.get_num_threads()} state={nbytes / 2**20:.0f} MiB in {len(state)} tensors")
 
     with tempfile.TemporaryDirectory(prefix="bench-ckpt-") as tmp:

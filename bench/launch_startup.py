@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import argparse
 import platform
-import socket
 import statistics
 import subprocess
 import sys
@@ -23,13 +22,8 @@ from pathlib import Path
 
 import psutil
 
-from stalwart.runtime.events import read_events
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+from stalwart.events import read_events
+from stalwart.net import free_port
 
 
 def one_run(ranks: int, extra: list[str]) -> dict[str, float]:

@@ -16,13 +16,13 @@ import subprocess
 import sys
 import tempfile
 import time
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 
 import psutil
 
-from stalwart.runtime.events import read_events
-from stalwart.runtime.goodput.accounting import compute_goodput
+from stalwart.events import read_events
+from stalwart.goodput.accounting import compute_goodput
 
 
 def main() -> int:
@@ -46,7 +46,7 @@ def main() -> int:
         steps = [e for e in events if e["kind"] == "step_end" and e["rank"] == 0]
         init = [e["seconds"] for e in events if e["kind"] == "init_done"]
         figures = {
-            "date": datetime.now(timezone.utc).strftime("%Y-%m-%d"),
+            "date": datetime.now(UTC).strftime("%Y-%m-%d"),
             "machine": f"{platform.machine()}, {psutil.cpu_count(logical=True)} cores, "
                        f"{psutil.virtual_memory().total / 2**30:.0f} GiB, torch CPU, {args.ranks} gloo ranks",
             "command": " ".join(["stalwart", *cmd[3:6], *cmd[6:8]]),

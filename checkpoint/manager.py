@@ -47,7 +47,7 @@ from stalwart.checkpoint.memory_tier import TIER as MEMORY_TIER
 from stalwart.checkpoint.memory_tier import MemoryTier
 from stalwart.checkpoint.retention import steps_to_keep
 from stalwart.checkpoint.storage import Storage
-from stalwart.runtime.events import EventKind, EventLog
+from stalwart.events import EventKind, EventLog
 
 logger = logging.getLogger(__name__)
 

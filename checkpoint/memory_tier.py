@@ -42,12 +42,11 @@ import logging
 import os
 import struct
 import time
-import uuid
 import zlib
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 import torch
 import torch.distributed as dist
@@ -55,7 +54,8 @@ from torch.distributed.checkpoint.stateful import Stateful
 from torch.distributed.tensor import DTensor
 from torch.utils._pytree import tree_map_only
 
-from stalwart.runtime.events import EventKind, EventLog
+from stalwart.events import EventKind, EventLog
+from stalwart.files import atomic_write
 
 logger = logging.getLogger(__name__)
 
@@ -101,11 +101,12 @@ def write_copy(directory: Path, rank: int, step: int, fingerprint: str, payload:
         {"rank": rank, "step": step, "fingerprint": fingerprint, "size": len(payload), "crc32": f"{zlib.crc32(payload):08x}"}
     ).encode()
     final = directory / _name(rank, step, rank if writer is None else writer)
-    tmp = final.with_name(f"{final.name}.partial-{uuid.uuid4().hex[:8]}")
-    with open(tmp, "wb") as f:
+
+    def write(f: BinaryIO) -> None:
         f.write(_MAGIC + struct.pack("<I", len(header)) + header)
         f.write(payload)
-    os.replace(tmp, final)
+
+    atomic_write(final, write, durable=False)  # host memory (tmpfs): a crash loses it anyway
     return final
 
 
@@ -237,7 +238,7 @@ class MemoryTier:
         self.fingerprint = fingerprint
         self.events = events
         self.holder = holder_of(self.rank, self.world_size, self.local_world_size)
-        self.source = next((r for r in range(self.world_size) if holder_of(r, self.world_size, self.local_world_size) == self.rank))
+        self.source = next(r for r in range(self.world_size) if holder_of(r, self.world_size, self.local_world_size) == self.rank)
         # Its own group: the exchange runs on a background thread next to training and DCP saves.
         self.pg = dist.new_group(backend="gloo") if self.distributed else None
         self._stager = _HostStager()

@@ -19,7 +19,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-from stalwart.runtime.events import EventKind, EventLog, read_events
+from stalwart.events import EventKind, EventLog, read_events
 
 GRACE_EXPIRED_EXIT = 1
 

@@ -12,7 +12,6 @@ two backend differences the checkpoint protocol depends on:
 from __future__ import annotations
 
 import os
-import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import IO, Any
@@ -20,6 +19,8 @@ from typing import IO, Any
 import fsspec
 from fsspec.core import url_to_fs
 from fsspec.implementations.local import LocalFileSystem
+
+from stalwart.files import atomic_write, fsync_dir
 
 
 def s3_storage_options(endpoint: str = "", max_attempts: int = 0) -> dict[str, Any] | None:
@@ -74,21 +75,7 @@ class Storage:
         """
         target = self.path(rel)
         if self.is_local:
-            os.makedirs(os.path.dirname(target), exist_ok=True)
-            tmp = f"{target}.partial-{uuid.uuid4().hex[:8]}"
-            with open(tmp, "wb") as f:
-                f.write(data)
-                f.flush()
-                os.fsync(f.fileno())
-            try:
-                if exclusive:
-                    os.link(tmp, target)  # fails with FileExistsError, never replaces
-                else:
-                    os.replace(tmp, target)
-            finally:
-                if os.path.exists(tmp):
-                    os.remove(tmp)
-            _fsync_dir(os.path.dirname(target))
+            atomic_write(target, data, exclusive=exclusive)
         else:
             with self.fs.open(target, "xb" if exclusive else "wb") as f:
                 f.write(data)
@@ -137,13 +124,4 @@ class Storage:
         if not self.is_local:
             raise NotImplementedError(f"rename is not atomic on {self.scheme}; commit with a marker object instead")
         os.rename(self.path(src), self.path(dst))
-        _fsync_dir(self.root)
-
-
-def _fsync_dir(path: str) -> None:
-    """Persist a directory entry (a rename or a new file) across a power loss."""
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+        fsync_dir(self.root)

@@ -20,12 +20,10 @@ exclusion list and is caught up by the next round of reports.
 
 from __future__ import annotations
 
-import argparse
 import concurrent.futures
 import json
 import logging
 import math
-import sys
 import threading
 import time
 from collections import Counter, deque
@@ -36,15 +34,14 @@ from typing import Any
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
+from stalwart.events import EventKind, EventLog, read_events
+from stalwart.goodput.accounting import CATEGORIES, attribute_hangs, compute_goodput
 from stalwart.health.controller_client import TOKEN_METADATA
 from stalwart.health.exclusion import Exclusion, ExclusionList, ExclusionPolicy, StrikeBook
 from stalwart.health.proto import controller_pb2, controller_pb2_grpc, healthd_pb2, healthd_pb2_grpc
 from stalwart.health.rollback import RollbackOrder, write_rollback_order
-from stalwart.health.security import TlsConfig, TokenError, add_port, open_channel, read_token, token_matches
-from stalwart.health.serving import serve_until_signalled
+from stalwart.health.security import TlsConfig, add_port, open_channel, token_matches
 from stalwart.health.straggler import RankScore, StragglerConfig, StragglerDetector
-from stalwart.runtime.events import EventKind, EventLog, read_events
-from stalwart.runtime.goodput.accounting import CATEGORIES, attribute_hangs, compute_goodput
 
 log = logging.getLogger(__name__)
 
@@ -594,40 +591,3 @@ def _finite(value: float) -> float:
 
 def _node_sort_key(name: str) -> tuple:
     return (0, int(name), "") if name.isdigit() else (1, 0, name)
-
-
-def controller_main(argv: list[str] | None = None) -> int:
-    """``stalwart controller --run-dir R --grpc-bind H:P --http-bind H:P --token-file F``: serve until SIGTERM/SIGINT."""
-    parser = argparse.ArgumentParser(prog="stalwart controller", description="Job controller: node and rank aggregation, exclusions, dashboard, /metrics.")
-    parser.add_argument("--run-dir", required=True, help="the job's run directory (events/, excluded_nodes.json, checkpoints/)")
-    parser.add_argument("--grpc-bind", default="127.0.0.1:50052", help="host:port for the gRPC API (default loopback; give the cluster interface)")
-    parser.add_argument("--http-bind", default="127.0.0.1:8080", help="host:port for the dashboard, /api/state, /metrics and /healthz")
-    parser.add_argument("--token-file", default=None, help="file holding the job token (default $STALWART_TOKEN_FILE)")
-    parser.add_argument("--tls-cert", help="PEM server certificate (enables TLS on both servers)")
-    parser.add_argument("--tls-key", help="PEM private key of --tls-cert")
-    parser.add_argument("--tls-ca", help="PEM CA bundle: clients must present a certificate it signed (mutual TLS)")
-    parser.add_argument("--checkpoint-url", default=None, help="checkpoint root (default: from the job's config, else RUN_DIR/checkpoints)")
-    parser.add_argument("--straggler-strikes", type=int, default=3, help="exclude a node after this many straggler strikes (0: never)")
-    parser.add_argument("--network-strikes", type=int, default=3, help="exclude a node after this many network faults (0: never)")
-    parser.add_argument("--straggler-threshold", type=float, default=1.5, help="a rank this many times slower than the others' median is a straggler")
-    parser.add_argument("--straggler-window", type=int, default=20, help="steps per rank the straggler score looks at")
-    parser.add_argument("--refresh-interval-s", type=float, default=3.0, help="how often goodput, incidents and checkpoints are re-read")
-    args = parser.parse_args(argv)
-
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s controller %(levelname)s %(message)s")
-    try:
-        token = read_token(args.token_file)
-        config = ControllerConfig(
-            Path(args.run_dir), args.grpc_bind, args.http_bind,
-            tls=TlsConfig.from_paths(args.tls_cert, args.tls_key, args.tls_ca, server=True),
-            policy=ExclusionPolicy(args.straggler_strikes, args.network_strikes),
-            straggler=StragglerConfig(window=args.straggler_window, min_samples=min(5, args.straggler_window), threshold=args.straggler_threshold),
-            checkpoint_url=args.checkpoint_url, refresh_interval_s=args.refresh_interval_s,
-        )
-        controller = JobController(config, token)
-        controller.start()
-    except (TokenError, ValueError, OSError) as e:
-        print(f"stalwart controller: error: {e}", file=sys.stderr)
-        return 2
-    print(f"controller listening on {controller.grpc_address} (gRPC) and {controller.http_address} (HTTP)", flush=True)
-    return serve_until_signalled(controller.stop)

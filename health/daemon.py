@@ -18,7 +18,6 @@ still has the start time it had when it first beat (no pid-reuse kills).
 
 from __future__ import annotations
 
-import argparse
 import concurrent.futures
 import hmac
 import json
@@ -39,14 +38,14 @@ import grpc
 import psutil
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
+from stalwart.events import EventKind, EventLog
+from stalwart.files import atomic_write
 from stalwart.health.client import faulthandler_path
 from stalwart.health.controller_client import ControllerClient
 from stalwart.health.hang import HangConfig, HangDetector, Phase
 from stalwart.health.probes import FaultInjectionProbe, GpuIssue, GpuProbe, GpuReport, HostProbe, HostReport
 from stalwart.health.proto import healthd_pb2, healthd_pb2_grpc
-from stalwart.health.security import TlsConfig, TokenError, read_token
-from stalwart.health.serving import serve_until_signalled
-from stalwart.runtime.events import EventKind, EventLog
+from stalwart.health.security import TlsConfig
 
 log = logging.getLogger(__name__)
 
@@ -170,7 +169,7 @@ class HealthDaemon:
                 self.controller, token=self._token.decode(), tls=self.controller_tls, node_status=self.status, interval_s=self.report_interval_s
             )
         info = {"address": self.address, "pid": os.getpid(), "node": self.node}
-        _atomic_write(self.health_dir / f"healthd-node{self.node}.json", json.dumps(info))
+        atomic_write(self.health_dir / f"healthd-node{self.node}.json", json.dumps(info))
         log.info("healthd node %s serving on %s", self.node, self.address)
         return self.address
 
@@ -312,7 +311,7 @@ class HealthDaemon:
         stack_files = []
         for entry, text in dumps:
             path = self.health_dir / f"stacks-{stamp}-rank{entry.rank}.txt"
-            _atomic_write(path, text)
+            atomic_write(path, text)
             stack_files.append(str(path))
         # A rank whose process is stopped is the hang; the others wait on it. The
         # culprit's own limit may not have run out yet (its limits differ), so every local rank is looked at.
@@ -446,7 +445,7 @@ class HealthDaemon:
             self._unhealthy_reasons.extend(reasons)
             last_progress = max((_wall(e.progress_mono) for e in self._ranks.values()), default=None)
             all_reasons = list(self._unhealthy_reasons)
-        _atomic_write(self.marker_path, json.dumps({"node": self.node, "ts": time.time(), "reasons": all_reasons, "issues": [asdict(i) for i in issues]}))
+        atomic_write(self.marker_path, json.dumps({"node": self.node, "ts": time.time(), "reasons": all_reasons, "issues": [asdict(i) for i in issues]}))
         killed = self.kill_workers("gpu fault: " + "; ".join(reasons))
         for issue in issues:
             self.events.emit(
@@ -468,7 +467,7 @@ class HealthDaemon:
         with self._lock:
             self._unhealthy_reasons.append(why)
             all_reasons = list(self._unhealthy_reasons)
-        _atomic_write(self.marker_path, json.dumps({"node": self.node, "ts": time.time(), "reasons": all_reasons, "issues": [{"rank": rank, "kind": fault, "detail": reason}]}))
+        atomic_write(self.marker_path, json.dumps({"node": self.node, "ts": time.time(), "reasons": all_reasons, "issues": [{"rank": rank, "kind": fault, "detail": reason}]}))
         if self.reporter is not None:
             self.reporter.wake()
         return healthd_pb2.UNHEALTHY
@@ -525,57 +524,3 @@ def _status(pid: int) -> str:
 
 def _find_py_spy() -> str | None:
     return shutil.which("py-spy") or shutil.which("py-spy", path=str(Path(sys.executable).parent))
-
-
-def _atomic_write(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
-
-
-def healthd_main(argv: list[str] | None = None) -> int:
-    """``stalwart healthd --run-dir R --bind ADDR --token-file F``: serve until SIGTERM/SIGINT."""
-    parser = argparse.ArgumentParser(prog="stalwart healthd", description="Per-node health daemon: heartbeats, hang detection, GPU probes.")
-    parser.add_argument("--run-dir", required=True, help="the job's run directory (events/, health/)")
-    parser.add_argument("--bind", default="127.0.0.1:0", help="host:port (port 0 picks one) or unix:PATH")
-    parser.add_argument("--token-file", default=None, help="file holding the job token that KillWorkers must present (default $STALWART_TOKEN_FILE)")
-    parser.add_argument("--node", default=os.environ.get("STALWART_NODE_ID") or os.environ.get("GROUP_RANK", "0"),
-                        help="this node's name, as the launcher's --node-id (default $STALWART_NODE_ID, else $GROUP_RANK or 0)")
-    parser.add_argument("--warmup-steps", type=int, default=3)
-    parser.add_argument("--safety-factor", type=float, default=5.0)
-    parser.add_argument("--floor-s", type=float, default=2.0, help="smallest adaptive hang limit in seconds")
-    for phase in Phase:
-        parser.add_argument(f"--{phase.value.lower()}-limit-s", type=float, default=HangConfig().initial_limits[phase], help=f"warm-up limit for {phase.value}")
-    parser.add_argument("--probe-interval-s", type=float, default=1.0)
-    parser.add_argument("--expected-gpus", type=int, default=None, help="fewer GPUs than this marks the node unhealthy")
-    parser.add_argument("--worker-ancestor", type=int, default=None, help="only descendants of this pid may register as workers")
-    parser.add_argument("--controller", default=os.environ.get("STALWART_CONTROLLER"), help="job controller host:port to report to (default $STALWART_CONTROLLER)")
-    parser.add_argument("--report-interval-s", type=float, default=1.0, help="seconds between status reports to the controller")
-    parser.add_argument("--controller-ca", help="PEM CA that signed the controller's certificate (TLS to the controller)")
-    parser.add_argument("--controller-cert", help="PEM client certificate for mutual TLS to the controller")
-    parser.add_argument("--controller-key", help="PEM private key of --controller-cert")
-    args = parser.parse_args(argv)
-
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s healthd %(levelname)s %(message)s")
-    try:
-        token = read_token(args.token_file)
-        controller_tls = TlsConfig.from_paths(args.controller_cert, args.controller_key, args.controller_ca, server=False)
-    except (TokenError, ValueError) as e:
-        print(f"stalwart healthd: error: {e}", file=sys.stderr)
-        return 2
-    config = HangConfig(
-        warmup_steps=args.warmup_steps, safety_factor=args.safety_factor, floor_s=args.floor_s,
-        initial_limits={p: getattr(args, f"{p.value.lower()}_limit_s") for p in Phase},
-    )
-    daemon = HealthDaemon(
-        args.run_dir, token, bind=args.bind, node=args.node, hang_config=config, probe_interval_s=args.probe_interval_s,
-        expected_gpus=args.expected_gpus, worker_ancestor=args.worker_ancestor,
-        controller=args.controller, controller_tls=controller_tls, report_interval_s=args.report_interval_s,
-    )
-    try:
-        address = daemon.start()
-    except OSError as e:
-        print(f"stalwart healthd: {e}", file=sys.stderr)
-        return 2
-    print(f"healthd node {args.node} listening on {address}", flush=True)
-    return serve_until_signalled(daemon.stop)

@@ -23,6 +23,8 @@ from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from stalwart.files import atomic_write_json
+
 log = logging.getLogger(__name__)
 
 EXCLUDED_FILE = "excluded_nodes.json"
@@ -77,16 +79,6 @@ class ExclusionList:
                 yield
             finally:
                 fcntl.flock(lock, fcntl.LOCK_UN)
-
-
-def atomic_write_json(path: Path, obj: object) -> None:
-    """Readers see the old file or the new one, never a torn one, even across a crash."""
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    with open(tmp, "w", encoding="utf-8") as f:
-        json.dump(obj, f, indent=1)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
 
 
 @dataclass(frozen=True)

@@ -15,7 +15,7 @@ import uuid
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from stalwart.health.exclusion import atomic_write_json
+from stalwart.files import atomic_write_json
 
 ROLLBACK_FILE = "rollback_request.json"
 

@@ -18,6 +18,8 @@ from pathlib import Path
 
 import grpc
 
+from stalwart.errors import UserError
+
 log = logging.getLogger(__name__)
 
 TOKEN_FILE_ENV = "STALWART_TOKEN_FILE"
@@ -27,7 +29,7 @@ RECONNECT_OPTIONS = [("grpc.initial_reconnect_backoff_ms", 200), ("grpc.min_reco
 _ALL_INTERFACES = ("0.0.0.0", "[::]", "::", "")
 
 
-class TokenError(ValueError):
+class TokenError(UserError):
     """The job token cannot be used; the message names the fix."""
 
 

@@ -16,6 +16,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import Tensor
 
+from stalwart.errors import MissingInputError
 from stalwart.model.args import FLAVORS, ModelArgs, RopeScaling
 
 _CONFIG_FILE = "config.json"
@@ -219,13 +220,13 @@ def _safetensors_files(folder: Path) -> list[Path]:
         shards = sorted({folder / name for name in json.loads(index.read_text())["weight_map"].values()})
         missing = [shard.name for shard in shards if not shard.exists()]
         if missing:
-            raise FileNotFoundError(
+            raise MissingInputError(
                 f"{index} lists shards missing from {folder}: {missing}; download the complete checkpoint"
             )
         return shards
     files = sorted(folder.glob("*.safetensors"))
     if not files:
-        raise FileNotFoundError(
+        raise MissingInputError(
             f"no *.safetensors in {folder}; {_CHECKPOINT_HINT}. Convert .bin/.pth checkpoints with "
             "transformers' save_pretrained(..., safe_serialization=True)"
         )
@@ -239,7 +240,7 @@ def load_hf_checkpoint(folder: str | Path) -> tuple[ModelArgs, dict[str, Tensor]
     folder = Path(folder)
     config_path = folder / _CONFIG_FILE
     if not config_path.is_file():
-        raise FileNotFoundError(f"no {_CONFIG_FILE} in {folder}; {_CHECKPOINT_HINT}")
+        raise MissingInputError(f"no {_CONFIG_FILE} in {folder}; {_CHECKPOINT_HINT}")
     args = args_from_hf_config(json.loads(config_path.read_text()))
     hf_state_dict: dict[str, Tensor] = {}
     for path in _safetensors_files(folder):

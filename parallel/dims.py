@@ -15,6 +15,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
+from stalwart.errors import ConfigError
+
 if TYPE_CHECKING:
     from torch.distributed.device_mesh import DeviceMesh
 
@@ -28,7 +30,7 @@ FLATTENED = {
 }
 
 
-class ParallelLayoutError(ValueError):
+class ParallelLayoutError(ConfigError):
     """A parallel layout that cannot run; the message names the fix."""
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import torch
 from torch import nn
+
 from stalwart.parallel.activation_checkpoint import ActivationCheckpointMode, apply_ac
 from stalwart.parallel.compile import apply_compile
 from stalwart.parallel.context_parallel import apply_cp

@@ -1,1 +1,1 @@
-"""CLI, config, trainer loop, events, goodput accounting and fault injection."""
+"""The trainer process: config, job plan, train loop, train state, optimizers, metrics, data, faults."""

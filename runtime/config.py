@@ -16,11 +16,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
+from stalwart.errors import ConfigError
+
 CONFIGS_DIR = Path(__file__).resolve().parent.parent / "configs"
 
 
-class ConfigError(ValueError):
-    """A bad configuration value; the message names the key and what is allowed."""
 
 
 @dataclass

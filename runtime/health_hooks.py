@@ -30,6 +30,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 import torch.distributed as dist
 
+from stalwart.events import EventKind
 from stalwart.health.client import HeartbeatClient, faulthandler_path, install_stack_dump_handler
 from stalwart.health.hang import Phase
 from stalwart.health.sdc import (
@@ -45,7 +46,6 @@ from stalwart.health.sdc import (
     replay_verdict,
 )
 from stalwart.health.security import TokenError, read_token
-from stalwart.runtime.events import EventKind
 from stalwart.runtime.train_state import train_state
 
 if TYPE_CHECKING:

@@ -51,7 +51,7 @@ class StepMetrics:
         return self.tokens / self.step_seconds if self.step_seconds > 0 else 0.0
 
     def event_fields(self) -> dict[str, float | int | None]:
-        """The ``step_end`` event's kind-specific fields (schema in runtime/events.py)."""
+        """The ``step_end`` event's kind-specific fields (schema in events.py)."""
         return {
             "step": self.step,
             "tokens": self.tokens,

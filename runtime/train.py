@@ -7,7 +7,6 @@ samples each, accumulating microbatches, and logs one line and one ``step_end`` 
 
 from __future__ import annotations
 
-import dataclasses
 import os
 import random
 import time
@@ -19,42 +18,34 @@ import torch
 import torch.distributed as dist
 
 from stalwart.checkpoint.manager import CheckpointManager, NoCheckpointError
-from stalwart.checkpoint.storage import s3_storage_options
 from stalwart.checkpoint.memory_tier import MemoryTier, default_memory_dir
 from stalwart.checkpoint.preemption import grace_deadline
-from stalwart.model.args import ModelArgs, get_flavor
+from stalwart.checkpoint.storage import s3_storage_options
+from stalwart.events import EventKind, EventLog
+from stalwart.model.args import ModelArgs
 from stalwart.model.flops import mfu
 from stalwart.model.hf import hf_config_from_args
 from stalwart.model.llama import Transformer
 from stalwart.parallel.context_parallel import cp_shard
-from stalwart.parallel.dims import ParallelDims
 from stalwart.parallel.loss import cross_entropy_loss, loss_context
 from stalwart.parallel.parallelize import parallelize_model
-from stalwart.parallel.pipeline import build_pipeline_stages, build_schedule, clip_grad_norm_pp, pipeline_step, stage_roles
+from stalwart.parallel.pipeline import (
+    build_pipeline_stages,
+    build_schedule,
+    clip_grad_norm_pp,
+    pipeline_step,
+    stage_roles,
+)
 from stalwart.parallel.process_group import DistEnv, destroy_distributed, init_distributed
-from stalwart.runtime.config import Config, ConfigError
+from stalwart.runtime.config import Config
 from stalwart.runtime.data.dataset import PackedDataset
 from stalwart.runtime.data.loader import GlobalBatchLoader
-from stalwart.runtime.data.tokenizer import Tokenizer, build_tokenizer
-from stalwart.runtime.events import EventKind, EventLog
 from stalwart.runtime.faults.injector import FaultInjector
 from stalwart.runtime.health_hooks import NodeUnhealthy, StepAction, TrainerHealth
 from stalwart.runtime.metrics import StepMetrics, memory_bytes, peak_flops
 from stalwart.runtime.optim import build_lr_scheduler, build_optimizer
+from stalwart.runtime.plan import plan_job
 from stalwart.runtime.train_state import train_state
-
-
-def model_args_for(cfg: Config, tokenizer_vocab: int) -> ModelArgs:
-    """The flavor's shapes with the config's overrides; the vocabulary must hold every token id."""
-    args = get_flavor(cfg.model.flavor)
-    overrides = {k: v for k, v in (("vocab_size", cfg.model.vocab_size), ("n_layers", cfg.model.n_layers)) if v > 0}
-    args = dataclasses.replace(args, **overrides)
-    if args.vocab_size < tokenizer_vocab:
-        raise ConfigError(
-            f"model vocab_size={args.vocab_size} is smaller than the tokenizer's {tokenizer_vocab} ids; "
-            f"set model.vocab_size >= {tokenizer_vocab} (a multiple of 8 keeps tensor parallelism easy)"
-        )
-    return args
 
 
 def seed_everything(seed: int) -> None:
@@ -75,26 +66,6 @@ def build_model(args: ModelArgs, device: torch.device, seed: int) -> Transformer
     with torch.no_grad():
         model.init_weights(seed=seed)
     return model
-
-
-@dataclass(frozen=True)
-class JobPlan:
-    """What the config and world size imply, checked before any process group work."""
-
-    dims: ParallelDims
-    tokenizer: Tokenizer
-    model_args: ModelArgs
-
-
-def plan_job(cfg: Config, world_size: int) -> JobPlan:
-    """Every layout check that can fail, so that a bad config fails before ranks start."""
-    p = cfg.parallel
-    dims = ParallelDims.resolve(p.dp_replicate, p.dp_shard, p.cp, p.tp, p.pp, world_size)
-    dims.validate_batch(cfg.training.global_batch_size, cfg.training.microbatch_size, p.pp_microbatches)
-    tokenizer = build_tokenizer(cfg.data.tokenizer)
-    model_args = model_args_for(cfg, tokenizer.vocab_size)
-    dims.validate_model(model_args, cfg.data.seq_len)
-    return JobPlan(dims, tokenizer, model_args)
 
 
 @dataclass

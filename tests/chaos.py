@@ -20,11 +20,11 @@ from pathlib import Path
 from typing import Any
 
 import psutil
-
 from polling import free_port
+
 from stalwart.checkpoint.manager import CheckpointManager
-from stalwart.runtime.events import read_events
-from stalwart.runtime.goodput.accounting import CATEGORIES, PRODUCTIVE, GoodputReport, compute_goodput
+from stalwart.events import read_events
+from stalwart.goodput.accounting import CATEGORIES, PRODUCTIVE, GoodputReport, compute_goodput
 
 ROOT = Path(__file__).resolve().parent.parent
 STEPS = 10
@@ -101,7 +101,7 @@ class Cluster:
 
 
 def wait_until_listening(address: str, proc: subprocess.Popen, timeout: float = 120) -> None:
-    from stalwart.runtime.launcher.services import answers
+    from stalwart.launcher.services import answers
 
     deadline = time.monotonic() + timeout
     while not answers(address):

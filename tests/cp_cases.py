@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import torch
 import torch.distributed as dist
-
 from parity import SEED, RunResult, debug_args, make_batches, parallel_run
+
 from stalwart.model.llama import CausalAttentionCore
 from stalwart.parallel.context_parallel import ContextParallelAttention, apply_cp, cp_positions, cp_shard
 from stalwart.parallel.data_parallel import apply_fsdp

@@ -10,7 +10,6 @@ with that rank's stderr; no process is left behind.
 from __future__ import annotations
 
 import os
-import socket
 import subprocess
 import sys
 import tempfile
@@ -20,14 +19,10 @@ from typing import Any
 
 import torch
 
+from stalwart.net import free_port
+
 REPO = Path(__file__).resolve().parent.parent
 RANK_MAIN = Path(__file__).resolve().parent / "_rank_main.py"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def run_ranks(target: str, world_size: int, timeout: float = 300.0, env: dict[str, str] | None = None, **kwargs: Any) -> list[Any]:

@@ -9,9 +9,9 @@ from torch.distributed.device_mesh import init_device_mesh
 
 from stalwart.checkpoint.manager import CheckpointManager
 from stalwart.checkpoint.memory_tier import MemoryTier
+from stalwart.events import EventLog
 from stalwart.model.args import get_flavor
 from stalwart.parallel.data_parallel import apply_fsdp
-from stalwart.runtime.events import EventLog
 from stalwart.runtime.train import build_model
 
 

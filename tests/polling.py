@@ -1,11 +1,14 @@
-"""Waiting on real processes in tests: poll a condition with a deadline, pick a free port."""
+"""Waiting on real processes in tests: poll a condition with a deadline; ``free_port`` is stalwart's own."""
 
 from __future__ import annotations
 
-import socket
 import time
 from collections.abc import Callable
 from typing import TypeVar
+
+from stalwart.net import free_port
+
+__all__ = ["free_port", "wait_for"]
 
 T = TypeVar("T")
 
@@ -19,10 +22,3 @@ def wait_for(predicate: Callable[[], T], timeout: float, what: str) -> T:
             return value
         time.sleep(0.05)
     raise AssertionError(f"timed out after {timeout}s waiting for {what}")
-
-
-def free_port() -> int:
-    """A loopback TCP port free right now (another process may take it before it is used)."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]

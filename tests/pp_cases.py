@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import torch
 import torch.distributed as dist
-
 from parity import MAX_GRAD_NORM, SEED, debug_args, full_state_dict, make_batches, make_optimizer
+
 from stalwart.parallel.data_parallel import apply_fsdp
 from stalwart.parallel.dims import ParallelDims
 from stalwart.parallel.loss import cross_entropy_loss

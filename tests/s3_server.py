@@ -9,17 +9,12 @@ from __future__ import annotations
 
 import logging
 import os
-import socket
 import urllib.request
 from typing import Any
 
+from stalwart.net import free_port
+
 DUMMY_ENV = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1"}
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 class LocalS3:
@@ -28,7 +23,7 @@ class LocalS3:
 
         os.environ.update(DUMMY_ENV)  # boto reads credentials from the environment
         logging.getLogger("werkzeug").setLevel(logging.ERROR)
-        self.port = _free_port()
+        self.port = free_port()
         self.endpoint = f"http://127.0.0.1:{self.port}"
         self._server_cls = ThreadedMotoServer
         self._server: Any = None

@@ -7,10 +7,10 @@ from __future__ import annotations
 
 import pytest
 import torch
-from torch.utils._python_dispatch import TorchDispatchMode
-from torch.distributed.checkpoint.state_dict import get_model_state_dict
-
 from parity import debug_args
+from torch.distributed.checkpoint.state_dict import get_model_state_dict
+from torch.utils._python_dispatch import TorchDispatchMode
+
 from stalwart.model.llama import Transformer
 from stalwart.parallel.activation_checkpoint import apply_ac
 

@@ -12,15 +12,14 @@ from __future__ import annotations
 import json
 import random
 import time
-from pathlib import Path
 import urllib.request
+from pathlib import Path
 
 import pytest
-
-from stalwart.checkpoint.manager import CheckpointManager
-
 from chaos import DDP2, STEPS, TP2, Cluster, assert_recovered, events, faults_detected, incident, trajectory
 from polling import free_port
+
+from stalwart.checkpoint.manager import CheckpointManager
 
 pytestmark = pytest.mark.slow
 

@@ -7,14 +7,14 @@ from pathlib import Path
 
 import pytest
 import torch
-from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
-
 from dist_harness import run_ranks
 from s3_server import LocalS3
+from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+
 from stalwart.checkpoint.manager import CheckpointError, CheckpointManager, NoCheckpointError
 from stalwart.checkpoint.retention import steps_to_keep
+from stalwart.events import EventLog, read_events
 from stalwart.model.args import get_flavor
-from stalwart.runtime.events import EventLog, read_events
 from stalwart.runtime.train import build_model
 
 

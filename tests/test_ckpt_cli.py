@@ -7,11 +7,11 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from dist_harness import run_ranks
+
+from stalwart.cli.main import main
 from stalwart.model.args import get_flavor
 from stalwart.model.hf import hf_config_from_args, load_hf_checkpoint
-from stalwart.runtime.cli import main
 
 
 @pytest.fixture(scope="module")

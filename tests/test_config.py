@@ -65,7 +65,7 @@ WORLD_FOR_FLAVOR = {"debug": 4, "debug-3d": 8, "demo": 8, "1B": 8, "3B": 8, "8B"
 
 def test_every_shipped_config_plans_at_a_realistic_scale():
     """Each flavor config parses and its layout validates at a cluster size it is meant for."""
-    from stalwart.runtime.train import plan_job
+    from stalwart.runtime.plan import plan_job
 
     shipped = sorted(p.stem for p in CONFIGS_DIR.glob("*.toml"))
     assert set(shipped) == set(WORLD_FOR_FLAVOR)

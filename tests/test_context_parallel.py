@@ -1,8 +1,8 @@
 import pytest
 import torch
-
 from dist_harness import run_ranks
 from parity import RunResult, assert_close_runs, debug_args, make_batches, reference_run
+
 from stalwart.parallel.context_parallel import cp_positions, cp_shard
 
 SEQ_LEN = 32  # divisible by 2·cp for cp in {2, 4}

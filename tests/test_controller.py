@@ -18,10 +18,18 @@ from pathlib import Path
 import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
+from polling import free_port, wait_for
 from prometheus_client.parser import text_string_to_metric_families
 
-from polling import free_port, wait_for
-from stalwart.health.controller import ControllerConfig, JobController, _daemon_address, _incidents_from_events, controller_main
+from stalwart.cli.main import main as stalwart_main
+from stalwart.events import EventKind, EventLog, read_events
+from stalwart.goodput.accounting import CATEGORIES
+from stalwart.health.controller import (
+    ControllerConfig,
+    JobController,
+    _daemon_address,
+    _incidents_from_events,
+)
 from stalwart.health.controller_client import TOKEN_METADATA, ControllerClient
 from stalwart.health.daemon import HealthDaemon
 from stalwart.health.exclusion import EXCLUDED_FILE, ExclusionList, ExclusionPolicy, StrikeBook
@@ -31,8 +39,6 @@ from stalwart.health.proto import controller_pb2, controller_pb2_grpc, healthd_p
 from stalwart.health.rollback import read_rollback_order
 from stalwart.health.security import TOKEN_FILE_ENV, TlsConfig
 from stalwart.health.straggler import StragglerConfig, StragglerDetector
-from stalwart.runtime.events import EventKind, EventLog, read_events
-from stalwart.runtime.goodput.accounting import CATEGORIES
 
 ROOT = Path(__file__).resolve().parent.parent
 CASES = Path(__file__).resolve().parent / "controller_cases.py"
@@ -291,7 +297,7 @@ def test_slowed_rank_is_flagged_then_struck_out(tmp_path, token_file):
 
 def start_controller_process(run_dir: Path, token_file: Path, grpc_port: int, http_port: int, cli: bool = True) -> subprocess.Popen:
     """``stalwart controller`` as a process; ``cli=False`` skips the CLI's start-up imports (faster)."""
-    entry = ["-m", "stalwart", "controller"] if cli else ["-c", "import sys; from stalwart.health.controller import controller_main; sys.exit(controller_main(sys.argv[1:]))"]
+    entry = ["-m", "stalwart", "controller"] if cli else ["-c", "import sys; from stalwart.cli.main import main; sys.exit(main(['controller', *sys.argv[1:]]))"]
     proc = subprocess.Popen(
         [sys.executable, *entry, "--run-dir", str(run_dir), "--grpc-bind", f"127.0.0.1:{grpc_port}",
          "--http-bind", f"127.0.0.1:{http_port}", "--token-file", str(token_file), "--refresh-interval-s", "0.5"],
@@ -350,8 +356,9 @@ def test_controller_down_training_side_keeps_going_and_catches_up(tmp_path, toke
 
 @pytest.mark.filterwarnings("ignore:torch.distributed is disabled")
 def test_state_metrics_checkpoints_and_rollback(tmp_path):
-    from stalwart.checkpoint.manager import CheckpointManager
     import torch
+
+    from stalwart.checkpoint.manager import CheckpointManager
 
     trainer = EventLog(tmp_path, role="trainer", rank=0, node=0)
     trainer.emit(EventKind.JOB_START, config={"checkpoint": {"enabled": True, "url": ""}}, steps=10)
@@ -408,7 +415,7 @@ def make_pki(d: Path) -> dict[str, Path]:
     from cryptography.hazmat.primitives.asymmetric import ec
     from cryptography.x509.oid import NameOID
 
-    now = datetime.datetime.now(datetime.timezone.utc)
+    now = datetime.datetime.now(datetime.UTC)
 
     def issue(name, issuer_name, issuer_key, key, *, ca=False, san=None):
         b = (x509.CertificateBuilder().subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name)]))
@@ -476,7 +483,7 @@ def test_controller_cli_errors_are_one_line(tmp_path, monkeypatch, capsys):
             (["--token-file", str(token), "--grpc-bind", running.grpc_address], "could not bind"),
             (["--token-file", str(token), "--http-bind", running.http_address], "could not bind"),
         ):
-            assert controller_main(base + args) == 2
+            assert stalwart_main(["controller", *base, *args]) == 2
             err = capsys.readouterr().err.strip().splitlines()
             assert err[-1].startswith("stalwart controller: error:") and fix in err[-1], err
 

@@ -15,9 +15,6 @@ from pathlib import Path
 
 import pytest
 from browser import chromium, full_page_screenshot  # noqa: F401  (chromium is a fixture)
-from stalwart.health.probes import FAULT_INJECTION_ENV
-from stalwart.runtime.events import EventKind, EventLog
-from stalwart.runtime.goodput.accounting import CATEGORIES
 from polling import free_port, wait_for
 from test_controller import (  # noqa: F401  (token_file is a fixture)
     ROOT,
@@ -26,6 +23,10 @@ from test_controller import (  # noqa: F401  (token_file is a fixture)
     spawn_rank,
     token_file,
 )
+
+from stalwart.events import EventKind, EventLog
+from stalwart.goodput.accounting import CATEGORIES
+from stalwart.health.probes import FAULT_INJECTION_ENV
 
 
 def start(cmd: list[str], expect: str, env: dict | None = None) -> tuple[subprocess.Popen, str]:
@@ -40,6 +41,7 @@ def start(cmd: list[str], expect: str, env: dict | None = None) -> tuple[subproc
 def a_finished_stretch_of_training(run_dir: Path) -> None:
     """Real trainer events and two real checkpoints (step 1 verified), for the goodput and checkpoint panels."""
     import torch
+
     from stalwart.checkpoint.manager import CheckpointManager
 
     log = EventLog(run_dir, role="trainer", rank=0, node=0)

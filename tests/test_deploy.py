@@ -6,6 +6,7 @@ Nothing here needs a cluster. The cross-file checks are functions over the parse
 
 from __future__ import annotations
 
+import argparse
 import copy
 import os
 import re
@@ -24,19 +25,22 @@ K8S = DEPLOY / "k8s"
 SBATCH = DEPLOY / "slurm" / "stalwart.sbatch"
 CONTAINERFILE = DEPLOY / "Containerfile"
 
-# The CLI contract the manifests are written against (runtime/cli.py implements the same flags).
-ALLOWED_FLAGS = {
-    "launch": {
-        "--config", "--nnodes", "--nproc-per-node", "--rdzv-endpoint", "--rdzv-id",
-        "--max-restarts", "--run-dir", "--healthd", "--controller",
-    },
-    "healthd": {"--run-dir", "--bind", "--token-file"},
-    "controller": {"--run-dir", "--grpc-bind", "--http-bind", "--token-file"},
-}
+
+
+def cli_flags(command: str) -> set[str]:
+    """Every option string ``stalwart COMMAND`` accepts, read off the real parser."""
+    from stalwart.cli.main import build_parser
+
+    subparsers = next(a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction))
+    return {o for action in subparsers.choices[command]._actions for o in action.option_strings} - {"-h", "--help"}
+
+
+# The manifests may use any flag the real parsers accept, and must pass these.
+ALLOWED_FLAGS = {command: cli_flags(command) for command in ("launch", "healthd", "controller")}
 REQUIRED_FLAGS = {
     "launch": {"--config", "--nnodes", "--nproc-per-node", "--rdzv-endpoint", "--rdzv-id"},
-    "healthd": ALLOWED_FLAGS["healthd"],
-    "controller": ALLOWED_FLAGS["controller"],
+    "healthd": {"--run-dir", "--bind", "--token-file"},
+    "controller": {"--run-dir", "--grpc-bind", "--http-bind", "--token-file"},
 }
 RDZV_PORT = 29400
 HEALTHD_PORT = 50051

@@ -5,7 +5,7 @@ import time
 
 import pytest
 
-from stalwart.runtime.events import EventKind, EventLog, read_events
+from stalwart.events import EventKind, EventLog, read_events
 
 
 def test_emit_flush_and_read(tmp_path):

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from stalwart.checkpoint.manager import CheckpointManager
-from stalwart.runtime.events import EventLog, read_events
+from stalwart.events import EventLog, read_events
 from stalwart.runtime.faults import FaultInjectionDisabled, FaultKind, FaultPlan
 from stalwart.runtime.faults.injector import FaultInjector, corrupt_one_shard
 
@@ -115,7 +115,7 @@ def test_corrupt_needs_a_shard(tmp_path):
 def test_kill_rank_kills_the_process_after_recording_it(tmp_path):
     code = f"""
 import torch
-from stalwart.runtime.events import EventLog
+from stalwart.events import EventLog
 from stalwart.runtime.faults import FaultPlan
 from stalwart.runtime.faults.injector import FaultInjector
 inj = FaultInjector(FaultPlan.parse('[{{"kind": "kill_rank", "step": 4, "rank": 0}}]'), {str(tmp_path)!r}, 0, 0, "node0", EventLog({str(tmp_path)!r}, "trainer", 0))
@@ -130,7 +130,7 @@ for step in range(1, 10):
 
 
 def test_soak_plans_are_seeded_valid_and_spread_over_the_run():
-    from stalwart.runtime.demo import soak_plan
+    from stalwart.cli.demo import soak_plan
 
     plan = soak_plan(30, 200, world=8, seed=3)
     assert plan == soak_plan(30, 200, world=8, seed=3) and plan != soak_plan(30, 200, world=8, seed=4)

@@ -6,9 +6,11 @@ import subprocess
 import sys
 
 import pytest
-from stalwart.runtime.events import read_events
-from stalwart.runtime.goodput import CATEGORIES, compute_goodput, format_text, render_html, to_json
-from stalwart.runtime.goodput.command import goodput_main, parse_time
+
+from stalwart.cli.goodput import parse_time
+from stalwart.cli.main import main as stalwart_main
+from stalwart.events import read_events
+from stalwart.goodput import CATEGORIES, compute_goodput, format_text, render_html, to_json
 
 T0 = 1_800_000_000.0  # an arbitrary epoch; every time below is T0 + seconds
 
@@ -251,14 +253,14 @@ def test_renderings(tmp_path):
 def test_cli_formats_and_errors(tmp_path, capsys):
     (tmp_path / "run").mkdir()
     run = write_run(tmp_path / "run", hand_log())
-    assert goodput_main(["report", str(run), "--format", "json", "--output", str(tmp_path / "g.json")]) == 0
+    assert stalwart_main(["goodput", "report", str(run), "--format", "json", "--output", str(tmp_path / "g.json")]) == 0
     assert json.loads((tmp_path / "g.json").read_text())["goodput"] == pytest.approx(0.4375)
-    assert goodput_main(["report", str(run), "--format", "html", "-o", str(tmp_path / "g.html")]) == 0
+    assert stalwart_main(["goodput", "report", str(run), "--format", "html", "-o", str(tmp_path / "g.html")]) == 0
     assert "data:image/png;base64," in (tmp_path / "g.html").read_text()
-    assert goodput_main(["report", str(run), "--since", str(T0 + 60), "--until", "2027-01-15T08:01:40Z"]) == 0
+    assert stalwart_main(["goodput", "report", str(run), "--since", str(T0 + 60), "--until", "2027-01-15T08:01:40Z"]) == 0
     assert "wall time   40.00 s" in capsys.readouterr().out
-    assert goodput_main(["report", str(tmp_path / "nope")]) == 2
-    assert goodput_main(["report", str(run), "--since", "yesterday"]) == 2
+    assert stalwart_main(["goodput", "report", str(tmp_path / "nope")]) == 2
+    assert stalwart_main(["goodput", "report", str(run), "--since", "yesterday"]) == 2
     err = capsys.readouterr().err
     assert "run directory" in err and "ISO 8601" in err
 
@@ -281,4 +283,4 @@ def test_real_training_run(tmp_path):
     assert report.steps_kept == 4 and report.steps_lost == 0 and report.incidents == []
     total = report.productive_seconds + sum(report.badput.values())
     assert abs(total - report.wall_seconds) <= 0.01 * report.wall_seconds
-    assert goodput_main(["report", str(run), "--format", "html", "-o", str(tmp_path / "g.html")]) == 0
+    assert stalwart_main(["goodput", "report", str(run), "--format", "html", "-o", str(tmp_path / "g.html")]) == 0

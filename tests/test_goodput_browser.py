@@ -4,14 +4,15 @@ import json
 
 from browser import chromium, full_page_screenshot  # noqa: F401  (chromium is a fixture)
 from selenium.webdriver.common.by import By
-from stalwart.runtime.goodput import (
+from test_goodput import hand_log
+
+from stalwart.goodput import (
     CATEGORIES,
     PRODUCTIVE,
     compute_goodput,
     render_html,
     to_json,
 )
-from test_goodput import hand_log
 
 
 def test_html_report_shows_the_json_numbers(chromium, tmp_path):  # noqa: F811

@@ -4,9 +4,11 @@ import json
 import math
 
 import pytest
-from stalwart.runtime.goodput.command import goodput_main
-from stalwart.runtime.goodput.costs import CostProfile, load_profile, measured_profile
-from stalwart.runtime.goodput.simulate import (
+from test_goodput import hand_log
+
+from stalwart.cli.main import main as stalwart_main
+from stalwart.goodput.costs import CostProfile, load_profile, measured_profile
+from stalwart.goodput.simulate import (
     DAY_S,
     LLAMA3_MIX,
     FailureModel,
@@ -14,7 +16,6 @@ from stalwart.runtime.goodput.simulate import (
     expected_goodput,
     simulate,
 )
-from test_goodput import hand_log
 
 HOUR = 3600.0
 # One failure type, one per hour on 1,000 GPUs, nothing planned: the textbook exponential model.
@@ -103,15 +104,15 @@ def test_measured_profile_reads_a_run_directory(tmp_path):
 
 def test_cli_text_json_and_errors(tmp_path, capsys):
     out = tmp_path / "sim.json"
-    assert goodput_main(["simulate", "--gpus", "2048", "--replicas", "20", "--days", "5", "--format", "json", "-o", str(out)]) == 0
+    assert stalwart_main(["goodput", "simulate", "--gpus", "2048", "--replicas", "20", "--days", "5", "--format", "json", "-o", str(out)]) == 0
     data = json.loads(out.read_text())
     (r,) = data["results"]
     assert r["gpus"] == 2048 and 0 < r["at_best"]["mean"] <= 1 and r["young_daly_s"] > 0
-    assert goodput_main(["simulate", "--gpus", "2048", "--replicas", "20", "--days", "5", "--costs", "llama3"]) == 0
+    assert stalwart_main(["goodput", "simulate", "--gpus", "2048", "--replicas", "20", "--days", "5", "--costs", "llama3"]) == 0
     text = capsys.readouterr().out
     assert "Young/Daly" in text and "2,048 GPUs" in text and "where the costs come from" in text
-    assert goodput_main(["simulate", "--costs", "nope"]) == 2
-    assert goodput_main(["simulate", "--costs", "measured"]) == 2
-    assert goodput_main(["simulate", "--costs", "measured", str(tmp_path)]) == 2
+    assert stalwart_main(["goodput", "simulate", "--costs", "nope"]) == 2
+    assert stalwart_main(["goodput", "simulate", "--costs", "measured"]) == 2
+    assert stalwart_main(["goodput", "simulate", "--costs", "measured", str(tmp_path)]) == 2
     err = capsys.readouterr().err
     assert err.count("stalwart goodput: error:") == 3 and "measured RUN" in err

@@ -13,15 +13,16 @@ from pathlib import Path
 import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
-
 from polling import wait_for
-from stalwart.health.client import HeartbeatClient
+
+from stalwart.events import read_events
 from stalwart.health import daemon as daemon_module
-from stalwart.health.daemon import MAX_MESSAGE_BYTES, HealthDaemon, _find_py_spy, healthd_main
+from stalwart.health.client import HeartbeatClient
+from stalwart.cli.main import main as stalwart_main
+from stalwart.health.daemon import MAX_MESSAGE_BYTES, HealthDaemon, _find_py_spy
 from stalwart.health.hang import HangConfig, Phase
 from stalwart.health.probes import FAULT_INJECTION_ENV, GpuProbe
 from stalwart.health.proto import healthd_pb2, healthd_pb2_grpc
-from stalwart.runtime.events import read_events
 
 CASES = Path(__file__).resolve().parent / "health_cases.py"
 TOKEN = "s3cret-job-token"
@@ -226,13 +227,12 @@ def test_client_keeps_going_without_daemon():
         assert client.sent == 0 and not client.stop_requested
 
 
-def test_healthd_main_serves_on_unix_socket_until_sigterm(tmp_path):
+def test_healthd_serves_on_unix_socket_until_sigterm(tmp_path):
     token_file = tmp_path / "token"
     token_file.write_text(TOKEN + "\n")
     token_file.chmod(0o600)
     sock = tmp_path / "healthd.sock"
-    code = "import sys; from stalwart.health.daemon import healthd_main; sys.exit(healthd_main(sys.argv[1:]))"
-    proc = subprocess.Popen([sys.executable, "-c", code, "--run-dir", str(tmp_path), "--bind", f"unix:{sock}", "--token-file", str(token_file), "--node", "5"],
+    proc = subprocess.Popen([sys.executable, "-m", "stalwart", "healthd", "--run-dir", str(tmp_path), "--bind", f"unix:{sock}", "--token-file", str(token_file), "--node", "5"],
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
         lines = [proc.stdout.readline() for _ in range(2)]  # a log line (stderr) and the address line, in either order
@@ -248,7 +248,7 @@ def test_healthd_main_serves_on_unix_socket_until_sigterm(tmp_path):
         proc.wait()
     empty = tmp_path / "empty"
     empty.write_text("")
-    assert healthd_main(["--run-dir", str(tmp_path), "--token-file", str(empty)]) == 2
+    assert stalwart_main(["healthd", "--run-dir", str(tmp_path), "--token-file", str(empty)]) == 2
     with HealthDaemon(tmp_path, TOKEN) as running:  # a taken port is a clear error, not a silent second daemon
         with pytest.raises(OSError, match="could not bind"):
             HealthDaemon(tmp_path, TOKEN, bind=running.address).start()

@@ -18,14 +18,14 @@ from pathlib import Path
 
 import psutil
 import pytest
-
 from polling import free_port
+
+from stalwart.events import read_events
+from stalwart.launcher import EXIT_NODE_EXCLUDED, exclude_node
+from stalwart.launcher.exclusion import ExclusionWatch
+from stalwart.launcher.main import LaunchError, parse_nnodes, parse_rdzv_conf
+from stalwart.launcher.plan import plan_nodes
 from stalwart.runtime.config import load_config
-from stalwart.runtime.events import read_events
-from stalwart.runtime.launcher import EXIT_NODE_EXCLUDED, exclude_node
-from stalwart.runtime.launcher.exclusion import ExclusionWatch
-from stalwart.runtime.launcher.main import LaunchError, parse_nnodes, parse_rdzv_conf
-from stalwart.runtime.launcher.plan import plan_nodes
 
 ROOT = Path(__file__).resolve().parent.parent
 LAUNCH = [sys.executable, "-m", "stalwart", "launch", "--config", "debug"]
@@ -89,15 +89,6 @@ def test_unreachable_rendezvous_endpoint_fails_within_the_connect_timeout(tmp_pa
     assert time.monotonic() - t0 < 90  # imports on a loaded machine; torch's default would be 900 s
 
 
-def test_accepts_every_flag_the_deploy_files_use():
-    from test_deploy import ALLOWED_FLAGS
-
-    from stalwart.runtime.launcher.main import build_parser
-
-    options = {o for action in build_parser()._actions for o in action.option_strings}
-    assert ALLOWED_FLAGS["launch"] <= options, ALLOWED_FLAGS["launch"] - options
-
-
 # ---------------------------------------------------------------- plan, exclusion, spares (fast)
 
 
@@ -138,7 +129,7 @@ def test_spare_rank_idles_until_sigterm_then_exits_0(tmp_path):
 def test_peer_watch_reports_a_silent_peer():
     from torch.distributed import HashStore
 
-    from stalwart.runtime.launcher.agent import PeerWatch
+    from stalwart.launcher.agent import PeerWatch
 
     store = HashStore()
     me, peer = PeerWatch(store, 0, 2, timeout_s=1.0, interval_s=0.1), PeerWatch(store, 1, 2, timeout_s=1.0, interval_s=0.1)

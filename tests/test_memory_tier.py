@@ -7,11 +7,11 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from dist_harness import run_ranks
+
 from stalwart.checkpoint.manager import CheckpointManager, NoCheckpointError
 from stalwart.checkpoint.memory_tier import MemoryTier, holder_of, scan, write_copy
-from stalwart.runtime.events import EventLog, read_events
+from stalwart.events import EventLog, read_events
 
 
 def _flip_byte(path: Path) -> None:

@@ -5,9 +5,9 @@ from __future__ import annotations
 import functools
 
 import pytest
-
 from dist_harness import run_ranks
 from parity import RunResult, assert_close_runs, debug_args, make_batches, reference_run
+
 from stalwart.parallel.pipeline import schedule_spec, split_stage_layers, stage_ids_for_rank
 
 N_LAYERS = 4

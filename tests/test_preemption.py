@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from stalwart.checkpoint.manager import CheckpointManager
-from stalwart.runtime.events import read_events
+from stalwart.events import read_events
 
 STEPS = 8
 TRAIN = [sys.executable, "-m", "stalwart", "train", "--config", "debug", "--nproc-per-node", "2",

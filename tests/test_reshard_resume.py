@@ -12,7 +12,6 @@ from __future__ import annotations
 import shutil
 
 import pytest
-
 from dist_harness import run_ranks
 
 CASES = "tests/trainer_cases.py:train_layout"

@@ -10,13 +10,13 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from dist_harness import run_ranks
+
 from stalwart.checkpoint.manager import CheckpointManager
+from stalwart.events import read_events
 from stalwart.health import sdc
 from stalwart.health.daemon import HealthDaemon
 from stalwart.health.hang import HangConfig, Phase
-from stalwart.runtime.events import read_events
 
 CASES = "tests/sdc_cases.py"
 

@@ -6,14 +6,13 @@ tests below each check one property of their results against ``parity.reference_
 
 from __future__ import annotations
 
-
 import pytest
 import torch
 import torch.nn.functional as F
-from torch.distributed.tensor import Replicate, Shard
-
 from dist_harness import run_ranks
 from parity import assert_close_runs, debug_args
+from torch.distributed.tensor import Replicate, Shard
+
 from stalwart.model.llama import Transformer
 from stalwart.parallel.loss import cross_entropy_loss, loss_context
 

@@ -6,7 +6,7 @@ import sys
 
 import pytest
 
-from stalwart.runtime.events import read_events
+from stalwart.events import read_events
 
 STEP_LINE = re.compile(r"^step\s+(\d+)/(\d+) \| loss\s+([\d.]+) \| grad_norm\s+([\d.]+) \| lr ([\d.e+-]+) \| tok/s\s+([\d,]+) \| mfu .* \| mem\s+[\d,]+ MiB$")
 

@@ -8,7 +8,6 @@ must be the whole model.
 from __future__ import annotations
 
 import pytest
-
 from dist_harness import run_ranks
 from parity import RunResult, assert_close_runs
 

@@ -11,9 +11,9 @@ import dataclasses
 
 import torch
 import torch.distributed as dist
+from parity import SEED, RunResult, debug_args, make_batches, parallel_run, reference_run
 from torch.distributed.tensor import DTensor
 
-from parity import SEED, RunResult, debug_args, make_batches, parallel_run, reference_run
 from stalwart.model.llama import Transformer
 from stalwart.parallel.data_parallel import apply_fsdp
 from stalwart.parallel.dims import ParallelDims

@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import torch
-
 from parity import RunResult, full_state_dict
+
 from stalwart.runtime.config import load_config
 from stalwart.runtime.train import Trainer
 

@@ -12,6 +12,8 @@ import sysconfig
 from collections.abc import Iterator
 from pathlib import Path
 
+from stalwart.errors import MissingInputError
+
 __all__ = [
     "SOURCES",
     "TEXT_SUFFIXES",
@@ -55,7 +57,7 @@ def stdlib_sources() -> list[Path]:
     root = Path(sysconfig.get_paths()["stdlib"])
     files = _walk_sorted(root, frozenset({".py"}))
     if not files:
-        raise FileNotFoundError(
+        raise MissingInputError(
             f"no standard-library .py files under '{root}' (stripped Python install?); "
             "use source = \"files\" with a path to .txt/.jsonl data instead"
         )
@@ -78,12 +80,12 @@ def corpus_files(source: str, path: str | Path | None = None) -> list[Path]:
     if p.is_file():
         return [p]
     if not p.is_dir():
-        raise FileNotFoundError(
+        raise MissingInputError(
             f"data path '{path}' does not exist; pass a file or folder of .txt/.jsonl, or use source = \"stdlib\""
         )
     files = _walk_sorted(p, TEXT_SUFFIXES)
     if not files:
-        raise FileNotFoundError(
+        raise MissingInputError(
             f"data folder '{path}' has no text files (looked for {', '.join(sorted(TEXT_SUFFIXES))}); "
             "add some, point the path at a file, or use source = \"stdlib\""
         )

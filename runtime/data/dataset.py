@@ -10,8 +10,6 @@ from __future__ import annotations
 import fcntl
 import hashlib
 import json
-import os
-import uuid
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,6 +19,7 @@ import torch
 from torch import Tensor
 from torch.utils.data import Dataset
 
+from stalwart.files import atomic_write
 from stalwart.runtime.data.corpus import corpus_files, documents_from_files
 from stalwart.runtime.data.tokenizer import Tokenizer, encode_documents
 
@@ -96,15 +95,7 @@ def _cache_key(
 
 def _atomic_save(target: Path, tokens: np.ndarray) -> None:
     """temp file + fsync + os.replace: readers only ever see a complete .npy."""
-    tmp = target.with_name(f".{target.name}.{os.getpid()}.{uuid.uuid4().hex}.tmp")
-    try:
-        with tmp.open("wb") as fh:
-            np.save(fh, np.ascontiguousarray(tokens))
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, target)
-    finally:
-        tmp.unlink(missing_ok=True)
+    atomic_write(target, lambda f: np.save(f, np.ascontiguousarray(tokens)))
 
 
 def _load_or_build(target: Path, build: Callable[[], np.ndarray]) -> tuple[np.ndarray, bool]:

@@ -14,6 +14,8 @@ from typing import Protocol, runtime_checkable
 
 import numpy as np
 
+from stalwart.errors import MissingInputError
+
 __all__ = [
     "Tokenizer",
     "ByteTokenizer",
@@ -88,7 +90,7 @@ class HFTokenizer:
 
         self.path = Path(path)
         if not self.path.is_file():
-            raise FileNotFoundError(
+            raise MissingInputError(
                 f"tokenizer file '{self.path}' does not exist; pass a tokenizer.json "
                 "(or a folder containing one), or use the built-in tokenizer \"byte\""
             )
@@ -149,7 +151,7 @@ def build_tokenizer(spec: str) -> Tokenizer:
     if path.is_dir():
         path = path / "tokenizer.json"
     if not path.is_file():
-        raise FileNotFoundError(
+        raise MissingInputError(
             f"tokenizer '{spec}' not found (looked for '{path}'); pass \"byte\" for the built-in "
             "byte-level tokenizer, or a path to a tokenizer.json (or a folder containing one)"
         )

@@ -17,7 +17,8 @@ from pathlib import Path
 
 import torch
 
-from stalwart.runtime.events import EventKind, EventLog
+from stalwart.events import EventKind, EventLog
+from stalwart.files import atomic_write
 from stalwart.runtime.faults.plan import FaultKind, FaultPlan, FaultSpec
 
 ANY_NODE = "any"  # a node fault for whichever node gets there first (random soak plans)
@@ -148,9 +149,7 @@ def write_gpu_fault(run_dir: Path, node: str) -> Path:
     import json
 
     path = run_dir / "faults" / f"gpu-{node}.json"
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps({"gpu": 0, "fault": "xid", "code": 79}))
-    tmp.replace(path)
+    atomic_write(path, json.dumps({"gpu": 0, "fault": "xid", "code": 79}))
     return path
 
 

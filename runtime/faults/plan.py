@@ -24,6 +24,7 @@ from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any
 
+from stalwart.errors import MissingInputError
 from stalwart.health.probes import FAULT_INJECTION_ENV
 
 FAULT_PLAN_ENV = "STALWART_FAULT_PLAN"
@@ -117,7 +118,7 @@ class FaultPlan:
             return cls.parse(spec, FAULT_PLAN_ENV)
         path = Path(spec)
         if not path.is_file():
-            raise FileNotFoundError(f"{FAULT_PLAN_ENV}={spec}: no such fault plan file")
+            raise MissingInputError(f"{FAULT_PLAN_ENV}={spec}: no such fault plan file")
         return cls.parse(path.read_text(), str(path))
 
     def to_json(self) -> str:

@@ -13,11 +13,11 @@ The model of one job (wall time ``days``): start-up, then cycles of *running* (e
 the next interruption) and *recovery*. While running, the job computes ``interval_s`` then blocks
 ``ckpt_blocking_s`` to save, repeatedly (with an in-memory tier: a memory snapshot every
 ``memory_interval_s``, every n-th one also persisted). An interruption of type k costs detection
-latency (by how it is noticed: :data:`~stalwart.runtime.goodput.costs.DETECTORS`), restart, the
+latency (by how it is noticed: :data:`~stalwart.goodput.costs.DETECTORS`), restart, the
 wait for a spare if the node must go, the checkpoint load, and the work since the newest surviving
 checkpoint (the memory snapshot where the type leaves host memory intact, else the persisted one);
 a planned interruption saves first and loses nothing. Costs are categorised like the accounting
-of real runs (:data:`~stalwart.runtime.goodput.accounting.CATEGORIES`).
+of real runs (:data:`~stalwart.goodput.accounting.CATEGORIES`).
 
 Two estimates of the same model: Monte Carlo (numpy, seeded; mean over ``replicas`` jobs with a
 95 % normal confidence interval) and the closed-form renewal-reward limit ``E[kept work per cycle]
@@ -33,8 +33,9 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
-from stalwart.runtime.goodput.accounting import CATEGORIES, PRODUCTIVE
-from stalwart.runtime.goodput.costs import CostProfile
+
+from stalwart.goodput.accounting import CATEGORIES, PRODUCTIVE
+from stalwart.goodput.costs import CostProfile
 
 DAY_S = 86400.0
 Z95 = 1.959964

@@ -3,7 +3,7 @@
 What it adds, each on one of the agent's documented extension points:
 
 - **Resize**: after every rendezvous the world is narrowed to the whole nodes the layout can use
-  (:class:`~stalwart.runtime.launcher.plan.NodePlan`); TP/CP/PP stay fixed, the trainer derives DP
+  (:class:`~stalwart.launcher.plan.NodePlan`); TP/CP/PP stay fixed, the trainer derives DP
   from ``WORLD_SIZE`` and keeps the global batch by accumulation, and resumes by resharding.
 - **Hot spares**: nodes past that count run idle ranks (``RANK >= WORLD_SIZE``); they join at the
   next re-rendezvous, and end with the job when a training node's agent marks the round done.
@@ -29,11 +29,11 @@ from torch.distributed.elastic.agent.server.api import RunResult, Worker, Worker
 from torch.distributed.elastic.agent.server.local_elastic_agent import LocalElasticAgent
 from torch.distributed.elastic.multiprocessing import LogsSpecs
 
-from stalwart.runtime.events import EventKind, EventLog
-from stalwart.runtime.launcher.exclusion import ExclusionWatch, exclude_node
-from stalwart.runtime.launcher.plan import NodePlan
-from stalwart.runtime.launcher.services import HealthWatch
-from stalwart.runtime.launcher.worker import EXIT_REJOIN
+from stalwart.events import EventKind, EventLog
+from stalwart.launcher.exclusion import ExclusionWatch, exclude_node
+from stalwart.launcher.plan import NodePlan
+from stalwart.launcher.services import HealthWatch
+from stalwart.launcher.worker import EXIT_REJOIN
 
 log = logging.getLogger(__name__)
 

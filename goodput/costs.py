@@ -1,7 +1,7 @@
 """What one failure costs: the cost profiles the goodput simulator projects with.
 
 A profile is a TOML file with a ``[costs]`` table (seconds) and a ``[sources]`` table saying where
-each number comes from. Two ship in ``runtime/goodput/profiles/``: ``stalwart`` (this runtime's
+each number comes from. Two ship in ``goodput/profiles/``: ``stalwart`` (this runtime's
 figures: measured where a measurement exists, else a stated assumption) and ``llama3`` (what the
 Llama 3 paper publishes, and assumptions where it publishes nothing). :func:`measured_profile`
 replaces the figures a real run directory measures (checkpoint blocking, load, restart downtime,
@@ -12,12 +12,12 @@ from __future__ import annotations
 
 import dataclasses
 import statistics
+import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import tomllib
-from stalwart.runtime.cli import UserError
+from stalwart.errors import UserError
 
 PROFILES_DIR = Path(__file__).resolve().parent / "profiles"
 # How a failure is noticed: a device probe (gpu), the process exiting (crash), only a timeout
@@ -101,8 +101,8 @@ def _median(values: list[float]) -> float | None:
 
 def measured_profile(run_dir: str | Path, base: CostProfile) -> CostProfile:
     """``base`` with every figure that ``run_dir``'s events measure replaced by the run's median."""
-    from stalwart.runtime.events import read_events
-    from stalwart.runtime.goodput.accounting import compute_goodput
+    from stalwart.events import read_events
+    from stalwart.goodput.accounting import compute_goodput
 
     if not (Path(run_dir) / "events").is_dir():
         raise CostProfileError(f"{Path(run_dir) / 'events'} does not exist: 'measured RUN' needs a run directory")

@@ -1,6 +1,6 @@
 """Goodput accounting: where every second of a job's wall-clock time went, from its event log.
 
-The report is a pure function of the events (``stalwart.runtime.events``). The method:
+The report is a pure function of the events (``stalwart.events``). The method:
 
 1. **Clock skew.** Every host's timestamps are shifted by one offset so that they read in the
    reference host's clock (the host of the lowest trainer rank). Synchronous ranks finish a step

@@ -11,10 +11,11 @@ import logging
 import os
 import secrets
 import signal
-import socket
 import subprocess
 import sys
 from pathlib import Path
+
+from stalwart.net import answers
 
 log = logging.getLogger(__name__)
 
@@ -39,21 +40,6 @@ def job_token_file(run_dir: Path) -> str:
             pass
         path = os.environ[TOKEN_FILE_ENV] = str(token)
     return path
-
-
-def answers(address: str, timeout_s: float = 0.5) -> bool:
-    """Something accepts connections at ``host:port`` or ``unix:PATH``."""
-    try:
-        if address.startswith("unix:"):
-            with socket.socket(socket.AF_UNIX) as s:
-                s.settimeout(timeout_s)
-                s.connect(address.removeprefix("unix:").removeprefix("//"))
-        else:
-            host, _, port = address.rpartition(":")
-            socket.create_connection((host.strip("[]"), int(port)), timeout=timeout_s).close()
-        return True
-    except (OSError, ValueError):
-        return False
 
 
 _PRCTL = ctypes.CDLL(None).prctl if sys.platform.startswith("linux") else None

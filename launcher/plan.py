@@ -12,8 +12,9 @@ from __future__ import annotations
 import bisect
 from dataclasses import dataclass
 
-from stalwart.parallel.dims import ParallelDims, ParallelLayoutError
+from stalwart.parallel.dims import ParallelLayoutError
 from stalwart.runtime.config import Config
+from stalwart.runtime.plan import check_layout, plan_job
 
 
 @dataclass(frozen=True)
@@ -36,10 +37,8 @@ class NodePlan:
 
 
 def _layout_error(cfg: Config, world_size: int) -> ParallelLayoutError | None:
-    p, t = cfg.parallel, cfg.training
     try:
-        dims = ParallelDims.resolve(p.dp_replicate, p.dp_shard, p.cp, p.tp, p.pp, world_size)
-        dims.validate_batch(t.global_batch_size, t.microbatch_size, p.pp_microbatches)
+        check_layout(cfg, world_size)
     except ParallelLayoutError as e:
         return e
     return None
@@ -56,7 +55,5 @@ def plan_nodes(cfg: Config, nproc_per_node: int, min_nodes: int, max_nodes: int)
             f"--nnodes {min_nodes}:{max_nodes} × --nproc-per-node {nproc_per_node} starts with {world} ranks: "
             f"{_layout_error(cfg, world)}{hint}"
         )
-    from stalwart.runtime.train import plan_job  # imports torch: after the cheap checks
-
     plan_job(cfg, plan.active_nodes(min_nodes) * nproc_per_node)  # model, tokenizer and sequence checks
     return plan

@@ -1,9 +1,9 @@
 """``stalwart launch``: the elastic node agent (torch.distributed.elastic), resize, hot spares, exclusion, preemption.
 
-See :mod:`stalwart.runtime.launcher.main` for the command and :mod:`stalwart.runtime.launcher.agent`
+See :mod:`stalwart.launcher.main` for the command and :mod:`stalwart.launcher.agent`
 for the membership rules. :func:`exclude_node` is the one call the health side needs.
 """
 
-from stalwart.runtime.launcher.exclusion import EXIT_NODE_EXCLUDED, exclude_node
+from stalwart.launcher.exclusion import EXIT_NODE_EXCLUDED, exclude_node
 
 __all__ = ["EXIT_NODE_EXCLUDED", "exclude_node"]

@@ -8,7 +8,8 @@ import json
 import sys
 from pathlib import Path
 
-from stalwart.runtime.cli import UserError
+from stalwart.cli.command import Subparsers, actions, subcommand
+from stalwart.errors import MissingInputError, UserError
 
 
 class GoodputUsageError(UserError, ValueError):
@@ -28,27 +29,26 @@ def parse_time(text: str) -> float:
             f"cannot read time {text!r}: give seconds since the epoch (1795426595.5) or ISO 8601 (2026-11-23T09:30:00Z)"
         ) from None
     if when.tzinfo is None:
-        when = when.replace(tzinfo=_dt.timezone.utc)
+        when = when.replace(tzinfo=_dt.UTC)
     return when.timestamp()
 
 
-def add_goodput_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
-    """Mount ``goodput report`` on a ``stalwart`` subparsers object; sets ``func=cmd_goodput``."""
+def register(sub: Subparsers) -> None:
     goodput = sub.add_parser("goodput", help="goodput accounting of a run from its event log",
                              description="Goodput accounting of a run from its event log.")
-    gsub = goodput.add_subparsers(dest="goodput_command", metavar="ACTION", required=True)
-    report = gsub.add_parser("report", help="where the wall-clock time of a run went",
-                             description="Productive time, every badput category, and the incidents of a run.")
+    gsub = actions(goodput, "goodput_command")
+    report = subcommand(gsub, "report", run=run_report, help="where the wall-clock time of a run went",
+                        description="Productive time, every badput category, and the incidents of a run.")
     report.add_argument("run", metavar="RUN", help="run directory (the one holding events/)")
     report.add_argument("--format", choices=("text", "json", "html"), default="text")
     report.add_argument("--output", "-o", metavar="PATH", help="write here instead of standard output")
     report.add_argument("--since", metavar="TIME", help="window start: epoch seconds or ISO 8601 (UTC if no zone)")
     report.add_argument("--until", metavar="TIME", help="window end: epoch seconds or ISO 8601 (UTC if no zone)")
     report.add_argument("--timeline", action="store_true", help="JSON: include per-segment and per-step timelines")
-    sim = gsub.add_parser("simulate", help="project goodput at cluster scale (Monte Carlo over a failure mix)",
-                          description="Project goodput for a cluster size from Llama 3's failure mix and a cost profile: "
-                                      "Monte Carlo with confidence intervals, the best checkpoint interval against "
-                                      "Young/Daly, and what each cost is worth.")
+    sim = subcommand(gsub, "simulate", run=run_simulate, help="project goodput at cluster scale (Monte Carlo over a failure mix)",
+                     description="Project goodput for a cluster size from Llama 3's failure mix and a cost profile: "
+                                 "Monte Carlo with confidence intervals, the best checkpoint interval against "
+                                 "Young/Daly, and what each cost is worth.")
     sim.add_argument("--gpus", type=int, nargs="+", default=[16384, 100000], metavar="N", help="cluster sizes (default 16384 100000)")
     sim.add_argument("--costs", nargs="+", default=["stalwart"], metavar="PROFILE",
                      help="stalwart (default), llama3, a TOML file, or 'measured RUN' (stalwart's profile with RUN's measured costs)")
@@ -59,23 +59,17 @@ def add_goodput_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentPars
     sim.add_argument("--target", type=float, default=97.0, metavar="PCT", help="goodput to reach, percent (default 97)")
     sim.add_argument("--format", choices=("text", "json"), default="text")
     sim.add_argument("--output", "-o", metavar="PATH", help="write here instead of standard output")
-    goodput.set_defaults(func=cmd_goodput)
-    return goodput
 
 
-def cmd_goodput(args: argparse.Namespace, overrides: list[str] | None = None) -> int:
-    """Run ``goodput report``; raises :class:`GoodputUsageError` / FileNotFoundError for user errors."""
-    from stalwart.runtime.events import read_events
-    from stalwart.runtime.goodput.accounting import compute_goodput
-    from stalwart.runtime.goodput.report import format_text, render_html, to_json
+def run_report(args: argparse.Namespace, extra: list[str]) -> int:
+    """``goodput report``: the run's goodput as text, JSON or HTML."""
+    from stalwart.events import read_events
+    from stalwart.goodput.accounting import compute_goodput
+    from stalwart.goodput.report import format_text, render_html, to_json
 
-    if overrides:
-        raise GoodputUsageError(f"unexpected arguments {' '.join(overrides)}; see stalwart goodput {args.goodput_command} --help")
-    if args.goodput_command == "simulate":
-        return cmd_simulate(args)
     events_dir = Path(args.run) / "events"
     if not events_dir.is_dir():
-        raise FileNotFoundError(f"{events_dir} does not exist: RUN must be a run directory (the --job.run_dir of a job)")
+        raise MissingInputError(f"{events_dir} does not exist: RUN must be a run directory (the --job.run_dir of a job)")
     since = parse_time(args.since) if args.since else None
     until = parse_time(args.until) if args.until else None
     if since is not None and until is not None and until <= since:
@@ -103,7 +97,7 @@ def _write(text: str, output: str | None) -> None:
 
 def simulation_costs(spec: list[str]):
     """The cost profile named by ``--costs``: a profile name or file, or ``measured RUN``."""
-    from stalwart.runtime.goodput.costs import load_profile, measured_profile
+    from stalwart.goodput.costs import load_profile, measured_profile
 
     if spec[0] == "measured":
         if len(spec) != 2:
@@ -114,11 +108,11 @@ def simulation_costs(spec: list[str]):
     return load_profile(spec[0])
 
 
-def cmd_simulate(args: argparse.Namespace) -> int:
+def run_simulate(args: argparse.Namespace, extra: list[str]) -> int:
     """Run ``goodput simulate`` for every ``--gpus`` value with one seeded Monte Carlo each."""
     import dataclasses
 
-    from stalwart.runtime.goodput import simulate as sim
+    from stalwart.goodput import simulate as sim
 
     if any(g < 1 for g in args.gpus) or args.days <= 0 or args.replicas < 2 or not 0 < args.target < 100:
         raise GoodputUsageError("need --gpus >= 1, --days > 0, --replicas >= 2 and 0 < --target < 100")
@@ -140,24 +134,12 @@ def cmd_simulate(args: argparse.Namespace) -> int:
 
 def summarize_run(run_dir: str | Path) -> str:
     """The terminal report of a finished run; the HTML report is written to RUN/goodput.html."""
-    from stalwart.runtime.events import read_events
-    from stalwart.runtime.goodput.accounting import compute_goodput
-    from stalwart.runtime.goodput.report import format_text, render_html
+    from stalwart.events import read_events
+    from stalwart.goodput.accounting import compute_goodput
+    from stalwart.goodput.report import format_text, render_html
 
     events = list(read_events(run_dir))
     report = compute_goodput(events)
     html_path = Path(run_dir) / "goodput.html"
     html_path.write_text(render_html(report, events), encoding="utf-8")
     return f"{format_text(report)}\nHTML report: {html_path}\n"
-
-
-def goodput_main(argv: list[str] | None = None) -> int:
-    """Standalone entry: ``goodput_main(["report", RUN, "--format", "json"])``."""
-    parser = argparse.ArgumentParser(prog="stalwart")
-    add_goodput_parser(parser.add_subparsers(dest="command"))
-    args = parser.parse_args(["goodput", *(sys.argv[1:] if argv is None else argv)])
-    try:
-        return cmd_goodput(args)
-    except (UserError, FileNotFoundError) as e:
-        print(f"stalwart goodput: error: {e}", file=sys.stderr)
-        return 2

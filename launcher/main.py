@@ -1,7 +1,4 @@
-"""``stalwart launch``: one elastic agent per node, torchrun-compatible flags.
-
-    stalwart launch --config C --nnodes MIN:MAX --nproc-per-node N --rdzv-endpoint HOST:PORT --rdzv-id JOB
-                    [--max-restarts K] [--run-dir D] [--healthd ADDR|off] [--controller ADDR|off] [--section.key VALUE ...]
+"""The node agent's main: check ``stalwart launch``'s flags (:mod:`stalwart.cli.launch`), then run the agent.
 
 Order of work, cheapest check first so bad input costs nothing: flags → config and layout against the
 node range → exclusion list → rendezvous store (short connect timeout) → healthd / controller →
@@ -15,25 +12,23 @@ import argparse
 import logging
 import os
 import signal
-import socket
 import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from stalwart.runtime.launcher.exclusion import EXIT_NODE_EXCLUDED
+from stalwart.errors import UserError
+from stalwart.launcher.exclusion import EXIT_NODE_EXCLUDED
 
 if TYPE_CHECKING:
     from torch.distributed.elastic.rendezvous import RendezvousHandler
 
+    from stalwart.launcher.exclusion import ExclusionWatch
+    from stalwart.launcher.plan import NodePlan
     from stalwart.runtime.config import Config
-    from stalwart.runtime.launcher.exclusion import ExclusionWatch
-    from stalwart.runtime.launcher.plan import NodePlan
-
-DEFAULT_HEALTHD = "127.0.0.1:50051"
 
 
-class LaunchError(ValueError):
+class LaunchError(UserError):
     """Bad flags; the message names the fix."""
 
 
@@ -83,31 +78,8 @@ def parse_rdzv_conf(spec: str) -> dict[str, str]:
     return conf
 
 
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="stalwart launch", allow_abbrev=False,
-                                description="Elastic agent of one node (torch.distributed.elastic). Extra --section.key VALUE arguments override the config.")
-    p.add_argument("--config", required=True, help="TOML file, or a shipped config name")
-    p.add_argument("--nnodes", default="1", help="N or MIN:MAX nodes (default 1)")
-    p.add_argument("--nproc-per-node", "--nproc_per_node", type=int, default=1, help="ranks on this node (default 1)")
-    p.add_argument("--rdzv-backend", "--rdzv_backend", default="c10d", choices=("c10d", "etcd", "etcd-v2"), help="default c10d (the store lives on the endpoint's node)")
-    p.add_argument("--rdzv-endpoint", "--rdzv_endpoint", default="127.0.0.1:29400", help="HOST:PORT of the rendezvous store (default 127.0.0.1:29400)")
-    p.add_argument("--rdzv-id", "--rdzv_id", default="stalwart", help="job id shared by all nodes (e.g. $SLURM_JOB_ID)")
-    p.add_argument("--rdzv-conf", "--rdzv_conf", default="", help="torch rendezvous settings key=value,... (join_timeout, last_call_timeout, keep_alive_interval, read_timeout, ...)")
-    p.add_argument("--rdzv-connect-timeout", type=float, default=60.0, help="seconds to reach the rendezvous store before giving up (default 60)")
-    p.add_argument("--max-restarts", "--max_restarts", type=int, default=3, help="worker-group restarts after failures (node joins do not count; default 3)")
-    p.add_argument("--monitor-interval", "--monitor_interval", type=float, default=0.5, help="seconds between checks of the ranks (default 0.5)")
-    p.add_argument("--local-addr", "--local_addr", default=None, help="this node's address as the others reach it (default: its FQDN)")
-    p.add_argument("--node-id", default=socket.gethostname(), help="this node's name in the exclusion list (default: host name)")
-    p.add_argument("--run-dir", default=None, help="the job's run directory (default: the config's job.run_dir)")
-    p.add_argument("--healthd", default=DEFAULT_HEALTHD, help=f"node health daemon address; started when none answers (default {DEFAULT_HEALTHD}; 'off' for none)")
-    p.add_argument("--controller", default="", help="job controller address; default: started on the rendezvous host ('off' for none)")
-    p.add_argument("--peer-timeout", type=float, default=30.0, help="seconds of silence after which a peer node counts as lost (default 30)")
-    p.add_argument("--failure-stop-timeout", type=float, default=5.0, help="seconds a failed group's ranks get between SIGTERM and SIGKILL (default 5)")
-    return p
-
-
-def parse_args(argv: list[str]) -> LaunchArgs:
-    args, overrides = build_parser().parse_known_args(argv)
+def launch_args(args: argparse.Namespace, overrides: list[str]) -> LaunchArgs:
+    """Checked :class:`LaunchArgs` from the parsed ``stalwart launch`` flags (see :mod:`stalwart.cli.launch`)."""
     min_nodes, max_nodes = parse_nnodes(args.nnodes)
     if args.nproc_per_node < 1:
         raise LaunchError(f"--nproc-per-node {args.nproc_per_node}: must be at least 1")
@@ -142,46 +114,41 @@ def _stopped_by(sigval: signal.Signals) -> int:
     return 0 if sigval == signal.SIGTERM else 128 + sigval
 
 
-def launch_main(argv: list[str]) -> int:
+def launch(args: argparse.Namespace, overrides: list[str]) -> int:
+    """Run this node's agent until the job ends; the exit code says how (module docstring)."""
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, _on_signal)
     try:
-        return _launch(argv)
+        return _launch(args, overrides)
     except Terminated as e:
         return _stopped_by(e.sigval)
 
 
-def _launch(argv: list[str]) -> int:
-    from stalwart.parallel.dims import ParallelLayoutError
-    from stalwart.runtime.config import ConfigError, load_config
-    from stalwart.runtime.launcher.exclusion import ExclusionWatch
-    from stalwart.runtime.launcher.plan import plan_nodes
-    from stalwart.runtime.launcher.rendezvous import RendezvousOptions, RendezvousUnreachable, build_handler, split_endpoint
+def _launch(args: argparse.Namespace, overrides: list[str]) -> int:
+    from stalwart.launcher.exclusion import ExclusionWatch
+    from stalwart.launcher.plan import plan_nodes
+    from stalwart.launcher.rendezvous import RendezvousOptions, build_handler, split_endpoint
+    from stalwart.runtime.config import load_config
 
+    a = launch_args(args, overrides)
+    overrides = [*a.overrides, *(["--job.run_dir", a.run_dir] if a.run_dir else [])]
+    cfg = load_config(a.config, overrides)
+    plan = plan_nodes(cfg, a.nproc_per_node, a.min_nodes, a.max_nodes)
+    rdzv_host, _ = split_endpoint(a.rdzv_endpoint)
     try:
-        a = parse_args(argv)
-        overrides = [*a.overrides, *(["--job.run_dir", a.run_dir] if a.run_dir else [])]
-        cfg = load_config(a.config, overrides)
-        plan = plan_nodes(cfg, a.nproc_per_node, a.min_nodes, a.max_nodes)
-        rdzv_host, _ = split_endpoint(a.rdzv_endpoint)
         exclusion = ExclusionWatch(cfg.run_dir, a.node_id)
         reason = exclusion.reason()
-    except (LaunchError, ConfigError, ParallelLayoutError, RendezvousUnreachable, FileNotFoundError, ValueError) as e:
-        print(f"stalwart launch: error: {e}", file=sys.stderr)
-        return 2
+    except (ValueError, OSError) as e:  # a malformed or unreadable exclusion list
+        raise UserError(str(e)) from None
     if reason is not None:
         print(f"stalwart launch: node {a.node_id} is on {exclusion.list.path} ({reason}); not joining (exit {EXIT_NODE_EXCLUDED})", file=sys.stderr)
         return EXIT_NODE_EXCLUDED
     if plan.rdzv_max_nodes < a.max_nodes:
         print(f"stalwart launch: the layout trains on at most {plan.rdzv_max_nodes} of {a.max_nodes} nodes; later nodes wait as hot spares", flush=True)
     os.environ["TORCH_DISABLE_SHARE_RDZV_TCP_STORE"] = "1"  # a fresh worker store per round: safe when node 0 changes
-    try:
-        handler, hosting = build_handler(RendezvousOptions(
-            a.rdzv_backend, a.rdzv_endpoint, a.rdzv_id, a.min_nodes, plan.rdzv_max_nodes, a.local_addr, a.rdzv_conf, a.rdzv_connect_timeout,
-        ))
-    except RendezvousUnreachable as e:
-        print(f"stalwart launch: error: {e}", file=sys.stderr)
-        return 2
+    handler, hosting = build_handler(RendezvousOptions(
+        a.rdzv_backend, a.rdzv_endpoint, a.rdzv_id, a.min_nodes, plan.rdzv_max_nodes, a.local_addr, a.rdzv_conf, a.rdzv_connect_timeout,
+    ))
     if hosting:
         print(f"stalwart launch: hosting the rendezvous store on {a.rdzv_endpoint}", flush=True)
     return _run_agent(a, cfg, plan, exclusion, handler, hosting, rdzv_host, overrides)
@@ -193,10 +160,10 @@ def _run_agent(a: LaunchArgs, cfg: Config, plan: NodePlan, exclusion: ExclusionW
     from torch.distributed.elastic.multiprocessing import DefaultLogsSpecs, SignalException
     from torch.distributed.elastic.rendezvous import RendezvousError
 
-    from stalwart.runtime.events import EventKind, EventLog
-    from stalwart.runtime.launcher import services
-    from stalwart.runtime.launcher.agent import AgentOptions, NodeExcluded, StalwartAgent
-    from stalwart.runtime.launcher.worker import LAUNCHER_ENV
+    from stalwart.events import EventKind, EventLog
+    from stalwart.launcher import services
+    from stalwart.launcher.agent import AgentOptions, NodeExcluded, StalwartAgent
+    from stalwart.launcher.worker import LAUNCHER_ENV
 
     logging.basicConfig(level=os.environ.get("LOGLEVEL", "WARNING"), format="%(asctime)s launch %(name)s %(levelname)s %(message)s")
     run_dir = Path(cfg.run_dir)

@@ -7,7 +7,7 @@ node whose launcher dies (lost node) or leaves as excluded (exit 93) is replaced
 and a job stopped by preemption is requeued, until the job reaches its target step. Then it prints
 the goodput report.
 
-``--chaos`` adds a schedule of injected faults (``runtime/faults``), one of each kind: a killed
+``--chaos`` adds a schedule of injected faults (:mod:`stalwart.runtime.faults`), one of each kind: a killed
 rank, a hung rank, a flipped bit, a corrupted checkpoint shard, a dead GPU, a lost node and a
 preemption.
 """
@@ -18,7 +18,6 @@ import argparse
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -27,7 +26,10 @@ import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from stalwart.runtime.launcher.exclusion import EXIT_NODE_EXCLUDED
+from stalwart.cli.command import Subparsers, subcommand
+from stalwart.errors import UserError
+from stalwart.launcher.exclusion import EXIT_NODE_EXCLUDED
+from stalwart.net import answers, free_port
 
 # One fault of each kind, spaced so that each recovery finishes before the next fault fires.
 # Ranks 0-3 start on node0 and 4-7 on node1; node names are those the demo gives its launchers.
@@ -72,12 +74,6 @@ def soak_plan(faults: int, steps: int, world: int, seed: int) -> list[dict]:
     return plan
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @dataclass
 class Node:
     name: str
@@ -103,7 +99,7 @@ class Demo:
         kind = "-soak" if args.soak else "-chaos" if args.chaos else ""
         self.run_dir = Path(args.run_dir or f"runs/demo-{stamp}{kind}").resolve()
         if self.run_dir.exists() and any(self.run_dir.iterdir()):
-            raise FileExistsError(f"{self.run_dir} already holds a run; give a new --run-dir (the demo never writes over a run)")
+            raise UserError(f"{self.run_dir} already holds a run; give a new --run-dir (the demo never writes over a run)")
         self.run_dir.mkdir(parents=True, exist_ok=True)
         self.rdzv = f"127.0.0.1:{free_port()}"
         self.controller_grpc = f"127.0.0.1:{free_port()}"
@@ -166,15 +162,13 @@ class Demo:
         node = Node(name, proc, healthd)
         self.nodes.append(node)
         if len(self.nodes) == 1:  # it hosts the rendezvous store (the node a c10d job can't lose): let it bind first
-            from stalwart.runtime.launcher.services import answers
-
             deadline = time.monotonic() + 120
             while not answers(self.rdzv) and proc.poll() is None and time.monotonic() < deadline:
                 time.sleep(0.2)
         return node
 
     def last_step(self) -> int:
-        from stalwart.runtime.events import read_events
+        from stalwart.events import read_events
 
         return max((e.get("step", 0) for e in read_events(self.run_dir) if e["kind"] == "step_end"), default=0)
 
@@ -216,8 +210,8 @@ class Demo:
 
 def worst_incident(run_dir: Path) -> str:
     """The incident that cost the most (downtime plus lost work), in one line."""
-    from stalwart.runtime.events import read_events
-    from stalwart.runtime.goodput.accounting import compute_goodput
+    from stalwart.events import read_events
+    from stalwart.goodput.accounting import compute_goodput
 
     report = compute_goodput(read_events(run_dir))
     if not report.incidents:
@@ -227,9 +221,10 @@ def worst_incident(run_dir: Path) -> str:
             f"(detected after {worst.detection_latency or 0:.1f} s, {worst.downtime:.1f} s down, {worst.lost_steps} steps lost)")
 
 
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="stalwart demo", description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+def register(sub: Subparsers) -> None:
+    p = subcommand(sub, "demo", run=run, overrides=True, formatter_class=argparse.RawDescriptionHelpFormatter,
+                   help="the whole product on this machine: 2 nodes × 4 CPU ranks, health, dashboard, goodput (--chaos)",
+                   description=__doc__.split("\n\n")[0])
     p.add_argument("--chaos", action="store_true", help="inject one fault of every kind on the way")
     p.add_argument("--config", default="demo", help="config to train (default: the shipped demo config)")
     p.add_argument("--steps", type=int, default=60, help="target step (default 60)")
@@ -239,23 +234,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--soak", type=int, default=0, metavar="N",
                    help="soak test: N faults of random kinds at random steps (e.g. --soak 30 --steps 200)")
     p.add_argument("--seed", type=int, default=0, help="seed of the --soak schedule")
-    return p
 
 
-def demo_main(argv: list[str]) -> int:
-    args, overrides = build_parser().parse_known_args(argv)
+def run(args: argparse.Namespace, overrides: list[str]) -> int:
     args.overrides = overrides
     if args.chaos and args.nodes != 2:
-        print("stalwart demo: error: --chaos is written for --nodes 2", file=sys.stderr)
-        return 2
+        raise UserError("--chaos is written for --nodes 2")
     if args.soak and not 0 < args.soak <= args.steps - 4:
-        print(f"stalwart demo: error: --soak {args.soak} needs --steps of at least {args.soak + 4} (one fault per step at most)", file=sys.stderr)
-        return 2
-    try:
-        demo = Demo(args)
-    except FileExistsError as e:
-        print(f"stalwart demo: error: {e}", file=sys.stderr)
-        return 2
+        raise UserError(f"--soak {args.soak} needs --steps of at least {args.soak + 4} (one fault per step at most)")
+    demo = Demo(args)
     started = time.monotonic()
     ok = False
     try:
@@ -267,7 +254,7 @@ def demo_main(argv: list[str]) -> int:
         print("stalwart demo: interrupted; stopping the nodes", flush=True)
     finally:
         demo.stop()
-    from stalwart.runtime.goodput.command import summarize_run
+    from stalwart.cli.goodput import summarize_run
 
     print(summarize_run(demo.run_dir), end="", flush=True)
     if args.soak or args.chaos:

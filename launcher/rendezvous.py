@@ -19,6 +19,8 @@ from typing import TYPE_CHECKING
 
 import psutil
 
+from stalwart.errors import UserError
+
 if TYPE_CHECKING:
     from torch.distributed import Store
     from torch.distributed.elastic.rendezvous import RendezvousHandler
@@ -26,7 +28,7 @@ if TYPE_CHECKING:
 DEFAULT_PORT = 29400
 
 
-class RendezvousUnreachable(ValueError):
+class RendezvousUnreachable(UserError):
     """The rendezvous endpoint cannot be used; the message names the fix."""
 
 

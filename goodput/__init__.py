@@ -1,6 +1,6 @@
 """Goodput accounting: productive time versus every kind of badput, from a job's event log."""
 
-from stalwart.runtime.goodput.accounting import (
+from stalwart.goodput.accounting import (
     CATEGORIES,
     PRODUCTIVE,
     GoodputReport,
@@ -11,7 +11,7 @@ from stalwart.runtime.goodput.accounting import (
     estimate_clock_offsets,
     rolling_goodput,
 )
-from stalwart.runtime.goodput.report import format_text, render_html, to_json
+from stalwart.goodput.report import format_text, render_html, to_json
 
 __all__ = [
     "CATEGORIES",

@@ -13,21 +13,21 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from stalwart.runtime.cli import UserError
+from stalwart.cli.command import Subparsers, actions, subcommand
+from stalwart.errors import UserError
 
 
 class CkptUsageError(UserError, ValueError):
     """Input the user can fix (no such run or step, output exists); one line, exit 2."""
 
 
-def add_ckpt_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
-    """Mount ``ckpt ls|verify|inspect|export`` on a ``stalwart`` subparsers object."""
+def register(sub: Subparsers) -> None:
     ckpt = sub.add_parser("ckpt", help="list, verify, inspect and export a run's checkpoints",
                           description="List, verify, inspect and export the committed checkpoints of a run.")
-    csub = ckpt.add_subparsers(dest="ckpt_command", metavar="ACTION", required=True)
+    csub = actions(ckpt, "ckpt_command")
 
     def action(name: str, help_: str) -> argparse.ArgumentParser:
-        p = csub.add_parser(name, help=help_, description=help_[0].upper() + help_[1:] + ".")
+        p = subcommand(csub, name, run=run, help=help_)
         p.add_argument("run", metavar="RUN", help="run directory, directory of step-* checkpoints, or URL (s3://bucket/prefix)")
         p.add_argument("--s3-endpoint", metavar="URL", help="endpoint of an S3-compatible store (e.g. http://127.0.0.1:9000)")
         return p
@@ -42,8 +42,6 @@ def add_ckpt_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
     export.add_argument("--format", choices=("torch", "hf"), default="torch",
                         help="torch: the whole state, unsharded; hf: the model as config.json + model.safetensors")
     export.add_argument("--out", required=True, metavar="PATH", help="file (torch) or new folder (hf) to write")
-    ckpt.set_defaults(func=cmd_ckpt)
-    return ckpt
 
 
 def open_checkpoints(run: str, s3_endpoint: str | None = None):
@@ -64,11 +62,9 @@ def open_checkpoints(run: str, s3_endpoint: str | None = None):
     return manager
 
 
-def cmd_ckpt(args: argparse.Namespace, overrides: list[str] | None = None) -> int:
+def run(args: argparse.Namespace, extra: list[str]) -> int:
     from stalwart.checkpoint.manager import NoCheckpointError
 
-    if overrides:
-        raise CkptUsageError(f"unexpected arguments {' '.join(overrides)}; see stalwart ckpt {args.ckpt_command} --help")
     manager = open_checkpoints(args.run, args.s3_endpoint)
     try:
         return {"ls": _ls, "verify": _verify, "inspect": _inspect, "export": _export}[args.ckpt_command](manager, args)
@@ -166,7 +162,7 @@ def _size(n: int) -> str:
 
 
 def _time(ts: float) -> str:
-    return _dt.datetime.fromtimestamp(ts, _dt.timezone.utc).strftime("%Y-%m-%d %H:%M:%S")
+    return _dt.datetime.fromtimestamp(ts, _dt.UTC).strftime("%Y-%m-%d %H:%M:%S")
 
 
 def _layout(layout: dict[str, Any]) -> str:

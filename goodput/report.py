@@ -7,11 +7,11 @@ import datetime as _dt
 import html as _html
 from typing import Any
 
-from stalwart.runtime.goodput.accounting import CATEGORIES, PRODUCTIVE, GoodputReport
+from stalwart.goodput.accounting import CATEGORIES, PRODUCTIVE, GoodputReport
 
 
 def _iso(ts: float) -> str:
-    return _dt.datetime.fromtimestamp(ts, tz=_dt.timezone.utc).strftime("%Y-%m-%d %H:%M:%S.%f")[:-3] + "Z"
+    return _dt.datetime.fromtimestamp(ts, tz=_dt.UTC).strftime("%Y-%m-%d %H:%M:%S.%f")[:-3] + "Z"
 
 
 def _pct(seconds: float, wall: float) -> float:
@@ -124,7 +124,8 @@ def _plots(report: GoodputReport) -> list[tuple[str, str]]:
     matplotlib.use("Agg", force=False)
     import matplotlib.pyplot as plt
     from matplotlib.patches import Patch
-    from stalwart.runtime.goodput.accounting import rolling_goodput
+
+    from stalwart.goodput.accounting import rolling_goodput
 
     t0 = report.wall_start
 

@@ -1,0 +1,1 @@
+"""The ``stalwart`` command line: one module per subcommand, defined through :mod:`stalwart.cli.command`."""

@@ -1,0 +1,29 @@
+"""The one way to define a ``stalwart`` subcommand.
+
+Each module of :mod:`stalwart.cli` has a ``register(sub)`` that calls :func:`subcommand` (once per
+command, or once per action of a command with actions) and a runner ``run(args, extra) -> int``.
+``extra`` holds the arguments argparse did not know; only commands that take config overrides
+(``--section.key VALUE``) accept them. Runners import their machinery lazily: start-up is badput.
+"""
+
+from __future__ import annotations
+
+import argparse
+from collections.abc import Callable
+
+Runner = Callable[[argparse.Namespace, list[str]], int]
+Subparsers = argparse._SubParsersAction
+
+
+def subcommand(
+    sub: Subparsers, name: str, *, help: str, run: Runner, description: str | None = None, overrides: bool = False, **kwargs: object
+) -> argparse.ArgumentParser:
+    """Add ``name`` to ``sub``; ``overrides`` lets it take trailing ``--section.key VALUE`` arguments."""
+    parser = sub.add_parser(name, help=help, description=description or help[0].upper() + help[1:] + ".", **kwargs)
+    parser.set_defaults(runner=run, takes_overrides=overrides)
+    return parser
+
+
+def actions(parser: argparse.ArgumentParser, dest: str) -> Subparsers:
+    """Sub-actions of a command (``stalwart ckpt ls``); each is then defined with :func:`subcommand`."""
+    return parser.add_subparsers(dest=dest, metavar="ACTION", required=True)
