@@ -42,25 +42,19 @@ from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.staging import BlockingAsyncStager
 
 from stalwart.checkpoint import naming
-from stalwart.checkpoint.manifest import MANIFEST_NAME, CheckpointManifest, compute_files, find_damage, list_damage
+from stalwart.checkpoint.catalog import CheckpointCatalog, CheckpointError, NoCheckpointError
+from stalwart.checkpoint.manifest import MANIFEST_NAME, CheckpointManifest, compute_files
 from stalwart.checkpoint.memory_tier import TIER as MEMORY_TIER
 from stalwart.checkpoint.memory_tier import MemoryTier
-from stalwart.checkpoint.retention import steps_to_keep
 from stalwart.checkpoint.storage import Storage
 from stalwart.events import EventKind, EventLog
 
 logger = logging.getLogger(__name__)
 
+__all__ = ["CheckpointError", "CheckpointManager", "NoCheckpointError", "storage_reader"]
+
 # DCP's CheckpointException derives from BaseException; catch it explicitly next to Exception.
 _SAVE_ERRORS = (Exception, CheckpointException)
-
-
-class CheckpointError(RuntimeError):
-    """A save or load that did not happen; the message says what to do."""
-
-
-class NoCheckpointError(CheckpointError):
-    """No committed, intact checkpoint matches the request."""
 
 
 @dataclass
@@ -97,6 +91,7 @@ class CheckpointManager:
         if keep_last < 1:
             raise ValueError(f"keep_last={keep_last}: keep at least the newest checkpoint (keep_last >= 1)")
         self.storage = Storage(base_url, storage_options)
+        self.catalog = CheckpointCatalog(self.storage, threads=max(4, thread_count))
         self.keep_last = keep_last
         self.keep_every = keep_every
         self.events = events
@@ -244,73 +239,25 @@ class CheckpointManager:
 
     # ---------------------------------------------------------------------------------- query
 
-    def _committed_dirs(self) -> dict[int, str]:
-        """Committed step → its directory; the newest commit wins when a step was saved twice."""
-        found: dict[int, list[str]] = {}
-        for name in self.storage.list_dir():
-            parsed = naming.parse(name)
-            if parsed is not None and self.storage.exists(f"{name}/{naming.COMMIT_MARKER}"):
-                found.setdefault(parsed.step, []).append(name)
-        return {step: max(names, key=self._committed_at) if len(names) > 1 else names[0] for step, names in found.items()}
-
-    def _committed_at(self, name: str) -> float:
-        return float(json.loads(self.storage.read_bytes(f"{name}/{naming.COMMIT_MARKER}"))["committed_at"])
-
     def committed_steps(self) -> list[int]:
         """Every committed step, oldest first (intactness is checked only on load)."""
-        return sorted(self._committed_dirs())
+        return self.catalog.committed_steps()
 
     def manifest(self, step: int) -> CheckpointManifest:
-        dirs = self._committed_dirs()
-        if step not in dirs:
-            raise NoCheckpointError(f"step {step} is not committed under {self.storage.base_url}; committed: {sorted(dirs)}")
-        return CheckpointManifest.from_json(self.storage.read_bytes(f"{dirs[step]}/{MANIFEST_NAME}"))
-
-    def _verified_steps(self, dirs: dict[int, str]) -> list[int]:
-        verified = []
-        for step, name in dirs.items():
-            try:
-                if CheckpointManifest.from_json(self.storage.read_bytes(f"{name}/{MANIFEST_NAME}")).verified:
-                    verified.append(step)
-            except (OSError, ValueError, KeyError, TypeError):
-                continue
-        return sorted(verified)
+        return self.catalog.manifest(step)
 
     def latest(self, verified_only: bool = False) -> int | None:
         """The newest committed (or verified) step, None when there is none."""
-        dirs = self._committed_dirs()
-        steps = self._verified_steps(dirs) if verified_only else sorted(dirs)
-        return steps[-1] if steps else None
+        return self.catalog.latest(verified_only)
 
     def mark_verified(self, step: int) -> None:
-        """Record that ``step`` passed evaluation; retention then never deletes the newest such step."""
-        if self.rank != 0:
-            return
-        dirs = self._committed_dirs()
-        manifest = self.manifest(step)
-        manifest.verified = True
-        self.storage.write_bytes(f"{dirs[step]}/{MANIFEST_NAME}", manifest.to_json().encode())
-
-    def _mark_rolled_back(self, after: int) -> list[int]:
-        """Flag every committed step newer than ``after`` so that a later restart never resumes from it."""
-        dirs = self._committed_dirs()
-        marked = []
-        for step in sorted(s for s in dirs if s > after):
-            try:
-                manifest = self.manifest(step)
-                manifest.rolled_back = True
-                self.storage.write_bytes(f"{dirs[step]}/{MANIFEST_NAME}", manifest.to_json().encode())
-                marked.append(step)
-            except (OSError, ValueError, KeyError) as e:
-                logger.warning("could not flag step %d as rolled back: %s", step, _describe(e))
-        return marked
+        """Record that ``step`` passed an SDC check (rank 0 writes); retention keeps the newest such step."""
+        if self.rank == 0:
+            self.catalog.mark_verified(step)
 
     def step_dir(self, step: int) -> str:
         """The directory (relative to the root) of committed ``step``."""
-        dirs = self._committed_dirs()
-        if step not in dirs:
-            raise NoCheckpointError(f"step {step} is not committed under {self.storage.base_url}; committed: {sorted(dirs)}")
-        return dirs[step]
+        return self.catalog.step_dir(step)
 
     def reader(self, step: int) -> dcp.StorageReader:
         """A DCP reader of committed ``step`` (its ``.metadata`` lists every tensor's shape and dtype)."""
@@ -318,35 +265,33 @@ class CheckpointManager:
 
     def verify(self, step: int) -> list[str]:
         """Every file of committed ``step`` that does not match its manifest, one line each; [] = intact."""
-        name = self.step_dir(step)
         self._loading.add(step)
         try:
-            manifest = CheckpointManifest.from_json(self.storage.read_bytes(f"{name}/{MANIFEST_NAME}"))
-            opener = lambda rel: self.storage.open_read(f"{name}/{rel}")  # noqa: E731
-            return list_damage(manifest, self.storage.walk_files(name), opener, max(4, self.thread_count))
+            return self.catalog.verify(step)
         finally:
             self._loading.discard(step)
 
     # ----------------------------------------------------------------------------------- load
 
-    def load(self, state: dict[str, Any], step: int | str = "latest") -> int:
+    def load(self, state: dict[str, Any], step: int | str = "latest", *, verified_only: bool = False, **details: Any) -> int:
         """Load a committed step into ``state`` in place; collective. Returns the step loaded.
 
         ``step`` is ``"latest"``, ``"latest-verified"`` or a step number (that step, or the
         newest intact one before it when it is damaged). Rank 0 checks every file against the
         manifest first; a damaged step is skipped with a ``ckpt_fail`` event. Raises
-        :class:`NoCheckpointError` on every rank when nothing intact is left.
+        :class:`NoCheckpointError` on every rank when nothing intact is left. ``verified_only``
+        takes only SDC-verified steps; ``details`` go into the ``ckpt_load`` event.
         """
         if step not in ("latest", "latest-verified") and not isinstance(step, int):
             raise ValueError(f"step={step!r}: use 'latest', 'latest-verified' or a step number")
         self.wait()
         started = time.monotonic()
-        in_memory = self._memory_candidate(step)
+        in_memory = None if verified_only else self._memory_candidate(step)
         if in_memory is not None and (isinstance(step, int) or not self._broadcast(self._stored_newer_on_rank0(in_memory))):
             if self._load_memory(state, in_memory):
                 return in_memory
             in_memory = None
-        choice = self._broadcast(self._choose_on_rank0(step) if self.rank == 0 else None)
+        choice = self._broadcast(self._choose_on_rank0(step, verified_only) if self.rank == 0 else None)
         # The newest stored step was damaged and an older one chosen: the memory copy may be newer.
         if in_memory is not None and (choice[0] != "ok" or choice[1] < in_memory) and self._load_memory(state, in_memory):
             return in_memory
@@ -366,7 +311,7 @@ class CheckpointManager:
             ) from None
         finally:
             self._loading.discard(chosen)
-        self._emit(EventKind.CKPT_LOAD, step=chosen, seconds=time.monotonic() - started, bytes=nbytes, tier=self.storage.scheme)
+        self._emit(EventKind.CKPT_LOAD, step=chosen, seconds=time.monotonic() - started, bytes=nbytes, tier=self.storage.scheme, **details)
         self.last_load_tier = self.storage.scheme
         return chosen
 
@@ -401,74 +346,38 @@ class CheckpointManager:
         return True
 
     def rollback(
-        self, state: dict[str, Any], to: int | str = "latest-verified", *, reason: str, from_step: int | None = None, **details: Any
+        self, state: dict[str, Any], to: int | str = "latest-verified", *, reason: str, from_step: int | None = None,
+        verified_only: bool = False, **details: Any,
     ) -> int:
-        """Load ``to`` into ``state`` (collective) and record a ``rollback`` event; returns the step.
+        """Load ``to`` into ``state`` (collective), flag newer steps rolled back, record a ``rollback`` event.
 
-        The health side calls this after silent data corruption or a loss spike; ``to`` is
-        ``"latest-verified"`` (the default), ``"latest"`` or a step number, ``from_step`` the step
-        training had reached; ``details`` go into the event. Skipping the data that caused a spike is the caller's move: the
-        restored loader position is in ``state``.
+        The health side calls this after silent data corruption, the trainer for a controller's
+        rollback order; ``to`` is ``"latest-verified"`` (the default), ``"latest"`` or a step number,
+        ``from_step`` the step training had reached; ``details`` go into both events. Returns the step.
         """
-        step = self.load(state, step=to)
+        step = self.load(state, step=to, verified_only=verified_only, **details)
         if self.memory is not None:
             self.memory.discard()  # newer host-memory copies hold the state being rolled back
         if self.rank == 0:
-            superseded = self._mark_rolled_back(after=step)
+            superseded = self.catalog.mark_rolled_back(after=step)
             self._emit(EventKind.ROLLBACK, from_step=from_step, to_step=step, reason=reason, tier=self.last_load_tier,
                        superseded=superseded, **details)
         logger.warning("rolled back to step %d (%s) from %s: %s", step, self.last_load_tier, from_step, reason)
         return step
 
-    def _choose_on_rank0(self, request: int | str) -> tuple:
+    def _choose_on_rank0(self, request: int | str, verified_only: bool = False) -> tuple:
         """("ok", step, directory, bytes), ("none", why) or ("error", why); never raises.
 
         Rank 0 must not raise here: the other ranks wait in the broadcast of its answer. An
         unreachable store is an "error", not "none": the caller must not start from scratch then.
         """
         try:
-            return self._choose(request)
+            choice = self.catalog.choose(request, on_damage=self._fail, verified_only=verified_only)
         except Exception as e:
             return "error", f"cannot read checkpoints under {self.storage.base_url}: {_describe(e)}; retry when the store is reachable"
-
-    def _choose(self, request: int | str) -> tuple:
-        dirs = self._committed_dirs()
-        candidates = sorted(dirs, reverse=True)
-        if isinstance(request, int):
-            if request not in dirs:
-                return "none", f"step {request} is not committed under {self.storage.base_url}; committed steps: {sorted(dirs)}"
-            candidates = [s for s in candidates if s <= request]
-        skipped: list[str] = []
-        for step in candidates:
-            name = dirs[step]
-            self._loading.add(step)  # a concurrent prune on this process must not delete it
-            try:
-                manifest = CheckpointManifest.from_json(self.storage.read_bytes(f"{name}/{MANIFEST_NAME}"))
-                if request == "latest-verified" and not manifest.verified:
-                    continue
-                if manifest.rolled_back and request != step:
-                    skipped.append(f"step {step} was rolled back past")
-                    continue
-                sizes = self.storage.walk_files(name)
-                damage = find_damage(manifest, sizes, lambda rel, n=name: self.storage.open_read(f"{n}/{rel}"), max(4, self.thread_count))
-            except (OSError, ValueError, KeyError, TypeError) as e:
-                damage = f"manifest unreadable: {_describe(e)}"
-            finally:
-                self._loading.discard(step)
-            if damage is None:
-                if skipped:
-                    logger.warning("loading step %d instead; skipped: %s", step, "; ".join(skipped))
-                return "ok", step, name, manifest.total_bytes
-            reason = f"step {step} at {self.storage.url(name)} is damaged: {damage}"
-            logger.warning("%s; falling back to the previous committed step", reason)
-            self._fail(step, reason)
-            skipped.append(reason)
-        kind = "verified " if request == "latest-verified" else ""
-        why = f" (skipped: {'; '.join(skipped)})" if skipped else ""
-        return "none", (
-            f"no intact {kind}committed checkpoint under {self.storage.base_url}{why}; "
-            f"start without --resume or point checkpoint.url at a directory holding step-* checkpoints"
-        )
+        if choice.step is None:
+            return "none", choice.why
+        return "ok", choice.step, choice.name, choice.bytes
 
     # ---------------------------------------------------------------------------------- prune
 
@@ -481,27 +390,7 @@ class CheckpointManager:
         """
         if self.rank != 0:
             return []
-        dirs = self._committed_dirs()
-        if not dirs:
-            return []
-        verified = self._verified_steps(dirs)
-        protected = set(self._loading) | set(verified[-1:])
-        keep = steps_to_keep(dirs, self.keep_last, self.keep_every, protected)
-        newest = max(dirs)
-        keep_names = {dirs[s] for s in keep}
-        doomed = []
-        for name in self.storage.list_dir():
-            parsed = naming.parse(name)
-            if parsed is None or name in keep_names:
-                continue
-            committed = parsed.step in dirs
-            if (committed and parsed.step not in keep) or (parsed.step <= newest and name != dirs.get(parsed.step)):
-                doomed.append(name)
-        for name in doomed:
-            self.storage.delete_tree(name)
-        if doomed:
-            logger.info("pruned %s under %s", doomed, self.storage.base_url)
-        return doomed
+        return self.catalog.prune(self.keep_last, self.keep_every, protected=set(self._loading))
 
     # -------------------------------------------------------------------------------- helpers
 
@@ -523,11 +412,7 @@ class CheckpointManager:
         return FsspecWriter(self.storage.url(rel), thread_count=self.thread_count, **self.storage.storage_options)
 
     def _reader(self, rel: str) -> dcp.StorageReader:
-        if self.storage.is_local:
-            return dcp.FileSystemReader(self.storage.path(rel))
-        from torch.distributed.checkpoint._fsspec_filesystem import FsspecReader
-
-        return FsspecReader(self.storage.url(rel), **self.storage.storage_options)
+        return storage_reader(self.storage, rel)
 
     def _broadcast(self, obj: Any) -> Any:
         """Rank 0's ``obj`` on every rank (identity without a process group)."""
@@ -544,6 +429,15 @@ class CheckpointManager:
     def _emit(self, kind: EventKind, **fields: Any) -> None:
         if self.events is not None:
             self.events.emit(kind, **fields)
+
+
+def storage_reader(storage: Storage, rel: str) -> dcp.StorageReader:
+    """A DCP reader of the step directory ``rel`` under ``storage`` (local disk or fsspec)."""
+    if storage.is_local:
+        return dcp.FileSystemReader(storage.path(rel))
+    from torch.distributed.checkpoint._fsspec_filesystem import FsspecReader
+
+    return FsspecReader(storage.url(rel), **storage.storage_options)
 
 
 def _describe(e: BaseException) -> str:

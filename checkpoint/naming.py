@@ -11,8 +11,10 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
+from pathlib import Path
 
 COMMIT_MARKER = "COMMITTED"
+CHECKPOINTS_DIR = "checkpoints"
 _NAME = re.compile(r"^step-(\d{8,})(?:\.tmp-([0-9a-f]+))?$")
 
 
@@ -38,3 +40,8 @@ def parse(name: str) -> StepDir | None:
     """The step of a directory name, or None for anything that is not a step directory."""
     match = _NAME.match(name)
     return StepDir(int(match.group(1)), name) if match else None
+
+
+def default_checkpoint_url(run_dir: str | Path, url: str = "") -> str:
+    """Where a job's checkpoints live: ``checkpoint.url`` when set, else ``RUN/checkpoints``."""
+    return url or str(Path(run_dir) / CHECKPOINTS_DIR)

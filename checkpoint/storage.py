@@ -111,6 +111,11 @@ class Storage:
         found = self.fs.find(base, detail=True)
         return {p[len(base) + 1 :]: int(info["size"]) for p, info in found.items() if info.get("type") != "directory"}
 
+    def delete_file(self, rel: str) -> None:
+        """Remove one file; ``FileNotFoundError`` when it is not there."""
+        self.fs.rm_file(self.path(rel))
+        self.invalidate_cache()
+
     def delete_tree(self, rel: str) -> None:
         """Remove ``rel`` and everything under it; a missing tree is not an error."""
         try:

@@ -11,10 +11,13 @@ import argparse
 import datetime as _dt
 import sys
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from stalwart.cli.command import Subparsers, actions, subcommand
 from stalwart.errors import UserError
+
+if TYPE_CHECKING:
+    from stalwart.checkpoint.catalog import CheckpointCatalog
 
 
 class CkptUsageError(UserError, ValueError):
@@ -44,72 +47,80 @@ def register(sub: Subparsers) -> None:
     export.add_argument("--out", required=True, metavar="PATH", help="file (torch) or new folder (hf) to write")
 
 
-def open_checkpoints(run: str, s3_endpoint: str | None = None):
-    """The :class:`CheckpointManager` of RUN, read-only; a missing run is a :class:`CkptUsageError`."""
-    from stalwart.checkpoint.manager import CheckpointManager
+def open_checkpoints(run: str, s3_endpoint: str | None = None) -> CheckpointCatalog:
+    """The checkpoint catalog of RUN (read-only); a missing run is a :class:`CkptUsageError`."""
+    from stalwart.checkpoint.catalog import CheckpointCatalog
+    from stalwart.checkpoint.naming import default_checkpoint_url
     from stalwart.checkpoint.storage import s3_storage_options
 
     if "://" in run and not run.startswith("file://"):
-        manager = CheckpointManager(run, s3_storage_options(s3_endpoint or ""))
+        catalog = CheckpointCatalog.open(run, s3_storage_options(s3_endpoint or ""))
     else:
         path = Path(run.removeprefix("file://"))
-        root = path / "checkpoints" if (path / "checkpoints").is_dir() else path
+        in_run = Path(default_checkpoint_url(path))
+        root = in_run if in_run.is_dir() else path
         if not root.is_dir():
             raise CkptUsageError(f"{run} does not exist: give a run directory (holding checkpoints/), a checkpoint directory or a URL")
-        manager = CheckpointManager(str(root))
-    if not manager.committed_steps():
-        raise CkptUsageError(f"no committed checkpoints under {manager.storage.base_url}: is RUN the job's run directory or checkpoint.url?")
-    return manager
+        catalog = CheckpointCatalog.open(str(root))
+    if not catalog.committed_steps():
+        raise CkptUsageError(f"no committed checkpoints under {catalog.base_url}: is RUN the job's run directory or checkpoint.url?")
+    return catalog
 
 
 def run(args: argparse.Namespace, extra: list[str]) -> int:
-    from stalwart.checkpoint.manager import NoCheckpointError
+    from stalwart.checkpoint.catalog import CheckpointError
 
-    manager = open_checkpoints(args.run, args.s3_endpoint)
+    catalog = open_checkpoints(args.run, args.s3_endpoint)
     try:
-        return {"ls": _ls, "verify": _verify, "inspect": _inspect, "export": _export}[args.ckpt_command](manager, args)
-    except NoCheckpointError as e:
+        return {"ls": _ls, "verify": _verify, "inspect": _inspect, "export": _export}[args.ckpt_command](catalog, args)
+    except CheckpointError as e:
         raise CkptUsageError(f"{e}; see stalwart ckpt ls {args.run}") from None
 
 
-def _ls(manager: Any, args: argparse.Namespace) -> int:
+def _ls(catalog: CheckpointCatalog, args: argparse.Namespace) -> int:
+    from stalwart.checkpoint.catalog import CheckpointError
+
     print(f"{'step':>10}  {'verified':8}  {'size':>10}  {'saved (UTC)':19}  {'world':>5}  layout")
-    for step in manager.committed_steps():
-        m = manager.manifest(step)
+    for step in catalog.committed_steps():
+        try:
+            m = catalog.manifest(step)
+        except CheckpointError as e:
+            print(f"{step:>10}  {'-':8}  {'-':>10}  {'-':19}  {'-':>5}  DAMAGED: {e}")
+            continue
         print(f"{step:>10}  {'yes' if m.verified else 'no':8}  {_size(m.total_bytes):>10}  {_time(m.created):19}  "
               f"{m.world_size:>5}  {_layout(m.layout)}")
     return 0
 
 
-def _verify(manager: Any, args: argparse.Namespace) -> int:
-    steps = [args.step] if args.step is not None else manager.committed_steps()
+def _verify(catalog: CheckpointCatalog, args: argparse.Namespace) -> int:
+    steps = [args.step] if args.step is not None else catalog.committed_steps()
     bad = 0
     for step in steps:
-        problems = manager.verify(step)
+        problems = catalog.verify(step)
         for problem in problems:
             print(f"step {step}: {problem}", file=sys.stderr)
         if problems:
             bad += 1
         else:
-            m = manager.manifest(step)
+            m = catalog.manifest(step)
             print(f"step {step}: ok ({len(m.files)} files, {_size(m.total_bytes)}, {m.checksum})")
     if bad:
         print(f"stalwart ckpt verify: {bad} of {len(steps)} steps damaged; a load falls back past them", file=sys.stderr)
     return 1 if bad else 0
 
 
-def _inspect(manager: Any, args: argparse.Namespace) -> int:
+def _inspect(catalog: CheckpointCatalog, args: argparse.Namespace) -> int:
     from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 
-    m = manager.manifest(args.step)
-    print(f"step {m.step} under {manager.storage.base_url}")
+    m = catalog.manifest(args.step)
+    print(f"step {m.step} under {catalog.base_url}")
     print(f"  saved {_time(m.created)} UTC, verified: {'yes' if m.verified else 'no'}")
     print(f"  world size {m.world_size}, layout {_layout(m.layout)}, config hash {m.config_hash or '-'}")
     print(f"  {len(m.files)} files, {_size(m.total_bytes)}, checksum {m.checksum}")
     if m.model:
         keys = ("hidden_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads", "vocab_size")
         print("  model " + ", ".join(f"{k}={m.model[k]}" for k in keys if k in m.model))
-    metadata = manager.reader(args.step).read_metadata()
+    metadata = _reader(catalog, args.step).read_metadata()
     rows = []
     for name, meta in sorted(metadata.state_dict_metadata.items()):
         if isinstance(meta, TensorStorageMetadata):
@@ -123,7 +134,7 @@ def _inspect(manager: Any, args: argparse.Namespace) -> int:
     return 0
 
 
-def _export(manager: Any, args: argparse.Namespace) -> int:
+def _export(catalog: CheckpointCatalog, args: argparse.Namespace) -> int:
     import torch
     from torch.distributed.checkpoint.default_planner import _EmptyStateDictLoadPlanner
     from torch.distributed.checkpoint.state_dict_loader import _load_state_dict
@@ -131,17 +142,17 @@ def _export(manager: Any, args: argparse.Namespace) -> int:
     out = Path(args.out)
     if out.exists() and (out.is_file() or any(out.iterdir())):
         raise CkptUsageError(f"{out} already exists; give --out a new path")
-    m = manager.manifest(args.step)
+    m = catalog.manifest(args.step)
     if args.format == "hf" and not m.model:
         raise CkptUsageError(f"step {args.step}'s manifest records no model config (saved by an older stalwart); use --format torch")
-    problems = manager.verify(args.step)
+    problems = catalog.verify(args.step)
     if problems:
         print(f"stalwart ckpt: error: step {args.step} is damaged ({problems[0]}); export an earlier step", file=sys.stderr)
         return 1
     state: dict[str, Any] = {}
     # What DCP's dcp_to_torch_save does (the planner rebuilds every full tensor from its shards),
     # with this step's reader so that s3:// works too; dcp.load would fill a copy of ``state``.
-    _load_state_dict(state, storage_reader=manager.reader(args.step), planner=_EmptyStateDictLoadPlanner(), no_dist=True)
+    _load_state_dict(state, storage_reader=_reader(catalog, args.step), planner=_EmptyStateDictLoadPlanner(), no_dist=True)
     if args.format == "torch":
         out.parent.mkdir(parents=True, exist_ok=True)
         torch.save(state, out)
@@ -151,6 +162,12 @@ def _export(manager: Any, args: argparse.Namespace) -> int:
         save_hf_checkpoint(state["model"], args_from_hf_config(m.model), out)
     print(f"exported step {args.step} ({args.format}) to {out}")
     return 0
+
+
+def _reader(catalog: CheckpointCatalog, step: int):  # noqa: ANN202 (a DCP StorageReader; torch is imported lazily)
+    from stalwart.checkpoint.manager import storage_reader
+
+    return storage_reader(catalog.storage, catalog.step_dir(step))
 
 
 def _size(n: int) -> str:

@@ -28,6 +28,7 @@ from pathlib import Path
 
 from stalwart.cli.command import Subparsers, subcommand
 from stalwart.errors import UserError
+from stalwart.jobenv import TOKEN_FILE_ENV
 from stalwart.launcher.exclusion import EXIT_NODE_EXCLUDED
 from stalwart.net import answers, free_port
 
@@ -105,7 +106,7 @@ class Demo:
         self.controller_grpc = f"127.0.0.1:{free_port()}"
         self.controller_http = f"127.0.0.1:{free_port()}"
         # The ranks' library warnings (deprecations inside torch) would bury the progress lines.
-        self.env = {**os.environ, "STALWART_TOKEN_FILE": str(self._token_file()), "PYTHONWARNINGS": "ignore"}
+        self.env = {**os.environ, TOKEN_FILE_ENV: str(self._token_file()), "PYTHONWARNINGS": "ignore"}
         faults = soak_plan(args.soak, args.steps, args.nodes * args.nproc_per_node, args.seed) if args.soak else CHAOS_PLAN if args.chaos else ()
         if faults:
             plan = self.run_dir / "faults" / "plan.json"
@@ -132,7 +133,7 @@ class Demo:
         log = open(self.run_dir / "health" / "controller.log", "ab")
         self.services.append(subprocess.Popen(
             [sys.executable, "-m", "stalwart", "controller", "--run-dir", str(self.run_dir), "--grpc-bind", self.controller_grpc,
-             "--http-bind", self.controller_http, "--token-file", self.env["STALWART_TOKEN_FILE"]],
+             "--http-bind", self.controller_http, "--token-file", self.env[TOKEN_FILE_ENV]],
             env=self.env, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
         ))
         deadline = time.monotonic() + 60

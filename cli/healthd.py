@@ -8,6 +8,7 @@ import os
 
 from stalwart.cli.command import Subparsers, subcommand
 from stalwart.errors import UserError
+from stalwart.jobenv import CONTROLLER_ENV, node_name
 
 
 def register(sub: Subparsers) -> None:
@@ -18,7 +19,7 @@ def register(sub: Subparsers) -> None:
     p.add_argument("--run-dir", required=True, help="the job's run directory (events/, health/)")
     p.add_argument("--bind", default="127.0.0.1:0", help="host:port (port 0 picks one) or unix:PATH")
     p.add_argument("--token-file", default=None, help="file holding the job token that KillWorkers must present (default $STALWART_TOKEN_FILE)")
-    p.add_argument("--node", default=os.environ.get("STALWART_NODE_ID") or os.environ.get("GROUP_RANK", "0"),
+    p.add_argument("--node", default=node_name(),
                    help="this node's name, as the launcher's --node-id (default $STALWART_NODE_ID, else $GROUP_RANK or 0)")
     p.add_argument("--warmup-steps", type=int, default=3)
     p.add_argument("--safety-factor", type=float, default=5.0)
@@ -28,7 +29,7 @@ def register(sub: Subparsers) -> None:
     p.add_argument("--probe-interval-s", type=float, default=1.0)
     p.add_argument("--expected-gpus", type=int, default=None, help="fewer GPUs than this marks the node unhealthy")
     p.add_argument("--worker-ancestor", type=int, default=None, help="only descendants of this pid may register as workers")
-    p.add_argument("--controller", default=os.environ.get("STALWART_CONTROLLER"), help="job controller host:port to report to (default $STALWART_CONTROLLER)")
+    p.add_argument("--controller", default=os.environ.get(CONTROLLER_ENV), help="job controller host:port to report to (default $STALWART_CONTROLLER)")
     p.add_argument("--report-interval-s", type=float, default=1.0, help="seconds between status reports to the controller")
     p.add_argument("--controller-ca", help="PEM CA that signed the controller's certificate (TLS to the controller)")
     p.add_argument("--controller-cert", help="PEM client certificate for mutual TLS to the controller")

@@ -15,6 +15,7 @@ import time
 from typing import TYPE_CHECKING
 
 from stalwart.cli.command import Subparsers, subcommand
+from stalwart.jobenv import LAUNCHER_ENV
 
 if TYPE_CHECKING:
     from stalwart.runtime.config import Config
@@ -50,7 +51,7 @@ def run(args: argparse.Namespace, overrides: list[str]) -> int:
     from stalwart.runtime.plan import plan_job
 
     cfg = load_config(args.config, overrides)
-    if os.environ.get("STALWART_LAUNCHER"):
+    if os.environ.get(LAUNCHER_ENV):
         from stalwart.launcher.worker import worker_main
 
         return worker_main(cfg)

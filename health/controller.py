@@ -34,6 +34,9 @@ from typing import Any
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
+from stalwart.checkpoint.catalog import CheckpointCatalog
+from stalwart.checkpoint.naming import default_checkpoint_url
+from stalwart.checkpoint.storage import s3_storage_options
 from stalwart.events import EventKind, EventLog, read_events
 from stalwart.goodput.accounting import CATEGORIES, attribute_hangs, compute_goodput
 from stalwart.health.controller_client import TOKEN_METADATA
@@ -125,7 +128,7 @@ class JobController:
         self.refused: Counter[str] = Counter()
         self._step_track: deque[tuple[float, int]] = deque()
         self._seen_network_faults: set[tuple] = set()
-        self._checkpoints: tuple[str, Any] | None = None  # (url, CheckpointManager)
+        self._checkpoints: tuple[str, CheckpointCatalog] | None = None  # (url, catalog)
         self._checkpoints_lock = threading.Lock()
         self.view = RunDirView()
         self._stop = threading.Event()
@@ -180,8 +183,6 @@ class JobController:
         for thread in self._threads:
             thread.join(timeout=30)
         self._killers.shutdown(wait=True, cancel_futures=False)
-        if self._checkpoints is not None:
-            self._checkpoints[1].close()
         self.events.close()
 
     def __enter__(self) -> JobController:
@@ -264,14 +265,17 @@ class JobController:
 
     def request_rollback(self, step: int | None, reason: str) -> tuple[int, list[str]]:
         """Order the job back to ``step`` (None: the newest verified checkpoint) and restart every node's workers."""
-        manager = self._checkpoint_manager()
-        if manager is None:
+        catalog = self._checkpoint_catalog()
+        if catalog is None:
             raise RequestError("checkpointing is disabled for this job: there is nothing to roll back to", grpc.StatusCode.FAILED_PRECONDITION)
-        committed = manager.committed_steps()
-        target = manager.latest(verified_only=True) if step is None else step
+        committed, verified = catalog.committed_steps(), catalog.verified_steps()
+        target = (verified[-1] if verified else None) if step is None else step
         if target is None or target not in committed:
             what = "no verified checkpoint" if step is None else f"step {step} is not committed"
             raise RequestError(f"{what}; committed steps: {committed}", grpc.StatusCode.FAILED_PRECONDITION)
+        if target not in verified and (self._job_config().get("health") or {}).get("verify_checkpoints", True) is not False:
+            raise RequestError(f"step {target} is committed but not verified (no SDC check passed at or after it); "
+                               f"verified steps: {verified}", grpc.StatusCode.FAILED_PRECONDITION)
         write_rollback_order(self.run_dir, RollbackOrder(target, reason))
         with self._lock:
             nodes = sorted(n for n in self._nodes if n not in self._excluded)
@@ -363,34 +367,35 @@ class JobController:
                     if node:
                         self._strike(node, "network", f"{e.get('fault')} fault on {e.get('target')}")
 
-    def _checkpoint_manager(self, events: list[dict[str, Any]] | None = None) -> Any:
-        """The job's CheckpointManager (read-only use), None when checkpointing is off."""
+    def _job_config(self, events: list[dict[str, Any]] | None = None) -> dict[str, Any]:
+        """The config of the job's newest start, as its ``job_start`` event recorded it ({} before one)."""
+        starts = [e for e in (events if events is not None else read_events(self.run_dir)) if e["kind"] == "job_start"]
+        config = starts[-1].get("config") if starts else None
+        return config if isinstance(config, dict) else {}
+
+    def _checkpoint_catalog(self, events: list[dict[str, Any]] | None = None) -> CheckpointCatalog | None:
+        """The job's checkpoint catalog, None when checkpointing is off."""
         url, options = self.config.checkpoint_url, None
         if url is None:
-            starts = [e for e in (events if events is not None else read_events(self.run_dir)) if e["kind"] == "job_start"]
-            ckpt = (starts[-1].get("config") or {}).get("checkpoint", {}) if starts else {}
+            ckpt = self._job_config(events).get("checkpoint") or {}
             if ckpt.get("enabled") is False:
                 return None
-            url = ckpt.get("url") or str(self.run_dir / "checkpoints")
-            from stalwart.checkpoint.storage import s3_storage_options
-
+            url = default_checkpoint_url(self.run_dir, str(ckpt.get("url") or ""))
             options = s3_storage_options(str(ckpt.get("s3_endpoint") or ""), int(ckpt.get("s3_max_attempts") or 0))
         with self._checkpoints_lock:
             if self._checkpoints is None or self._checkpoints[0] != url:
-                from stalwart.checkpoint.manager import CheckpointManager
-
-                self._checkpoints = (url, CheckpointManager(url, options))
+                self._checkpoints = (url, CheckpointCatalog.open(url, options))
             return self._checkpoints[1]
 
     def _list_checkpoints(self, events: list[dict[str, Any]]) -> list[dict[str, Any]]:
         try:
-            manager = self._checkpoint_manager(events)
-            if manager is None:
+            catalog = self._checkpoint_catalog(events)
+            if catalog is None:
                 return []
-            manager.storage.invalidate_cache()
+            catalog.storage.invalidate_cache()
             out = []
-            for step in manager.committed_steps()[-20:]:
-                m = manager.manifest(step)
+            for step in catalog.committed_steps()[-20:]:
+                m = catalog.manifest(step)
                 out.append({"step": step, "verified": m.verified, "bytes": m.total_bytes, "ts": m.created})
             return out
         except Exception as e:  # storage down or a step pruned mid-listing: keep the previous list

@@ -1,9 +1,11 @@
 """The controller's rollback order: ``RUN_DIR/rollback_request.json``.
 
 ``RequestRollback`` (an operator, or an SDC verdict reaching the controller) resolves the target to
-a committed step, writes it here and kills the worker groups; the restarted trainers load this step
-instead of the newest one. Each request has a fresh ``id`` so a trainer can tell a request it has
-already honoured (it records the id in its ``rollback`` event) from a new one.
+a committed, verified step, writes it here and kills the worker groups; the restarted trainers load
+this step instead of the newest one (:func:`pending_rollback`), flag the newer steps rolled back,
+and rank 0 records the order's ``id`` in ``RUN/rollback_applied.json`` (:func:`mark_applied`), so a
+later restart resumes from the newest step again instead of re-applying an old order. The id also
+goes into the ``ckpt_load`` and ``rollback`` events.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ from pathlib import Path
 from stalwart.files import atomic_write_json
 
 ROLLBACK_FILE = "rollback_request.json"
+APPLIED_FILE = "rollback_applied.json"
 
 
 @dataclass(frozen=True)
@@ -44,3 +47,20 @@ def read_rollback_order(run_dir: str | os.PathLike) -> RollbackOrder | None:
         return None
     except (OSError, ValueError, KeyError, TypeError) as e:
         raise ValueError(f"{path} is not a valid rollback order ({e}); delete it to resume from the newest checkpoint") from e
+
+
+def pending_rollback(run_dir: str | os.PathLike) -> RollbackOrder | None:
+    """The order a starting trainer must honour: the current one, unless its id was applied already."""
+    order = read_rollback_order(run_dir)
+    if order is None:
+        return None
+    try:
+        applied = json.loads((Path(run_dir) / APPLIED_FILE).read_text()).get("id")
+    except (OSError, ValueError, AttributeError):
+        applied = None
+    return None if applied == order.id else order
+
+
+def mark_applied(run_dir: str | os.PathLike, order: RollbackOrder, step: int) -> None:
+    """Record that ``order`` was carried out (the job now continues from ``step``)."""
+    atomic_write_json(Path(run_dir) / APPLIED_FILE, {"id": order.id, "step": step, "ts": time.time()})

@@ -19,10 +19,10 @@ from pathlib import Path
 import grpc
 
 from stalwart.errors import UserError
+from stalwart.jobenv import TOKEN_FILE_ENV
 
 log = logging.getLogger(__name__)
 
-TOKEN_FILE_ENV = "STALWART_TOKEN_FILE"
 # A client that lost its server retries this often at most, so it is back within seconds of the
 # server's return (gRPC's default backoff grows to two minutes).
 RECONNECT_OPTIONS = [("grpc.initial_reconnect_backoff_ms", 200), ("grpc.min_reconnect_backoff_ms", 200), ("grpc.max_reconnect_backoff_ms", 2000)]

@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from stalwart.errors import UserError
+from stalwart.jobenv import CONTROLLER_ENV, HEALTHD_ENV, LAUNCHER_ENV, NODE_ID_ENV
 from stalwart.launcher.exclusion import EXIT_NODE_EXCLUDED
 
 if TYPE_CHECKING:
@@ -163,7 +164,6 @@ def _run_agent(a: LaunchArgs, cfg: Config, plan: NodePlan, exclusion: ExclusionW
     from stalwart.events import EventKind, EventLog
     from stalwart.launcher import services
     from stalwart.launcher.agent import AgentOptions, NodeExcluded, StalwartAgent
-    from stalwart.launcher.worker import LAUNCHER_ENV
 
     logging.basicConfig(level=os.environ.get("LOGLEVEL", "WARNING"), format="%(asctime)s launch %(name)s %(levelname)s %(message)s")
     run_dir = Path(cfg.run_dir)
@@ -176,13 +176,13 @@ def _run_agent(a: LaunchArgs, cfg: Config, plan: NodePlan, exclusion: ExclusionW
     elif a.controller == "":  # started by the launcher that hosts the rendezvous store
         controller = f"{rdzv_host}:{services.CONTROLLER_GRPC_PORT}"
     if controller:
-        os.environ[services.CONTROLLER_ENV] = controller
+        os.environ[CONTROLLER_ENV] = controller
     if a.healthd != "off":
         procs.append(services.ensure_healthd(a.healthd, run_dir, a.node_id, controller))
-        os.environ[services.HEALTHD_ENV] = a.healthd
+        os.environ[HEALTHD_ENV] = a.healthd
         health = services.HealthWatch(a.healthd)
     os.environ[LAUNCHER_ENV] = "1"
-    os.environ["STALWART_NODE_ID"] = a.node_id
+    os.environ[NODE_ID_ENV] = a.node_id
 
     events = EventLog(run_dir, role="agent")
     spec = WorkerSpec(

@@ -15,13 +15,11 @@ import subprocess
 import sys
 from pathlib import Path
 
+from stalwart.jobenv import TOKEN_FILE_ENV
 from stalwart.net import answers
 
 log = logging.getLogger(__name__)
 
-TOKEN_FILE_ENV = "STALWART_TOKEN_FILE"
-HEALTHD_ENV = "STALWART_HEALTHD"
-CONTROLLER_ENV = "STALWART_CONTROLLER"
 CONTROLLER_GRPC_PORT = 50052
 CONTROLLER_HTTP_PORT = 8080
 

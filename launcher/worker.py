@@ -16,7 +16,6 @@ import threading
 
 from stalwart.runtime.config import Config
 
-LAUNCHER_ENV = "STALWART_LAUNCHER"
 EXIT_REJOIN = 75  # EX_TEMPFAIL: stopped with the group, not finished; restart me
 
 

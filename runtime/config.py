@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
+from stalwart.checkpoint.naming import default_checkpoint_url
 from stalwart.errors import ConfigError
 
 CONFIGS_DIR = Path(__file__).resolve().parent.parent / "configs"
@@ -166,7 +167,7 @@ class Config:
 
     @property
     def checkpoint_url(self) -> str:
-        return self.checkpoint.url or str(self.run_dir / "checkpoints")
+        return default_checkpoint_url(self.run_dir, self.checkpoint.url)
 
     def to_dict(self) -> dict[str, dict[str, Any]]:
         return dataclasses.asdict(self)

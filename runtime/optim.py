@@ -42,3 +42,31 @@ def lr_factor(step: int, cfg: TrainingConfig) -> float:
 
 def build_lr_scheduler(optimizer: torch.optim.Optimizer, cfg: TrainingConfig) -> LambdaLR:
     return LambdaLR(optimizer, lambda step: lr_factor(step, cfg))
+
+
+class OptimizersContainer:
+    """One AdamW and one LR schedule per model part, stepped together.
+
+    One optimizer per part because optimizer state dicts are keyed by the part's parameter names,
+    which is what lets a checkpoint reshard across pipeline layouts (see :mod:`stalwart.runtime.train_state`).
+    """
+
+    def __init__(self, parts: list[torch.nn.Module], cfg: TrainingConfig, device: torch.device) -> None:
+        self.optimizers = [build_optimizer(part.parameters(), cfg, device) for part in parts]
+        self.schedulers = [build_lr_scheduler(opt, cfg) for opt in self.optimizers]
+
+    @property
+    def lr(self) -> float:
+        """The learning rate the next update uses."""
+        return self.schedulers[0].get_last_lr()[0]
+
+    def step(self, apply_update: bool = True) -> None:
+        """Apply the update (unless the step was dropped) and advance the schedule either way."""
+        for opt, sched in zip(self.optimizers, self.schedulers, strict=True):
+            if apply_update:
+                opt.step()
+            sched.step()
+
+    def zero_grad(self) -> None:
+        for opt in self.optimizers:
+            opt.zero_grad(set_to_none=True)

@@ -9,6 +9,7 @@ seeded initialisation (no dropout), so the RNG state is job-global too.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -23,8 +24,16 @@ from torch.distributed.checkpoint.state_dict import (
 from torch.distributed.checkpoint.stateful import Stateful
 
 from stalwart.runtime.data.loader import GlobalBatchLoader
+from stalwart.runtime.optim import OptimizersContainer
 
 _OPTIM_OPTIONS = StateDictOptions(flatten_optimizer_state_dict=True)
+
+
+@dataclass
+class StepCounter:
+    """The number of completed optimizer steps: the trainer's and the checkpoint's one copy of it."""
+
+    step: int = 0
 
 
 def _owned(state: dict[str, Any], keys: set[str]) -> dict[str, Any]:
@@ -51,18 +60,18 @@ class ModelPartsState(Stateful):
 class OptimizersState(Stateful):
     """One optimizer per model part, flattened to parameter-name keys so it reshards too."""
 
-    def __init__(self, parts: list[nn.Module], optimizers: list[torch.optim.Optimizer]) -> None:
+    def __init__(self, parts: list[nn.Module], optimizers: OptimizersContainer) -> None:
         self.parts = parts
-        self.optimizers = optimizers
+        self.optimizers = optimizers.optimizers
 
     def state_dict(self) -> dict[str, Any]:
         merged: dict[str, Any] = {}
-        for part, opt in zip(self.parts, self.optimizers):
+        for part, opt in zip(self.parts, self.optimizers, strict=True):
             merged.update(get_optimizer_state_dict(part, opt, options=_OPTIM_OPTIONS))
         return merged
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        for part, opt in zip(self.parts, self.optimizers):
+        for part, opt in zip(self.parts, self.optimizers, strict=True):
             own = set(get_optimizer_state_dict(part, opt, options=_OPTIM_OPTIONS))
             set_optimizer_state_dict(part, opt, _owned(state_dict, own), options=_OPTIM_OPTIONS)
 
@@ -70,31 +79,35 @@ class OptimizersState(Stateful):
 class ProgressState(Stateful):
     """Step, data position, LR schedule and RNG: small, job-global, restored exactly."""
 
-    def __init__(self, trainer: Any) -> None:
-        self.trainer = trainer
+    def __init__(self, counter: StepCounter, loader: GlobalBatchLoader, optimizers: OptimizersContainer) -> None:
+        self.counter = counter
+        self.loader = loader
+        self.schedulers = optimizers.schedulers
 
     def state_dict(self) -> dict[str, Any]:
-        t = self.trainer
         return {
-            "step": t.step,
-            "loader": t.loader.state_dict(),
-            "schedulers": [s.state_dict() for s in t.schedulers],
+            "step": self.counter.step,
+            "loader": self.loader.state_dict(),
+            "schedulers": [s.state_dict() for s in self.schedulers],
             "rng": torch.get_rng_state(),
         }
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        t = self.trainer
-        t.step = int(state_dict["step"])
-        loader: GlobalBatchLoader = t.loader
-        loader.load_state_dict(state_dict["loader"])
-        for sched, sd in zip(t.schedulers, state_dict["schedulers"]):
-            sched.load_state_dict(sd)
+        self.counter.step = int(state_dict["step"])
+        self.loader.load_state_dict(state_dict["loader"])
+        # Every part's schedule is the same function of the step, and a checkpoint of another
+        # pipeline layout holds a different number of them: the first one restores them all.
+        for sched in self.schedulers:
+            sched.load_state_dict(state_dict["schedulers"][0])
         torch.set_rng_state(state_dict["rng"])
 
 
-def train_state(trainer: Any) -> dict[str, Stateful]:
+def train_state(
+    parts: list[nn.Module], optimizers: OptimizersContainer, counter: StepCounter, loader: GlobalBatchLoader
+) -> dict[str, Stateful]:
+    """The job's whole resumable state, keyed the same for every layout."""
     return {
-        "model": ModelPartsState(trainer.model_parts),
-        "optim": OptimizersState(trainer.model_parts, trainer.optimizers),
-        "progress": ProgressState(trainer),
+        "model": ModelPartsState(parts),
+        "optim": OptimizersState(parts, optimizers),
+        "progress": ProgressState(counter, loader, optimizers),
     }

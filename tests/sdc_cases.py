@@ -60,8 +60,6 @@ def train(run_dir: str, overrides: list[str], corrupt_step: int = 0, corrupt: st
         trainer.model_parts[0].register_forward_hook(glitch)
     try:
         trainer.run()
-    finally:  # Trainer.close() minus destroying the process group, which the harness owns
-        trainer.health.close()
-        if trainer.checkpoints is not None:
-            trainer.checkpoints.close()
+    finally:
+        trainer.close(destroy_group=False)  # the harness owns the process group
     return [r.loss for r in trainer.history]

@@ -19,19 +19,12 @@ import torch
 
 from stalwart.events import EventKind, EventLog
 from stalwart.files import atomic_write
+from stalwart.jobenv import node_name
 from stalwart.runtime.faults.plan import FaultKind, FaultPlan, FaultSpec
 
 ANY_NODE = "any"  # a node fault for whichever node gets there first (random soak plans)
 # Faults that one process of a node carries out for the whole node (its local rank 0).
 NODE_KINDS = frozenset({FaultKind.GPU_FAULT, FaultKind.KILL_AGENT})
-
-
-NODE_ID_ENV = "STALWART_NODE_ID"
-
-
-def node_from_env() -> str:
-    """This worker's node name as the launcher set it (falls back to the node rank)."""
-    return os.environ.get(NODE_ID_ENV) or os.environ.get("GROUP_RANK", "0")
 
 
 class FaultInjector:
@@ -46,7 +39,7 @@ class FaultInjector:
     def from_env(cls, run_dir: str | Path, rank: int, local_rank: int, events: EventLog) -> FaultInjector | None:
         """The injector for ``$STALWART_FAULT_PLAN``; None (nothing to do) without a plan."""
         plan = FaultPlan.from_env()
-        return cls(plan, run_dir, rank, local_rank, node_from_env(), events) if plan else None
+        return cls(plan, run_dir, rank, local_rank, node_name(), events) if plan else None
 
     def mine(self, spec: FaultSpec) -> bool:
         if spec.kind in NODE_KINDS:

@@ -15,16 +15,16 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from polling import wait_for
 
+from stalwart.cli.main import main as stalwart_main
 from stalwart.events import read_events
 from stalwart.health import daemon as daemon_module
 from stalwart.health.client import HeartbeatClient
-from stalwart.cli.main import main as stalwart_main
 from stalwart.health.daemon import MAX_MESSAGE_BYTES, HealthDaemon, _find_py_spy
 from stalwart.health.hang import HangConfig, Phase
 from stalwart.health.probes import FAULT_INJECTION_ENV, GpuProbe
 from stalwart.health.proto import healthd_pb2, healthd_pb2_grpc
 
-CASES = Path(__file__).resolve().parent / "health_cases.py"
+CASES = Path(__file__).resolve().parents[1] / "health_cases.py"
 TOKEN = "s3cret-job-token"
 # Floor 3 s: beats every 0.2 s on a loaded 2-core CI box can stall past 2 s without a real hang.
 FAST = HangConfig(warmup_steps=3, safety_factor=5.0, floor_s=3.0, initial_limits={Phase.INIT: 30, Phase.STEP: 30, Phase.CHECKPOINT: 30, Phase.EVAL: 30})

@@ -6,7 +6,9 @@ import sys
 
 import pytest
 
+from stalwart.cli.main import main as stalwart_main
 from stalwart.events import read_events
+from stalwart.goodput import compute_goodput
 
 STEP_LINE = re.compile(r"^step\s+(\d+)/(\d+) \| loss\s+([\d.]+) \| grad_norm\s+([\d.]+) \| lr ([\d.e+-]+) \| tok/s\s+([\d,]+) \| mfu .* \| mem\s+[\d,]+ MiB$")
 
@@ -69,3 +71,19 @@ def test_3d_config_under_torchrun_trains_like_the_single_process_run(single_proc
     assert got[-1] < got[0] - 1.5, got  # it learns
     for r, g in zip(ref, got):  # the printed losses (4 decimals) follow the reference
         assert abs(r - g) <= 2e-3 * r, (ref, got)
+
+
+def test_a_single_process_run_gives_a_consistent_goodput_report(tmp_path):
+    """A real single-process debug run: its own events give a consistent report."""
+    run = tmp_path / "run"
+    out = subprocess.run(
+        [sys.executable, "-m", "stalwart", "train", "--config", "debug", "--training.steps", "4", "--job.run_dir", str(run)],
+        capture_output=True, text=True, timeout=600, check=False,
+    )
+    assert out.returncode == 0, out.stderr[-2000:]
+    report = compute_goodput(read_events(run))
+    assert report.wall_seconds > 0 and report.productive_seconds > 0 and report.badput["startup"] > 0
+    assert report.steps_kept == 4 and report.steps_lost == 0 and report.incidents == []
+    total = report.productive_seconds + sum(report.badput.values())
+    assert abs(total - report.wall_seconds) <= 0.01 * report.wall_seconds
+    assert stalwart_main(["goodput", "report", str(run), "--format", "html", "-o", str(tmp_path / "g.html")]) == 0

@@ -2,9 +2,9 @@
 
 import json
 
-from browser import chromium, full_page_screenshot  # noqa: F401  (chromium is a fixture)
+from browser import full_page_screenshot
+from goodput_logs import hand_log
 from selenium.webdriver.common.by import By
-from test_goodput import hand_log
 
 from stalwart.goodput import (
     CATEGORIES,

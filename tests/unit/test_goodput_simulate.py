@@ -4,7 +4,7 @@ import json
 import math
 
 import pytest
-from test_goodput import hand_log
+from goodput_logs import hand_log
 
 from stalwart.cli.main import main as stalwart_main
 from stalwart.goodput.costs import CostProfile, load_profile, measured_profile

@@ -17,6 +17,7 @@ from pathlib import Path
 
 import grpc
 import pytest
+from controller_helpers import ROOT, TOKEN, api_state, http_get, node_of, spawn_rank
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from polling import free_port, wait_for
 from prometheus_client.parser import text_string_to_metric_families
@@ -40,24 +41,12 @@ from stalwart.health.rollback import read_rollback_order
 from stalwart.health.security import TOKEN_FILE_ENV, TlsConfig
 from stalwart.health.straggler import StragglerConfig, StragglerDetector
 
-ROOT = Path(__file__).resolve().parent.parent
-CASES = Path(__file__).resolve().parent / "controller_cases.py"
-TOKEN = "controller-test-token"
 EMPTY = controller_pb2.google_dot_protobuf_dot_empty__pb2.Empty()
 # Generous: beats every 0.2 s on a loaded 2-core box must never look like a hang here.
 NO_HANGS = HangConfig(warmup_steps=3, safety_factor=5.0, floor_s=30.0, initial_limits=dict.fromkeys(Phase, 60.0))
 
 
 # ---------------------------------------------------------------- helpers
-
-
-@pytest.fixture
-def token_file(tmp_path, monkeypatch):
-    path = tmp_path / "token"
-    path.write_text(TOKEN + "\n")
-    path.chmod(0o600)
-    monkeypatch.setenv(TOKEN_FILE_ENV, str(path))  # the rank processes and clients read it from here
-    return path
 
 
 def make_controller(run_dir: Path, **overrides) -> JobController:
@@ -73,31 +62,10 @@ def make_daemon(run_dir: Path, node: int, controller: str | None, **kw) -> Healt
     return d
 
 
-def spawn_rank(healthd: str, controller: str, node: int, rank: int, compute_s: float) -> subprocess.Popen:
-    proc = subprocess.Popen([sys.executable, str(CASES), healthd, controller, str(node), str(rank), str(compute_s)], stdout=subprocess.PIPE, text=True)
-    line = proc.stdout.readline()
-    assert line.strip() == "ready", f"rank {rank} did not start (got {line!r}, exit {proc.poll()})"
-    return proc
-
-
 def stop_all(procs) -> None:
     for p in procs:
         p.kill()
         p.wait()
-
-
-def http_get(address: str, path: str, context: ssl.SSLContext | None = None) -> bytes:
-    scheme = "https" if context else "http"
-    with urllib.request.urlopen(f"{scheme}://{address}{path}", timeout=10, context=context) as reply:
-        return reply.read()
-
-
-def api_state(address: str, context: ssl.SSLContext | None = None) -> dict:
-    return json.loads(http_get(address, "/api/state", context))
-
-
-def node_of(state: dict, node: str) -> dict | None:
-    return next((n for n in state["nodes"] if n["node"] == node), None)
 
 
 def excluded_events(run_dir: Path) -> list[dict]:
@@ -398,6 +366,9 @@ def test_state_metrics_checkpoints_and_rollback(tmp_path):
             with pytest.raises(grpc.RpcError) as err:
                 api.RequestRollback(controller_pb2.RollbackRequest(token=TOKEN, step=99), timeout=30)
             assert err.value.code() == grpc.StatusCode.FAILED_PRECONDITION and "[1, 2]" in err.value.details()
+            with pytest.raises(grpc.RpcError) as err:  # committed, but no SDC check vouches for it
+                api.RequestRollback(controller_pb2.RollbackRequest(token=TOKEN, step=2), timeout=30)
+            assert err.value.code() == grpc.StatusCode.FAILED_PRECONDITION and "not verified" in err.value.details()
             assert json.loads(api.GetState(EMPTY, timeout=5).json)["incidents"][-1]["kind"] == "rollback_requested"
         families = {f.name: f for f in text_string_to_metric_families(http_get(controller.http_address, "/metrics").decode())}
         assert {s.labels["kind"]: s.value for s in families["stalwart_incidents"].samples}["rollback_requested"] == 1

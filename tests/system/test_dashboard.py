@@ -14,15 +14,9 @@ import time
 from pathlib import Path
 
 import pytest
-from browser import chromium, full_page_screenshot  # noqa: F401  (chromium is a fixture)
+from browser import full_page_screenshot
+from controller_helpers import ROOT, api_state, node_of, spawn_rank
 from polling import free_port, wait_for
-from test_controller import (  # noqa: F401  (token_file is a fixture)
-    ROOT,
-    api_state,
-    node_of,
-    spawn_rank,
-    token_file,
-)
 
 from stalwart.events import EventKind, EventLog
 from stalwart.goodput.accounting import CATEGORIES

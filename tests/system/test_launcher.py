@@ -27,7 +27,7 @@ from stalwart.launcher.main import LaunchError, parse_nnodes, parse_rdzv_conf
 from stalwart.launcher.plan import plan_nodes
 from stalwart.runtime.config import load_config
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 LAUNCH = [sys.executable, "-m", "stalwart", "launch", "--config", "debug"]
 # 2 ranks per node with tp=2: dp = nodes; global batch 8 / microbatch 4 fits dp 1 and 2.
 TINY = ["--parallel.tp", "2", "--model.n_layers", "2", "--data.seq_len", "32", "--data.max_tokens", "20000",
