@@ -1,6 +1,6 @@
 """Shared test set-up: the helper modules beside this file are importable, and the fixtures every kind uses.
 
-Tests are organised by kind: ``unit/`` (one process, seconds), ``dist/`` (several ranks joined in
+Tests are organised by kind: ``unit/`` (one process, seconds), ``distributed/`` (several ranks joined in
 a gloo group, ``dist_harness.run_ranks``) and ``system/`` (real ``stalwart`` processes: launchers,
 daemons, the controller, a browser). ``pytest tests/unit`` is the quick loop.
 """

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 from chaos import DDP2, STEPS, TP2, Cluster, assert_recovered, events, faults_detected, incident, trajectory
-from polling import free_port
+from polling import free_port, wait_for
 
 from stalwart.checkpoint.manager import CheckpointManager
 
@@ -138,19 +138,28 @@ def test_dead_gpu_excludes_its_node_and_the_job_finishes_on_the_rest(tmp_path, t
 
 
 def test_lost_node_the_rest_reform_and_a_new_node_grows_the_job_back(tmp_path, tmp_path_factory):
-    cluster = Cluster(tmp_path / "run", TP2, [{"kind": "kill_agent", "step": 4, "node": "node1"}], nnodes="1:2")
+    # node1 is lost at step 4; node0 re-forms alone (world 2), and is slowed from step 6 so that the
+    # replacement, started only once node0 trains alone, has time to join (world 4 again).
+    plan = [{"kind": "kill_agent", "step": 4, "node": "node1"}, {"kind": "slow", "step": 6, "rank": 0, "seconds": 1.5, "steps": 4}]
+    cluster = Cluster(tmp_path / "run", TP2, plan, nnodes="1:2")
+
+    def node0_worlds() -> list[int]:
+        return [e["world_size"] for e in events(cluster.run_dir)
+                if e["kind"] == "worker_start" and e.get("role") == "agent" and e.get("node_id") == "node0"]
+
     try:
         cluster.start("node0")
         cluster.start("node1")
-        while cluster.nodes["node1#1"].poll() is None:
-            time.sleep(0.5)
+        wait_for(lambda: cluster.nodes["node1#1"].poll() is not None, 300, "node1 to be lost")
+        wait_for(lambda: node0_worlds()[-1:] == [2], 120, "node0 to re-form alone")
         cluster.start("node2")  # the replacement node joins at the next rendezvous
         codes = cluster.wait()
     finally:
         cluster.kill_all()
     assert codes["node0#0"] == 0 and codes["node1#1"] == -9 and codes["node2#2"] == 0, (codes, cluster.logs())
-    worlds = [e["world_size"] for e in events(cluster.run_dir) if e["kind"] == "worker_start" and e.get("role") == "agent"]
-    assert 4 in worlds and 2 in worlds, worlds
+    worlds = node0_worlds()
+    shrunk = worlds.index(2)
+    assert 4 in worlds[:shrunk] and 4 in worlds[shrunk:], worlds  # 4 -> 2 -> 4
     assert faults_detected(cluster.run_dir), "the lost node was not detected"
     assert_recovered(cluster.run_dir, reference(TP2, tmp_path_factory), exact=False)
 

@@ -1,8 +1,8 @@
 """The controller's rollback order, end to end: ordered mid-run, carried out once, losses as fault-free.
 
-A real ``stalwart controller`` and a real ``stalwart launch`` node (2 ranks, tp2). Rank 0 is slowed
-for a few steps to leave a window; once step 6 is committed the test orders a rollback to verified step
-4 through gRPC. The controller kills the workers, the agent restarts them, and they must load
+A real ``stalwart controller`` and a real ``stalwart launch`` node (2 ranks, tp2, 16 steps). Rank 0
+is slowed from step 5 to leave a window; once step 6 is committed the test orders a rollback to
+verified step 4 through gRPC. The controller kills the workers, the agent restarts them, and they must load
 step 4 (the ``ckpt_load`` event carries the order's id), flag the newer steps rolled back, and go
 on. A rank killed later must resume from the newest step then, not from the old order. Every
 step's final loss equals the fault-free run's, bit for bit.
@@ -15,7 +15,7 @@ import sys
 
 import grpc
 import pytest
-from chaos import STEPS, TP2, Cluster, events, trajectory
+from chaos import TP2, Cluster, events, trajectory
 from polling import free_port, wait_for
 
 from stalwart.health.proto import controller_pb2, controller_pb2_grpc
@@ -24,11 +24,13 @@ from stalwart.health.rollback import APPLIED_FILE, read_rollback_order
 pytestmark = pytest.mark.slow
 
 TOKEN = "rollback-order-token"
-VERIFIED_SAVES = ["--health.golden_every", "2"]  # a passing check at every save: each step is written verified
+STEPS = 16
+# A passing check at every save (each step is written verified), and a longer job than the chaos default.
+EXTRA = ["--health.golden_every", "2", "--training.steps", str(STEPS)]
 
 
 def test_controller_ordered_rollback_is_carried_out_once(tmp_path, monkeypatch):
-    reference = Cluster(tmp_path / "reference", TP2, extra=VERIFIED_SAVES)
+    reference = Cluster(tmp_path / "reference", TP2, extra=EXTRA)
     try:
         reference.start("node0")
         assert reference.wait() == {"node0#0": 0}, reference.logs()
@@ -48,9 +50,10 @@ def test_controller_ordered_rollback_is_carried_out_once(tmp_path, monkeypatch):
          "--http-bind", http_addr, "--token-file", str(token), "--refresh-interval-s", "0.5"],
         stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT,
     )
-    plan = [{"kind": "slow", "step": 5, "rank": 0, "seconds": 2.0, "steps": 5},  # a window to order the rollback in
-            {"kind": "kill_rank", "step": 9, "rank": 1}]  # a later fault: the old order must not be applied again
-    cluster = Cluster(run_dir, TP2, plan, extra=VERIFIED_SAVES, controller=grpc_addr)
+    # A window to order the rollback in (the first incarnation stays below step 12), then a later fault
+    # after the rollback: the old order must not be applied again.
+    plan = [{"kind": "slow", "step": 5, "rank": 0, "seconds": 2.0, "steps": 7}, {"kind": "kill_rank", "step": 12, "rank": 1}]
+    cluster = Cluster(run_dir, TP2, plan, extra=EXTRA, controller=grpc_addr)
     try:
         cluster.start("node0")
         # Step 6 committed: the rollback to 4 must then flag it rolled back.
@@ -70,9 +73,10 @@ def test_controller_ordered_rollback_is_carried_out_once(tmp_path, monkeypatch):
     evs = events(run_dir)
     loads = [e for e in evs if e["kind"] == "ckpt_load" and e.get("rank") == 0]
     ordered = [e for e in loads if e.get("rollback_request") == order.id]
-    assert [e["step"] for e in ordered] == [4], loads  # carried out, exactly once
+    seen = [(e["step"], e.get("rollback_request")) for e in loads]
+    assert [e["step"] for e in ordered] == [4], seen  # carried out, exactly once
     later = [e for e in loads if e["ts"] > ordered[0]["ts"]]
-    assert later and all(e["step"] > 4 and "rollback_request" not in e for e in later), loads  # the kill resumed from the newest step
+    assert later and all(e["step"] > 4 and "rollback_request" not in e for e in later), seen  # the kill resumed from the newest step
     (rollback,) = [e for e in evs if e["kind"] == "rollback"]
     assert rollback["to_step"] == 4 and rollback["rollback_request"] == order.id and rollback["superseded"], rollback
     assert (run_dir / APPLIED_FILE).is_file()
