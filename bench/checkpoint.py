@@ -96,11 +96,15 @@ def main() -> int:
         parser.error("--device cuda needs a CUDA GPU; this torch sees none (use --device cpu)")
     state = make_state(args.size_mb, device)
     nbytes = sum(t.numel() * t.element_size() for t in state.values())
-    print(f"# {datetime.now(UTC):%Y-%m-%d} {platform.machine()} {torch.__version__} device={device} "
-          f"cpus={torch.get_num_threads()} state={nbytes / 2**20:.0f} MiB in {len(state)} tensors")
+    print(
+        f"# {datetime.now(UTC):%Y-%m-%d} {platform.machine()} {torch.__version__} device={device} "
+        f"cpus={torch.get_num_threads()} state={nbytes / 2**20:.0f} MiB in {len(state)} tensors"
+    )
 
     with tempfile.TemporaryDirectory(prefix="bench-ckpt-") as tmp:
-        manager = CheckpointManager(f"{tmp}/ckpt", keep_last=1, thread_count=args.threads, cache_staging=device.type == "cuda")
+        manager = CheckpointManager(
+            f"{tmp}/ckpt", keep_last=1, thread_count=args.threads, cache_staging=device.type == "cuda"
+        )
         sync, blocking, total = [], [], []
         step = 0
         for _ in range(args.repeats):
@@ -108,7 +112,9 @@ def main() -> int:
             t0 = time.perf_counter()
             manager.save(step, state)
             sync.append(time.perf_counter() - t0)
-        for i in range(args.repeats + (1 if device.type == "cuda" else 0)):  # on CUDA the first save allocates the pinned cache
+        for i in range(
+            args.repeats + (1 if device.type == "cuda" else 0)
+        ):  # on CUDA the first save allocates the pinned cache
             step += 1
             t0 = time.perf_counter()
             manager.save(step, state, async_=True)

@@ -29,9 +29,31 @@ from stalwart.net import free_port
 def one_run(ranks: int, extra: list[str]) -> dict[str, float]:
     with tempfile.TemporaryDirectory(prefix="bench-launch-") as tmp:
         run_dir = Path(tmp) / "run"
-        cmd = [sys.executable, "-m", "stalwart", "launch", "--config", "debug", "--nnodes", "1", "--nproc-per-node", str(ranks),
-               "--rdzv-endpoint", f"127.0.0.1:{free_port()}", "--healthd", "off", "--controller", "off", "--run-dir", str(run_dir),
-               "--training.steps", "2", "--checkpoint.enabled", "false", *extra]
+        cmd = [
+            sys.executable,
+            "-m",
+            "stalwart",
+            "launch",
+            "--config",
+            "debug",
+            "--nnodes",
+            "1",
+            "--nproc-per-node",
+            str(ranks),
+            "--rdzv-endpoint",
+            f"127.0.0.1:{free_port()}",
+            "--healthd",
+            "off",
+            "--controller",
+            "off",
+            "--run-dir",
+            str(run_dir),
+            "--training.steps",
+            "2",
+            "--checkpoint.enabled",
+            "false",
+            *extra,
+        ]
         t0 = time.time()
         done = subprocess.run(cmd, capture_output=True, text=True)
         if done.returncode != 0:
@@ -54,8 +76,11 @@ def main() -> int:
     print(f"launcher start → ranks spawned (imports, config, rendezvous): {med['spawn']:.2f} s")
     print(f"launcher start → all ranks ready (init_done):                {med['ready']:.2f} s")
     print(f"launcher start → first step done:                            {med['first_step']:.2f} s")
-    print(f"| {date.today()} | {machine} | {args.ranks} | {med['spawn']:.2f} s | {med['ready']:.2f} s | {med['first_step']:.2f} s | "
-          f"median of {args.repeat}: {', '.join(format(r['first_step'], '.2f') for r in runs)} s |")
+    print(
+        f"| {date.today()} | {machine} | {args.ranks} | {med['spawn']:.2f} s | {med['ready']:.2f} s | "
+        f"{med['first_step']:.2f} s | "
+        f"median of {args.repeat}: {', '.join(format(r['first_step'], '.2f') for r in runs)} s |"
+    )
     return 0
 
 

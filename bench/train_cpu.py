@@ -33,8 +33,21 @@ def main() -> int:
     args, extra = parser.parse_known_args()
     with tempfile.TemporaryDirectory(prefix="bench-train-") as tmp:
         run_dir = Path(tmp) / "run"
-        cmd = [sys.executable, "-m", "stalwart", "train", "--config", args.config, "--nproc-per-node", str(args.ranks),
-               "--training.steps", str(args.steps), "--job.run_dir", str(run_dir), *extra]
+        cmd = [
+            sys.executable,
+            "-m",
+            "stalwart",
+            "train",
+            "--config",
+            args.config,
+            "--nproc-per-node",
+            str(args.ranks),
+            "--training.steps",
+            str(args.steps),
+            "--job.run_dir",
+            str(run_dir),
+            *extra,
+        ]
         t0 = time.time()
         out = subprocess.run(cmd, capture_output=True, text=True)
         wall = time.time() - t0
@@ -48,7 +61,7 @@ def main() -> int:
         figures = {
             "date": datetime.now(UTC).strftime("%Y-%m-%d"),
             "machine": f"{platform.machine()}, {psutil.cpu_count(logical=True)} cores, "
-                       f"{psutil.virtual_memory().total / 2**30:.0f} GiB, torch CPU, {args.ranks} gloo ranks",
+            f"{psutil.virtual_memory().total / 2**30:.0f} GiB, torch CPU, {args.ranks} gloo ranks",
             "command": " ".join(["stalwart", *cmd[3:6], *cmd[6:8]]),
             "steps": len(steps),
             "first_loss": round(steps[0]["loss"], 4),

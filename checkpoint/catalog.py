@@ -106,7 +106,9 @@ class CheckpointCatalog:
         try:
             return CheckpointManifest.from_json(self.storage.read_bytes(f"{name}/{MANIFEST_NAME}"))
         except _READ_ERRORS as e:
-            raise CheckpointError(f"step {step} at {self.storage.url(name)} is damaged: manifest unreadable ({_describe(e)})") from None
+            raise CheckpointError(
+                f"step {step} at {self.storage.url(name)} is damaged: manifest unreadable ({_describe(e)})"
+            ) from None
 
     def _readable_manifests(self, dirs: dict[int, str]) -> dict[int, CheckpointManifest]:
         out = {}
@@ -155,7 +157,9 @@ class CheckpointCatalog:
         candidates = sorted(dirs, reverse=True)
         if isinstance(request, int):
             if request not in dirs:
-                return Choice(why=f"step {request} is not committed under {self.base_url}; committed steps: {sorted(dirs)}")
+                return Choice(
+                    why=f"step {request} is not committed under {self.base_url}; committed steps: {sorted(dirs)}"
+                )
             candidates = [s for s in candidates if s <= request]
         skipped: list[str] = []
         for step in candidates:
@@ -187,10 +191,12 @@ class CheckpointCatalog:
             skipped.append(damage)
         kind = "verified " if verified_only or request == "latest-verified" else ""
         why = f" (skipped: {'; '.join(skipped)})" if skipped else ""
-        return Choice(why=(
-            f"no intact {kind}committed checkpoint under {self.base_url}{why}; "
-            f"start without --resume or point checkpoint.url at a directory holding step-* checkpoints"
-        ))
+        return Choice(
+            why=(
+                f"no intact {kind}committed checkpoint under {self.base_url}{why}; "
+                f"start without --resume or point checkpoint.url at a directory holding step-* checkpoints"
+            )
+        )
 
     # ------------------------------------------------------------------------------ writes
 
@@ -225,7 +231,9 @@ class CheckpointCatalog:
             pass
         self.storage.delete_tree(name)
 
-    def prune(self, keep_last: int, keep_every: int = 0, protected: Iterable[int] = (), stale_before: int | None = None) -> list[str]:
+    def prune(
+        self, keep_last: int, keep_every: int = 0, protected: Iterable[int] = (), stale_before: int | None = None
+    ) -> list[str]:
         """Delete the steps retention does not keep, and stale leftovers; returns the deleted names.
 
         Never deletes the newest verified step or a ``protected`` one. A leftover (uncommitted, or an

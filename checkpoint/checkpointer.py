@@ -53,7 +53,12 @@ class Checkpointer:
     """Saves and restores ``state`` (the job's ``Stateful`` objects, held for the life of the job)."""
 
     def __init__(
-        self, manager: CheckpointManager, state: dict[str, Any], cadence: SaveCadence, meta: SaveMeta, on_save: SaveHook = _unverified
+        self,
+        manager: CheckpointManager,
+        state: dict[str, Any],
+        cadence: SaveCadence,
+        meta: SaveMeta,
+        on_save: SaveHook = _unverified,
     ) -> None:
         self.manager = manager
         self.state = state
@@ -75,8 +80,13 @@ class Checkpointer:
         """A persistent save of ``step`` now (async unless ``sync`` or the cadence says otherwise)."""
         with self.on_save(step) as verified:
             self.manager.save(
-                step, self.state, layout=self.meta.layout, config_hash=self.meta.config_hash, verified=verified,
-                async_=self.cadence.async_saves and not sync, model=self.meta.model,
+                step,
+                self.state,
+                layout=self.meta.layout,
+                config_hash=self.meta.config_hash,
+                verified=verified,
+                async_=self.cadence.async_saves and not sync,
+                model=self.meta.model,
             )
 
     def resume(self, request: int | str = "latest") -> int | None:
@@ -95,10 +105,19 @@ class Checkpointer:
         except CheckpointError as e:
             logger.warning("in-flight checkpoint did not commit (%s); going on", e)
 
-    def rollback(self, *, reason: str, from_step: int | None, to: int | str = "latest-verified", verified_only: bool = False,
-                 **details: Any) -> int:
+    def rollback(
+        self,
+        *,
+        reason: str,
+        from_step: int | None,
+        to: int | str = "latest-verified",
+        verified_only: bool = False,
+        **details: Any,
+    ) -> int:
         """Load ``to`` into the live state and flag newer steps rolled back; collective. Returns the step."""
-        return self.manager.rollback(self.state, to, reason=reason, from_step=from_step, verified_only=verified_only, **details)
+        return self.manager.rollback(
+            self.state, to, reason=reason, from_step=from_step, verified_only=verified_only, **details
+        )
 
     @property
     def last_load_tier(self) -> str | None:

@@ -150,7 +150,11 @@ class CheckpointManager:
         try:
             if async_:
                 upload = dcp.async_save(
-                    state, storage_writer=writer, process_group=self.pg, async_stager=self._stager, no_dist=not self.distributed
+                    state,
+                    storage_writer=writer,
+                    process_group=self.pg,
+                    async_stager=self._stager,
+                    no_dist=not self.distributed,
                 )
             else:
                 dcp.save(state, storage_writer=writer, process_group=self.pg, no_dist=not self.distributed)
@@ -160,7 +164,13 @@ class CheckpointManager:
                 f"checkpoint step {step} was not saved: {_describe(e)}; the previous committed step is intact"
             ) from e
         blocking = time.monotonic() - started
-        self._emit(EventKind.CKPT_STAGE, step=step, blocking_seconds=blocking, bytes=_local_bytes(state), tier=self.storage.scheme)
+        self._emit(
+            EventKind.CKPT_STAGE,
+            step=step,
+            blocking_seconds=blocking,
+            bytes=_local_bytes(state),
+            tier=self.storage.scheme,
+        )
         if async_:
             future = self._committer.submit(self._finish_async, upload, step, tmp, meta, started)
             self._pending = _PendingSave(step, started, future)
@@ -201,8 +211,12 @@ class CheckpointManager:
             sizes = self.storage.walk_files(tmp)
             if ".metadata" not in sizes:
                 raise CheckpointError(f"DCP wrote no .metadata under {self.storage.url(tmp)}")
-            files = compute_files(sizes, lambda rel: self.storage.open_read(f"{tmp}/{rel}"), self.checksum, max(4, self.thread_count))
-            manifest = CheckpointManifest(step=step, world_size=self.world_size, files=files, checksum=self.checksum, **meta)
+            files = compute_files(
+                sizes, lambda rel: self.storage.open_read(f"{tmp}/{rel}"), self.checksum, max(4, self.thread_count)
+            )
+            manifest = CheckpointManifest(
+                step=step, world_size=self.world_size, files=files, checksum=self.checksum, **meta
+            )
             self.storage.write_bytes(f"{tmp}/{MANIFEST_NAME}", manifest.to_json().encode())
             marker = json.dumps({"step": step, "dir": tmp, "committed_at": time.time()}).encode()
             self.storage.write_bytes(f"{tmp}/{naming.COMMIT_MARKER}", marker, exclusive=True)
@@ -213,9 +227,15 @@ class CheckpointManager:
             self._fail(step, reason)
             return reason
         self._emit(
-            EventKind.CKPT_COMMIT, step=step, seconds=time.monotonic() - started, bytes=manifest.total_bytes, tier=self.storage.scheme
+            EventKind.CKPT_COMMIT,
+            step=step,
+            seconds=time.monotonic() - started,
+            bytes=manifest.total_bytes,
+            tier=self.storage.scheme,
         )
-        logger.info("checkpoint step %d committed under %s (%d bytes)", step, self.storage.base_url, manifest.total_bytes)
+        logger.info(
+            "checkpoint step %d committed under %s (%d bytes)", step, self.storage.base_url, manifest.total_bytes
+        )
         try:
             self.prune()
         except Exception as e:  # a failed prune costs space, never the new checkpoint
@@ -235,7 +255,9 @@ class CheckpointManager:
 
     def _raise_if_failed(self, step: int, error: str | None) -> None:
         if error is not None:
-            raise CheckpointError(f"checkpoint step {step} did not commit: {error}; the previous committed step is intact")
+            raise CheckpointError(
+                f"checkpoint step {step} did not commit: {error}; the previous committed step is intact"
+            )
 
     # ---------------------------------------------------------------------------------- query
 
@@ -273,7 +295,9 @@ class CheckpointManager:
 
     # ----------------------------------------------------------------------------------- load
 
-    def load(self, state: dict[str, Any], step: int | str = "latest", *, verified_only: bool = False, **details: Any) -> int:
+    def load(
+        self, state: dict[str, Any], step: int | str = "latest", *, verified_only: bool = False, **details: Any
+    ) -> int:
         """Load a committed step into ``state`` in place; collective. Returns the step loaded.
 
         ``step`` is ``"latest"``, ``"latest-verified"`` or a step number (that step, or the
@@ -287,13 +311,19 @@ class CheckpointManager:
         self.wait()
         started = time.monotonic()
         in_memory = None if verified_only else self._memory_candidate(step)
-        if in_memory is not None and (isinstance(step, int) or not self._broadcast(self._stored_newer_on_rank0(in_memory))):
+        if in_memory is not None and (
+            isinstance(step, int) or not self._broadcast(self._stored_newer_on_rank0(in_memory))
+        ):
             if self._load_memory(state, in_memory):
                 return in_memory
             in_memory = None
         choice = self._broadcast(self._choose_on_rank0(step, verified_only) if self.rank == 0 else None)
         # The newest stored step was damaged and an older one chosen: the memory copy may be newer.
-        if in_memory is not None and (choice[0] != "ok" or choice[1] < in_memory) and self._load_memory(state, in_memory):
+        if (
+            in_memory is not None
+            and (choice[0] != "ok" or choice[1] < in_memory)
+            and self._load_memory(state, in_memory)
+        ):
             return in_memory
         if choice[0] == "none":
             raise NoCheckpointError(choice[1])
@@ -311,7 +341,14 @@ class CheckpointManager:
             ) from None
         finally:
             self._loading.discard(chosen)
-        self._emit(EventKind.CKPT_LOAD, step=chosen, seconds=time.monotonic() - started, bytes=nbytes, tier=self.storage.scheme, **details)
+        self._emit(
+            EventKind.CKPT_LOAD,
+            step=chosen,
+            seconds=time.monotonic() - started,
+            bytes=nbytes,
+            tier=self.storage.scheme,
+            **details,
+        )
         self.last_load_tier = self.storage.scheme
         return chosen
 
@@ -346,8 +383,14 @@ class CheckpointManager:
         return True
 
     def rollback(
-        self, state: dict[str, Any], to: int | str = "latest-verified", *, reason: str, from_step: int | None = None,
-        verified_only: bool = False, **details: Any,
+        self,
+        state: dict[str, Any],
+        to: int | str = "latest-verified",
+        *,
+        reason: str,
+        from_step: int | None = None,
+        verified_only: bool = False,
+        **details: Any,
     ) -> int:
         """Load ``to`` into ``state`` (collective), flag newer steps rolled back, record a ``rollback`` event.
 
@@ -360,8 +403,15 @@ class CheckpointManager:
             self.memory.discard()  # newer host-memory copies hold the state being rolled back
         if self.rank == 0:
             superseded = self.catalog.mark_rolled_back(after=step)
-            self._emit(EventKind.ROLLBACK, from_step=from_step, to_step=step, reason=reason, tier=self.last_load_tier,
-                       superseded=superseded, **details)
+            self._emit(
+                EventKind.ROLLBACK,
+                from_step=from_step,
+                to_step=step,
+                reason=reason,
+                tier=self.last_load_tier,
+                superseded=superseded,
+                **details,
+            )
         logger.warning("rolled back to step %d (%s) from %s: %s", step, self.last_load_tier, from_step, reason)
         return step
 
@@ -374,7 +424,11 @@ class CheckpointManager:
         try:
             choice = self.catalog.choose(request, on_damage=self._fail, verified_only=verified_only)
         except Exception as e:
-            return "error", f"cannot read checkpoints under {self.storage.base_url}: {_describe(e)}; retry when the store is reachable"
+            return (
+                "error",
+                f"cannot read checkpoints under {self.storage.base_url}: {_describe(e)}; retry when the store is "
+                "reachable",
+            )
         if choice.step is None:
             return "none", choice.why
         return "ok", choice.step, choice.name, choice.bytes

@@ -94,11 +94,19 @@ def _name(rank: int, step: int, writer: int) -> str:
     return f"rank{rank:05d}.step{step:08d}.by{writer:05d}{_SUFFIX}"
 
 
-def write_copy(directory: Path, rank: int, step: int, fingerprint: str, payload: bytes, writer: int | None = None) -> Path:
+def write_copy(
+    directory: Path, rank: int, step: int, fingerprint: str, payload: bytes, writer: int | None = None
+) -> Path:
     """Write rank ``rank``'s copy atomically (partial name, then rename); ``writer`` holds it."""
     directory.mkdir(parents=True, exist_ok=True)
     header = json.dumps(
-        {"rank": rank, "step": step, "fingerprint": fingerprint, "size": len(payload), "crc32": f"{zlib.crc32(payload):08x}"}
+        {
+            "rank": rank,
+            "step": step,
+            "fingerprint": fingerprint,
+            "size": len(payload),
+            "crc32": f"{zlib.crc32(payload):08x}",
+        }
     ).encode()
     final = directory / _name(rank, step, rank if writer is None else writer)
 
@@ -166,7 +174,9 @@ def _restore(target: Any, saved: Any, path: str) -> Any:
     if isinstance(target, torch.Tensor) and isinstance(saved, torch.Tensor):
         local = target.to_local() if isinstance(target, DTensor) else target
         if local.shape != saved.shape:
-            raise ValueError(f"{path}: memory copy has shape {tuple(saved.shape)}, this rank holds {tuple(local.shape)}")
+            raise ValueError(
+                f"{path}: memory copy has shape {tuple(saved.shape)}, this rank holds {tuple(local.shape)}"
+            )
         with torch.no_grad():
             local.copy_(saved)
         return target
@@ -238,7 +248,9 @@ class MemoryTier:
         self.fingerprint = fingerprint
         self.events = events
         self.holder = holder_of(self.rank, self.world_size, self.local_world_size)
-        self.source = next(r for r in range(self.world_size) if holder_of(r, self.world_size, self.local_world_size) == self.rank)
+        self.source = next(
+            r for r in range(self.world_size) if holder_of(r, self.world_size, self.local_world_size) == self.rank
+        )
         # Its own group: the exchange runs on a background thread next to training and DCP saves.
         self.pg = dist.new_group(backend="gloo") if self.distributed else None
         self._stager = _HostStager()
@@ -368,8 +380,14 @@ class MemoryTier:
         errors = [e for e in self._all_gather_object(error) if e]
         if errors:
             raise RuntimeError(f"memory-tier copy of step {step} did not load: {errors[0]}")
-        self._emit(EventKind.CKPT_LOAD, step=step, seconds=time.monotonic() - started, bytes=len(payload or b""),
-                   peer_bytes=received, tier=TIER)
+        self._emit(
+            EventKind.CKPT_LOAD,
+            step=step,
+            seconds=time.monotonic() - started,
+            bytes=len(payload or b""),
+            peer_bytes=received,
+            tier=TIER,
+        )
         return received
 
     def discard(self) -> None:

@@ -51,7 +51,11 @@ class Storage:
         if self.is_local:
             self.root = os.path.abspath(self.root)
             os.makedirs(self.root, exist_ok=True)
-        self.scheme = "local" if self.is_local else (self.fs.protocol if isinstance(self.fs.protocol, str) else self.fs.protocol[0])
+        self.scheme = (
+            "local"
+            if self.is_local
+            else (self.fs.protocol if isinstance(self.fs.protocol, str) else self.fs.protocol[0])
+        )
 
     def path(self, rel: str = "") -> str:
         """Backend path of ``rel`` (what ``self.fs`` takes)."""

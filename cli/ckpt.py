@@ -25,14 +25,21 @@ class CkptUsageError(UserError, ValueError):
 
 
 def register(sub: Subparsers) -> None:
-    ckpt = sub.add_parser("ckpt", help="list, verify, inspect and export a run's checkpoints",
-                          description="List, verify, inspect and export the committed checkpoints of a run.")
+    ckpt = sub.add_parser(
+        "ckpt",
+        help="list, verify, inspect and export a run's checkpoints",
+        description="List, verify, inspect and export the committed checkpoints of a run.",
+    )
     csub = actions(ckpt, "ckpt_command")
 
     def action(name: str, help_: str) -> argparse.ArgumentParser:
         p = subcommand(csub, name, run=run, help=help_)
-        p.add_argument("run", metavar="RUN", help="run directory, directory of step-* checkpoints, or URL (s3://bucket/prefix)")
-        p.add_argument("--s3-endpoint", metavar="URL", help="endpoint of an S3-compatible store (e.g. http://127.0.0.1:9000)")
+        p.add_argument(
+            "run", metavar="RUN", help="run directory, directory of step-* checkpoints, or URL (s3://bucket/prefix)"
+        )
+        p.add_argument(
+            "--s3-endpoint", metavar="URL", help="endpoint of an S3-compatible store (e.g. http://127.0.0.1:9000)"
+        )
         return p
 
     action("ls", "committed steps with verified flag, size, time and layout")
@@ -42,8 +49,12 @@ def register(sub: Subparsers) -> None:
     inspect.add_argument("step", type=int, metavar="STEP")
     export = action("export", "write a step as one torch.save file of full tensors, or as Hugging Face safetensors")
     export.add_argument("step", type=int, metavar="STEP")
-    export.add_argument("--format", choices=("torch", "hf"), default="torch",
-                        help="torch: the whole state, unsharded; hf: the model as config.json + model.safetensors")
+    export.add_argument(
+        "--format",
+        choices=("torch", "hf"),
+        default="torch",
+        help="torch: the whole state, unsharded; hf: the model as config.json + model.safetensors",
+    )
     export.add_argument("--out", required=True, metavar="PATH", help="file (torch) or new folder (hf) to write")
 
 
@@ -60,10 +71,14 @@ def open_checkpoints(run: str, s3_endpoint: str | None = None) -> CheckpointCata
         in_run = Path(default_checkpoint_url(path))
         root = in_run if in_run.is_dir() else path
         if not root.is_dir():
-            raise CkptUsageError(f"{run} does not exist: give a run directory (holding checkpoints/), a checkpoint directory or a URL")
+            raise CkptUsageError(
+                f"{run} does not exist: give a run directory (holding checkpoints/), a checkpoint directory or a URL"
+            )
         catalog = CheckpointCatalog.open(str(root))
     if not catalog.committed_steps():
-        raise CkptUsageError(f"no committed checkpoints under {catalog.base_url}: is RUN the job's run directory or checkpoint.url?")
+        raise CkptUsageError(
+            f"no committed checkpoints under {catalog.base_url}: is RUN the job's run directory or checkpoint.url?"
+        )
     return catalog
 
 
@@ -87,8 +102,10 @@ def _ls(catalog: CheckpointCatalog, args: argparse.Namespace) -> int:
         except CheckpointError as e:
             print(f"{step:>10}  {'-':8}  {'-':>10}  {'-':19}  {'-':>5}  DAMAGED: {e}")
             continue
-        print(f"{step:>10}  {'yes' if m.verified else 'no':8}  {_size(m.total_bytes):>10}  {_time(m.created):19}  "
-              f"{m.world_size:>5}  {_layout(m.layout)}")
+        print(
+            f"{step:>10}  {'yes' if m.verified else 'no':8}  {_size(m.total_bytes):>10}  {_time(m.created):19}  "
+            f"{m.world_size:>5}  {_layout(m.layout)}"
+        )
     return 0
 
 
@@ -105,7 +122,9 @@ def _verify(catalog: CheckpointCatalog, args: argparse.Namespace) -> int:
             m = catalog.manifest(step)
             print(f"step {step}: ok ({len(m.files)} files, {_size(m.total_bytes)}, {m.checksum})")
     if bad:
-        print(f"stalwart ckpt verify: {bad} of {len(steps)} steps damaged; a load falls back past them", file=sys.stderr)
+        print(
+            f"stalwart ckpt verify: {bad} of {len(steps)} steps damaged; a load falls back past them", file=sys.stderr
+        )
     return 1 if bad else 0
 
 
@@ -124,7 +143,14 @@ def _inspect(catalog: CheckpointCatalog, args: argparse.Namespace) -> int:
     rows = []
     for name, meta in sorted(metadata.state_dict_metadata.items()):
         if isinstance(meta, TensorStorageMetadata):
-            rows.append((name, str(list(meta.size)), str(meta.properties.dtype).removeprefix("torch."), f"{len(meta.chunks)} shards"))
+            rows.append(
+                (
+                    name,
+                    str(list(meta.size)),
+                    str(meta.properties.dtype).removeprefix("torch."),
+                    f"{len(meta.chunks)} shards",
+                )
+            )
         else:
             rows.append((name, "-", "object", "1 blob"))
     width = max(len(r[0]) for r in rows)
@@ -144,15 +170,22 @@ def _export(catalog: CheckpointCatalog, args: argparse.Namespace) -> int:
         raise CkptUsageError(f"{out} already exists; give --out a new path")
     m = catalog.manifest(args.step)
     if args.format == "hf" and not m.model:
-        raise CkptUsageError(f"step {args.step}'s manifest records no model config (saved by an older stalwart); use --format torch")
+        raise CkptUsageError(
+            f"step {args.step}'s manifest records no model config (saved by an older stalwart); use --format torch"
+        )
     problems = catalog.verify(args.step)
     if problems:
-        print(f"stalwart ckpt: error: step {args.step} is damaged ({problems[0]}); export an earlier step", file=sys.stderr)
+        print(
+            f"stalwart ckpt: error: step {args.step} is damaged ({problems[0]}); export an earlier step",
+            file=sys.stderr,
+        )
         return 1
     state: dict[str, Any] = {}
     # What DCP's dcp_to_torch_save does (the planner rebuilds every full tensor from its shards),
     # with this step's reader so that s3:// works too; dcp.load would fill a copy of ``state``.
-    _load_state_dict(state, storage_reader=_reader(catalog, args.step), planner=_EmptyStateDictLoadPlanner(), no_dist=True)
+    _load_state_dict(
+        state, storage_reader=_reader(catalog, args.step), planner=_EmptyStateDictLoadPlanner(), no_dist=True
+    )
     if args.format == "torch":
         out.parent.mkdir(parents=True, exist_ok=True)
         torch.save(state, out)

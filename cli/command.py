@@ -16,7 +16,14 @@ Subparsers = argparse._SubParsersAction
 
 
 def subcommand(
-    sub: Subparsers, name: str, *, help: str, run: Runner, description: str | None = None, overrides: bool = False, **kwargs: object
+    sub: Subparsers,
+    name: str,
+    *,
+    help: str,
+    run: Runner,
+    description: str | None = None,
+    overrides: bool = False,
+    **kwargs: object,
 ) -> argparse.ArgumentParser:
     """Add ``name`` to ``sub``; ``overrides`` lets it take trailing ``--section.key VALUE`` arguments."""
     parser = sub.add_parser(name, help=help, description=description or help[0].upper() + help[1:] + ".", **kwargs)

@@ -47,8 +47,14 @@ CHAOS_PLAN: tuple[dict, ...] = (
 
 # What a random soak plan draws from, with weights: mostly the common faults of a big job.
 SOAK_KINDS: tuple[tuple[str, float], ...] = (
-    ("kill_rank", 4), ("hang", 2), ("flip_bit", 1), ("slow", 1), ("ckpt_kill_during_write", 1),
-    ("gpu_fault", 1), ("kill_agent", 1), ("sigterm", 0.5),
+    ("kill_rank", 4),
+    ("hang", 2),
+    ("flip_bit", 1),
+    ("slow", 1),
+    ("ckpt_kill_during_write", 1),
+    ("gpu_fault", 1),
+    ("kill_agent", 1),
+    ("sigterm", 0.5),
 )
 
 
@@ -100,14 +106,22 @@ class Demo:
         kind = "-soak" if args.soak else "-chaos" if args.chaos else ""
         self.run_dir = Path(args.run_dir or f"runs/demo-{stamp}{kind}").resolve()
         if self.run_dir.exists() and any(self.run_dir.iterdir()):
-            raise UserError(f"{self.run_dir} already holds a run; give a new --run-dir (the demo never writes over a run)")
+            raise UserError(
+                f"{self.run_dir} already holds a run; give a new --run-dir (the demo never writes over a run)"
+            )
         self.run_dir.mkdir(parents=True, exist_ok=True)
         self.rdzv = f"127.0.0.1:{free_port()}"
         self.controller_grpc = f"127.0.0.1:{free_port()}"
         self.controller_http = f"127.0.0.1:{free_port()}"
         # The ranks' library warnings (deprecations inside torch) would bury the progress lines.
         self.env = {**os.environ, TOKEN_FILE_ENV: str(self._token_file()), "PYTHONWARNINGS": "ignore"}
-        faults = soak_plan(args.soak, args.steps, args.nodes * args.nproc_per_node, args.seed) if args.soak else CHAOS_PLAN if args.chaos else ()
+        faults = (
+            soak_plan(args.soak, args.steps, args.nodes * args.nproc_per_node, args.seed)
+            if args.soak
+            else CHAOS_PLAN
+            if args.chaos
+            else ()
+        )
         if faults:
             plan = self.run_dir / "faults" / "plan.json"
             plan.parent.mkdir(parents=True, exist_ok=True)
@@ -131,11 +145,28 @@ class Demo:
 
     def start_controller(self) -> None:
         log = open(self.run_dir / "health" / "controller.log", "ab")
-        self.services.append(subprocess.Popen(
-            [sys.executable, "-m", "stalwart", "controller", "--run-dir", str(self.run_dir), "--grpc-bind", self.controller_grpc,
-             "--http-bind", self.controller_http, "--token-file", self.env[TOKEN_FILE_ENV]],
-            env=self.env, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-        ))
+        self.services.append(
+            subprocess.Popen(
+                [
+                    sys.executable,
+                    "-m",
+                    "stalwart",
+                    "controller",
+                    "--run-dir",
+                    str(self.run_dir),
+                    "--grpc-bind",
+                    self.controller_grpc,
+                    "--http-bind",
+                    self.controller_http,
+                    "--token-file",
+                    self.env[TOKEN_FILE_ENV],
+                ],
+                env=self.env,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL,
+            )
+        )
         deadline = time.monotonic() + 60
         while time.monotonic() < deadline:
             try:
@@ -150,16 +181,50 @@ class Demo:
         self.next_node += 1
         healthd = f"127.0.0.1:{free_port()}"
         argv = [
-            sys.executable, "-m", "stalwart", "launch", "--config", self.args.config, "--nnodes", f"1:{self.args.nodes}",
-            "--nproc-per-node", str(self.args.nproc_per_node), "--rdzv-endpoint", self.rdzv, "--rdzv-id", "demo",
-            "--node-id", name, "--healthd", healthd, "--controller", self.controller_grpc, "--max-restarts", "20",
+            sys.executable,
+            "-m",
+            "stalwart",
+            "launch",
+            "--config",
+            self.args.config,
+            "--nnodes",
+            f"1:{self.args.nodes}",
+            "--nproc-per-node",
+            str(self.args.nproc_per_node),
+            "--rdzv-endpoint",
+            self.rdzv,
+            "--rdzv-id",
+            "demo",
+            "--node-id",
+            name,
+            "--healthd",
+            healthd,
+            "--controller",
+            self.controller_grpc,
+            "--max-restarts",
+            "20",
             # One machine: a lost peer or a finished round shows within seconds, not a datacenter's 30 s.
-            "--peer-timeout", "6", "--monitor-interval", "0.2",
-            "--rdzv-conf", "last_call_timeout=2,keep_alive_interval=1,keep_alive_max_attempt=3,join_timeout=300,read_timeout=20",
-            "--run-dir", str(self.run_dir), "--training.steps", str(self.args.steps), *self.args.overrides,
+            "--peer-timeout",
+            "6",
+            "--monitor-interval",
+            "0.2",
+            "--rdzv-conf",
+            "last_call_timeout=2,keep_alive_interval=1,keep_alive_max_attempt=3,join_timeout=300,read_timeout=20",
+            "--run-dir",
+            str(self.run_dir),
+            "--training.steps",
+            str(self.args.steps),
+            *self.args.overrides,
         ]
-        proc = subprocess.Popen(argv, env=self.env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1,
-                                stdin=subprocess.DEVNULL)
+        proc = subprocess.Popen(
+            argv,
+            env=self.env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+            bufsize=1,
+            stdin=subprocess.DEVNULL,
+        )
         node = Node(name, proc, healthd)
         self.nodes.append(node)
         if len(self.nodes) == 1:  # it hosts the rendezvous store (the node a c10d job can't lose): let it bind first
@@ -185,13 +250,17 @@ class Demo:
                     why = "was excluded" if code == EXIT_NODE_EXCLUDED else f"was lost ({signal.Signals(-code).name})"
                     if self.last_step() < self.args.steps:
                         replacement = self.start_node()
-                        print(f"stalwart demo: {node.name} {why}; the scheduler brings up {replacement.name}", flush=True)
+                        print(
+                            f"stalwart demo: {node.name} {why}; the scheduler brings up {replacement.name}", flush=True
+                        )
                         running.append(replacement)
             if not running:
                 if self.last_step() >= self.args.steps or self.requeues >= self.max_requeues:
                     return self.last_step() >= self.args.steps
                 self.requeues += 1  # preempted (exit 0 before the target): requeue the whole job
-                print(f"stalwart demo: the job stopped at step {self.last_step()} (preempted); requeueing it", flush=True)
+                print(
+                    f"stalwart demo: the job stopped at step {self.last_step()} (preempted); requeueing it", flush=True
+                )
                 for _ in range(self.args.nodes):
                     self.start_node()
             time.sleep(0.5)
@@ -218,22 +287,37 @@ def worst_incident(run_dir: Path) -> str:
     if not report.incidents:
         return "stalwart demo: no incidents"
     worst = max(report.incidents, key=lambda i: i.downtime + i.lost_seconds)
-    return (f"stalwart demo: {len(report.incidents)} incidents; worst: {worst.kind} {worst.fault or ''} on {worst.target or '-'} "
-            f"(detected after {worst.detection_latency or 0:.1f} s, {worst.downtime:.1f} s down, {worst.lost_steps} steps lost)")
+    return (
+        f"stalwart demo: {len(report.incidents)} incidents; worst: {worst.kind} {worst.fault or ''} on "
+        f"{worst.target or '-'} "
+        f"(detected after {worst.detection_latency or 0:.1f} s, {worst.downtime:.1f} s down, {worst.lost_steps} steps "
+        "lost)"
+    )
 
 
 def register(sub: Subparsers) -> None:
-    p = subcommand(sub, "demo", run=run, overrides=True, formatter_class=argparse.RawDescriptionHelpFormatter,
-                   help="the whole product on this machine: 2 nodes × 4 CPU ranks, health, dashboard, goodput (--chaos)",
-                   description=__doc__.split("\n\n")[0])
+    p = subcommand(
+        sub,
+        "demo",
+        run=run,
+        overrides=True,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        help="the whole product on this machine: 2 nodes × 4 CPU ranks, health, dashboard, goodput (--chaos)",
+        description=__doc__.split("\n\n")[0],
+    )
     p.add_argument("--chaos", action="store_true", help="inject one fault of every kind on the way")
     p.add_argument("--config", default="demo", help="config to train (default: the shipped demo config)")
     p.add_argument("--steps", type=int, default=60, help="target step (default 60)")
     p.add_argument("--nodes", type=int, default=2, help="simulated nodes (default 2)")
     p.add_argument("--nproc-per-node", type=int, default=4, help="CPU ranks per node (default 4)")
     p.add_argument("--run-dir", default=None, help="where the run goes (default runs/demo-<time>)")
-    p.add_argument("--soak", type=int, default=0, metavar="N",
-                   help="soak test: N faults of random kinds at random steps (e.g. --soak 30 --steps 200)")
+    p.add_argument(
+        "--soak",
+        type=int,
+        default=0,
+        metavar="N",
+        help="soak test: N faults of random kinds at random steps (e.g. --soak 30 --steps 200)",
+    )
     p.add_argument("--seed", type=int, default=0, help="seed of the --soak schedule")
 
 
@@ -261,5 +345,9 @@ def run(args: argparse.Namespace, overrides: list[str]) -> int:
     if args.soak or args.chaos:
         print(worst_incident(demo.run_dir), flush=True)
     status = "reached" if ok else "did NOT reach"
-    print(f"stalwart demo: the job {status} step {args.steps} in {time.monotonic() - started:.0f} s; run dir {demo.run_dir}", flush=True)
+    print(
+        f"stalwart demo: the job {status} step {args.steps} in {time.monotonic() - started:.0f} s; run dir "
+        f"{demo.run_dir}",
+        flush=True,
+    )
     return 0 if ok else 1

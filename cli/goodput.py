@@ -34,26 +34,49 @@ def parse_time(text: str) -> float:
 
 
 def register(sub: Subparsers) -> None:
-    goodput = sub.add_parser("goodput", help="goodput accounting of a run from its event log",
-                             description="Goodput accounting of a run from its event log.")
+    goodput = sub.add_parser(
+        "goodput",
+        help="goodput accounting of a run from its event log",
+        description="Goodput accounting of a run from its event log.",
+    )
     gsub = actions(goodput, "goodput_command")
-    report = subcommand(gsub, "report", run=run_report, help="where the wall-clock time of a run went",
-                        description="Productive time, every badput category, and the incidents of a run.")
+    report = subcommand(
+        gsub,
+        "report",
+        run=run_report,
+        help="where the wall-clock time of a run went",
+        description="Productive time, every badput category, and the incidents of a run.",
+    )
     report.add_argument("run", metavar="RUN", help="run directory (the one holding events/)")
     report.add_argument("--format", choices=("text", "json", "html"), default="text")
     report.add_argument("--output", "-o", metavar="PATH", help="write here instead of standard output")
     report.add_argument("--since", metavar="TIME", help="window start: epoch seconds or ISO 8601 (UTC if no zone)")
     report.add_argument("--until", metavar="TIME", help="window end: epoch seconds or ISO 8601 (UTC if no zone)")
     report.add_argument("--timeline", action="store_true", help="JSON: include per-segment and per-step timelines")
-    sim = subcommand(gsub, "simulate", run=run_simulate, help="project goodput at cluster scale (Monte Carlo over a failure mix)",
-                     description="Project goodput for a cluster size from Llama 3's failure mix and a cost profile: "
-                                 "Monte Carlo with confidence intervals, the best checkpoint interval against "
-                                 "Young/Daly, and what each cost is worth.")
-    sim.add_argument("--gpus", type=int, nargs="+", default=[16384, 100000], metavar="N", help="cluster sizes (default 16384 100000)")
-    sim.add_argument("--costs", nargs="+", default=["stalwart"], metavar="PROFILE",
-                     help="stalwart (default), llama3, a TOML file, or 'measured RUN' (stalwart's profile with RUN's measured costs)")
+    sim = subcommand(
+        gsub,
+        "simulate",
+        run=run_simulate,
+        help="project goodput at cluster scale (Monte Carlo over a failure mix)",
+        description="Project goodput for a cluster size from Llama 3's failure mix and a cost profile: "
+        "Monte Carlo with confidence intervals, the best checkpoint interval against "
+        "Young/Daly, and what each cost is worth.",
+    )
+    sim.add_argument(
+        "--gpus", type=int, nargs="+", default=[16384, 100000], metavar="N", help="cluster sizes (default 16384 100000)"
+    )
+    sim.add_argument(
+        "--costs",
+        nargs="+",
+        default=["stalwart"],
+        metavar="PROFILE",
+        help="stalwart (default), llama3, a TOML file, or 'measured RUN' (stalwart's profile with RUN's measured "
+        "costs)",
+    )
     sim.add_argument("--days", type=float, default=54.0, help="job length in days (default 54, Llama 3's window)")
-    sim.add_argument("--interval", type=float, metavar="S", help="checkpoint interval in seconds (default: the profile's)")
+    sim.add_argument(
+        "--interval", type=float, metavar="S", help="checkpoint interval in seconds (default: the profile's)"
+    )
     sim.add_argument("--replicas", type=int, default=1000, help="Monte Carlo jobs per cluster size (default 1000)")
     sim.add_argument("--seed", type=int, default=0)
     sim.add_argument("--target", type=float, default=97.0, metavar="PCT", help="goodput to reach, percent (default 97)")
@@ -69,7 +92,9 @@ def run_report(args: argparse.Namespace, extra: list[str]) -> int:
 
     events_dir = Path(args.run) / "events"
     if not events_dir.is_dir():
-        raise MissingInputError(f"{events_dir} does not exist: RUN must be a run directory (the --job.run_dir of a job)")
+        raise MissingInputError(
+            f"{events_dir} does not exist: RUN must be a run directory (the --job.run_dir of a job)"
+        )
     since = parse_time(args.since) if args.since else None
     until = parse_time(args.until) if args.until else None
     if since is not None and until is not None and until <= since:
@@ -125,7 +150,9 @@ def run_simulate(args: argparse.Namespace, extra: list[str]) -> int:
     model = sim.LLAMA3_MIX
     results = [sim.simulate(model, costs, g, args.days, args.replicas, args.seed, target) for g in args.gpus]
     if args.format == "json":
-        text = json.dumps(sim.to_json(results, model, costs, args.days, args.replicas, args.seed, target), indent=2) + "\n"
+        text = (
+            json.dumps(sim.to_json(results, model, costs, args.days, args.replicas, args.seed, target), indent=2) + "\n"
+        )
     else:
         text = sim.format_text(results, model, costs, args.days, args.replicas, args.seed, target)
     _write(text, args.output)

@@ -1,7 +1,8 @@
 """``stalwart launch``: the elastic agent of one node, torchrun-compatible flags.
 
     stalwart launch --config C --nnodes MIN:MAX --nproc-per-node N --rdzv-endpoint HOST:PORT --rdzv-id JOB
-                    [--max-restarts K] [--run-dir D] [--healthd ADDR|off] [--controller ADDR|off] [--section.key VALUE ...]
+                    [--max-restarts K] [--run-dir D] [--healthd ADDR|off] [--controller ADDR|off]
+                    [--section.key VALUE ...]
 
 The flags are defined here; :mod:`stalwart.launcher.main` checks them and runs the agent.
 """
@@ -18,30 +19,91 @@ DEFAULT_HEALTHD = "127.0.0.1:50051"
 
 def register(sub: Subparsers) -> None:
     p = subcommand(
-        sub, "launch", run=run, overrides=True, allow_abbrev=False,
+        sub,
+        "launch",
+        run=run,
+        overrides=True,
+        allow_abbrev=False,
         help="run the elastic agent of one node (torchrun-compatible flags; shrinks, grows, survives lost nodes)",
-        description="Elastic agent of one node (torch.distributed.elastic). Extra --section.key VALUE arguments override the config.",
+        description="Elastic agent of one node (torch.distributed.elastic). Extra --section.key VALUE arguments "
+        "override the config.",
     )
     p.add_argument("--config", required=True, help="TOML file, or a shipped config name")
     p.add_argument("--nnodes", default="1", help="N or MIN:MAX nodes (default 1)")
     p.add_argument("--nproc-per-node", "--nproc_per_node", type=int, default=1, help="ranks on this node (default 1)")
-    p.add_argument("--rdzv-backend", "--rdzv_backend", default="c10d", choices=("c10d", "etcd", "etcd-v2"),
-                   help="default c10d (the store lives on the endpoint's node)")
-    p.add_argument("--rdzv-endpoint", "--rdzv_endpoint", default="127.0.0.1:29400", help="HOST:PORT of the rendezvous store (default 127.0.0.1:29400)")
+    p.add_argument(
+        "--rdzv-backend",
+        "--rdzv_backend",
+        default="c10d",
+        choices=("c10d", "etcd", "etcd-v2"),
+        help="default c10d (the store lives on the endpoint's node)",
+    )
+    p.add_argument(
+        "--rdzv-endpoint",
+        "--rdzv_endpoint",
+        default="127.0.0.1:29400",
+        help="HOST:PORT of the rendezvous store (default 127.0.0.1:29400)",
+    )
     p.add_argument("--rdzv-id", "--rdzv_id", default="stalwart", help="job id shared by all nodes (e.g. $SLURM_JOB_ID)")
-    p.add_argument("--rdzv-conf", "--rdzv_conf", default="",
-                   help="torch rendezvous settings key=value,... (join_timeout, last_call_timeout, keep_alive_interval, read_timeout, ...)")
-    p.add_argument("--rdzv-connect-timeout", type=float, default=60.0, help="seconds to reach the rendezvous store before giving up (default 60)")
-    p.add_argument("--max-restarts", "--max_restarts", type=int, default=3, help="worker-group restarts after failures (node joins do not count; default 3)")
-    p.add_argument("--monitor-interval", "--monitor_interval", type=float, default=0.5, help="seconds between checks of the ranks (default 0.5)")
-    p.add_argument("--local-addr", "--local_addr", default=None, help="this node's address as the others reach it (default: its FQDN)")
-    p.add_argument("--node-id", default=socket.gethostname(), help="this node's name in the exclusion list (default: host name)")
+    p.add_argument(
+        "--rdzv-conf",
+        "--rdzv_conf",
+        default="",
+        help="torch rendezvous settings key=value,... (join_timeout, last_call_timeout, keep_alive_interval, "
+        "read_timeout, ...)",
+    )
+    p.add_argument(
+        "--rdzv-connect-timeout",
+        type=float,
+        default=60.0,
+        help="seconds to reach the rendezvous store before giving up (default 60)",
+    )
+    p.add_argument(
+        "--max-restarts",
+        "--max_restarts",
+        type=int,
+        default=3,
+        help="worker-group restarts after failures (node joins do not count; default 3)",
+    )
+    p.add_argument(
+        "--monitor-interval",
+        "--monitor_interval",
+        type=float,
+        default=0.5,
+        help="seconds between checks of the ranks (default 0.5)",
+    )
+    p.add_argument(
+        "--local-addr",
+        "--local_addr",
+        default=None,
+        help="this node's address as the others reach it (default: its FQDN)",
+    )
+    p.add_argument(
+        "--node-id", default=socket.gethostname(), help="this node's name in the exclusion list (default: host name)"
+    )
     p.add_argument("--run-dir", default=None, help="the job's run directory (default: the config's job.run_dir)")
-    p.add_argument("--healthd", default=DEFAULT_HEALTHD,
-                   help=f"node health daemon address; started when none answers (default {DEFAULT_HEALTHD}; 'off' for none)")
-    p.add_argument("--controller", default="", help="job controller address; default: started on the rendezvous host ('off' for none)")
-    p.add_argument("--peer-timeout", type=float, default=30.0, help="seconds of silence after which a peer node counts as lost (default 30)")
-    p.add_argument("--failure-stop-timeout", type=float, default=5.0, help="seconds a failed group's ranks get between SIGTERM and SIGKILL (default 5)")
+    p.add_argument(
+        "--healthd",
+        default=DEFAULT_HEALTHD,
+        help=f"node health daemon address; started when none answers (default {DEFAULT_HEALTHD}; 'off' for none)",
+    )
+    p.add_argument(
+        "--controller",
+        default="",
+        help="job controller address; default: started on the rendezvous host ('off' for none)",
+    )
+    p.add_argument(
+        "--peer-timeout",
+        type=float,
+        default=30.0,
+        help="seconds of silence after which a peer node counts as lost (default 30)",
+    )
+    p.add_argument(
+        "--failure-stop-timeout",
+        type=float,
+        default=5.0,
+        help="seconds a failed group's ranks get between SIGTERM and SIGKILL (default 5)",
+    )
 
 
 def run(args: argparse.Namespace, overrides: list[str]) -> int:

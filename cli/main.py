@@ -17,7 +17,9 @@ COMMANDS = ("train", "launch", "demo", "healthd", "controller", "goodput", "ckpt
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="stalwart", description="Fault-tolerant distributed training for Llama-style LLMs.")
+    parser = argparse.ArgumentParser(
+        prog="stalwart", description="Fault-tolerant distributed training for Llama-style LLMs."
+    )
     parser.add_argument("--version", action="version", version=f"stalwart {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name in COMMANDS:

@@ -34,7 +34,10 @@ def positive_int(text: str) -> int:
 
 def register(sub: Subparsers) -> None:
     p = subcommand(
-        sub, "train", run=run, overrides=True,
+        sub,
+        "train",
+        run=run,
+        overrides=True,
         help="train a model from a TOML config (one process, or --nproc-per-node ranks on this machine)",
         description="Train from a TOML config. Extra --section.key VALUE arguments override the config.",
     )
@@ -61,7 +64,9 @@ def run(args: argparse.Namespace, overrides: list[str]) -> int:
         train(cfg)
         return 0
     plan = plan_job(cfg, args.nproc_per_node)
-    print(f"stalwart train: {args.nproc_per_node} ranks, layout {plan.dims.describe()}, run dir {cfg.run_dir}", flush=True)
+    print(
+        f"stalwart train: {args.nproc_per_node} ranks, layout {plan.dims.describe()}, run dir {cfg.run_dir}", flush=True
+    )
     return _run_ranks(args, overrides, cfg)
 
 
@@ -75,7 +80,17 @@ def _run_ranks(args: argparse.Namespace, overrides: list[str], cfg: Config) -> i
     # the ranks' own preemption grace period, which they enforce themselves.
     shutdown = f"--shutdown-timeout={math.ceil(cfg.checkpoint.preemption_grace_s) + 15}"
     torchrun_args = get_args_parser().parse_args(
-        ["--standalone", f"--nproc-per-node={args.nproc_per_node}", shutdown, "--module", "stalwart", "train", "--config", args.config, *overrides]
+        [
+            "--standalone",
+            f"--nproc-per-node={args.nproc_per_node}",
+            shutdown,
+            "--module",
+            "stalwart",
+            "train",
+            "--config",
+            args.config,
+            *overrides,
+        ]
     )
     launched = time.time()
     try:
@@ -85,14 +100,23 @@ def _run_ranks(args: argparse.Namespace, overrides: list[str], cfg: Config) -> i
 
         step = preempted_step(cfg.run_dir, launched)
         if step is None:
-            print(f"stalwart train: error: stopped by {e.sigval.name} before a checkpoint was committed on the way out; "
-                  "the previous committed step is intact (see the ranks' lines above)", file=sys.stderr)
+            print(
+                f"stalwart train: error: stopped by {e.sigval.name} before a checkpoint was committed on the way out; "
+                "the previous committed step is intact (see the ranks' lines above)",
+                file=sys.stderr,
+            )
             return 1
-        print(f"stalwart train: stopped by {e.sigval.name}; step {step} is committed, rerun the same command to resume", flush=True)
+        print(
+            f"stalwart train: stopped by {e.sigval.name}; step {step} is committed, rerun the same command to resume",
+            flush=True,
+        )
         return 0
     except ChildFailedError as e:
         first = next(iter(e.failures.values()))
-        print(f"stalwart train: rank {first.local_rank} exited with code {first.exitcode}; see its log above", file=sys.stderr)
+        print(
+            f"stalwart train: rank {first.local_rank} exited with code {first.exitcode}; see its log above",
+            file=sys.stderr,
+        )
         return 1
     from stalwart.cli.goodput import summarize_run
 

@@ -226,8 +226,13 @@ def _incarnations(events: list[dict[str, Any]]) -> list[_Incarnation]:
     for p in processes:
         if p.rank == lowest:
             continue
-        best = max(range(len(anchors)), key=lambda i: (min(p.last, anchors[i].last) - max(p.first, anchors[i].first),
-                                                        -abs(p.first - anchors[i].first)))
+        best = max(
+            range(len(anchors)),
+            key=lambda i: (
+                min(p.last, anchors[i].last) - max(p.first, anchors[i].first),
+                -abs(p.first - anchors[i].first),
+            ),
+        )
         groups[best].append(p)
     incs = sorted(groups.values(), key=lambda ps: min(p.first for p in ps))
     out = []
@@ -280,8 +285,15 @@ def _step_timeline(
         elif kind == "step_end":
             seconds = _num(e.get("step_seconds"), -1.0)
             start = ts - seconds if seconds >= 0 else begins.get((inc.index, step), ts)
-            rec = StepRecord(step, inc.attempt, inc.index, start, ts, min(_num(e.get("data_seconds")), ts - start),
-                             e.get("loss") if isinstance(e.get("loss"), (int, float)) else None)
+            rec = StepRecord(
+                step,
+                inc.attempt,
+                inc.index,
+                start,
+                ts,
+                min(_num(e.get("data_seconds")), ts - start),
+                e.get("loss") if isinstance(e.get("loss"), (int, float)) else None,
+            )
             records.append(rec)
             live.append(rec)
             if open_begin.get(inc.index, (None,))[0] == step:
@@ -325,7 +337,9 @@ def _resolve(intervals: list[tuple[float, float, str]], lo: float, hi: float) ->
     return segments
 
 
-def compute_goodput(events: Iterable[dict[str, Any]], since: float | None = None, until: float | None = None) -> GoodputReport:
+def compute_goodput(
+    events: Iterable[dict[str, Any]], since: float | None = None, until: float | None = None
+) -> GoodputReport:
     """The goodput report of a job from its events (any order; see the module docstring)."""
     raw = [e for e in events if isinstance(e, dict) and isinstance(e.get("ts"), (int, float)) and "kind" in e]
     if not raw:
@@ -415,6 +429,7 @@ HANG_ATTRIBUTION_WINDOW_S = 60.0  # each node detects a job-wide stall at its ow
 def attribute_hangs(events: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """The events, in order, with the ``hang`` faults of nodes that found no culprit turned into
     ``hang_blocked`` when another node found one; every other event as it was."""
+
     def culprit_known(e: dict[str, Any]) -> bool | None:
         if e.get("kind") != "fault_detected" or e.get("fault") != "hang":
             return None
@@ -425,9 +440,12 @@ def attribute_hangs(events: list[dict[str, Any]]) -> list[dict[str, Any]]:
         return e["ts"] if isinstance(e.get("ts"), (int, float)) else math.nan
 
     found = [ts(e) for e in events if culprit_known(e) is True]
-    return [dict(e, fault="hang_blocked")
-            if culprit_known(e) is False and any(abs(ts(e) - t) <= HANG_ATTRIBUTION_WINDOW_S for t in found) else e
-            for e in events]
+    return [
+        dict(e, fault="hang_blocked")
+        if culprit_known(e) is False and any(abs(ts(e) - t) <= HANG_ATTRIBUTION_WINDOW_S for t in found)
+        else e
+        for e in events
+    ]
 
 
 def _last_progress(fault: dict[str, Any], records: list[StepRecord]) -> float:

@@ -24,8 +24,18 @@ PROFILES_DIR = Path(__file__).resolve().parent / "profiles"
 # because collectives stall (hang), the host vanishing (host), or a periodic corruption check (sdc).
 DETECTORS = ("gpu", "crash", "hang", "host", "sdc")
 # Fault names in ``fault_detected`` events → the detector class whose latency they measure.
-FAULT_DETECTOR = {"gpu": "gpu", "xid": "gpu", "ecc_uncorrectable": "gpu", "lost": "gpu", "process_exit": "crash",
-                  "crash": "crash", "hang": "hang", "host": "host", "node_lost": "host", "sdc": "sdc"}
+FAULT_DETECTOR = {
+    "gpu": "gpu",
+    "xid": "gpu",
+    "ecc_uncorrectable": "gpu",
+    "lost": "gpu",
+    "process_exit": "crash",
+    "crash": "crash",
+    "hang": "hang",
+    "host": "host",
+    "node_lost": "host",
+    "sdc": "sdc",
+}
 
 
 class CostProfileError(UserError, ValueError):
@@ -66,18 +76,28 @@ _SCALARS = [f.name for f in dataclasses.fields(CostProfile) if f.name not in ("n
 def profile_from_dict(name: str, data: dict[str, Any]) -> CostProfile:
     costs = dict(data.get("costs", {}))
     detection = costs.pop("detection_s", {})
-    missing = [d for d in DETECTORS if d not in detection] + [k for k in ("restart_s", "load_s", "ckpt_blocking_s", "interval_s") if k not in costs]
+    missing = [d for d in DETECTORS if d not in detection] + [
+        k for k in ("restart_s", "load_s", "ckpt_blocking_s", "interval_s") if k not in costs
+    ]
     unknown = sorted(set(costs) - set(_SCALARS)) + sorted(set(detection) - set(DETECTORS))
     if missing or unknown:
         raise CostProfileError(
-            f"cost profile {name!r}: " + "; ".join(
-                ([f"missing {', '.join(missing)}"] if missing else []) + ([f"unknown key(s) {', '.join(unknown)}"] if unknown else []))
-            + f"; see {PROFILES_DIR / 'stalwart.toml'} for the keys")
+            f"cost profile {name!r}: "
+            + "; ".join(
+                ([f"missing {', '.join(missing)}"] if missing else [])
+                + ([f"unknown key(s) {', '.join(unknown)}"] if unknown else [])
+            )
+            + f"; see {PROFILES_DIR / 'stalwart.toml'} for the keys"
+        )
     values = {k: float(v) for k, v in costs.items()}
     if any(v < 0 for v in [*values.values(), *map(float, detection.values())]) or values["interval_s"] <= 0:
         raise CostProfileError(f"cost profile {name!r}: costs must be >= 0 seconds and interval_s > 0")
-    return CostProfile(name=str(data.get("name", name)), detection_s={k: float(v) for k, v in detection.items()},
-                       sources={str(k): str(v) for k, v in data.get("sources", {}).items()}, **values)
+    return CostProfile(
+        name=str(data.get("name", name)),
+        detection_s={k: float(v) for k, v in detection.items()},
+        sources={str(k): str(v) for k, v in data.get("sources", {}).items()},
+        **values,
+    )
 
 
 def load_profile(spec: str) -> CostProfile:
@@ -87,7 +107,9 @@ def load_profile(spec: str) -> CostProfile:
         path = Path(spec)
     if not path.is_file():
         names = sorted(p.stem for p in PROFILES_DIR.glob("*.toml"))
-        raise CostProfileError(f"no cost profile {spec!r}: use one of {', '.join(names)}, 'measured RUN', or a TOML file")
+        raise CostProfileError(
+            f"no cost profile {spec!r}: use one of {', '.join(names)}, 'measured RUN', or a TOML file"
+        )
     try:
         data = tomllib.loads(path.read_text(encoding="utf-8"))
     except tomllib.TOMLDecodeError as e:
@@ -116,8 +138,12 @@ def measured_profile(run_dir: str | Path, base: CostProfile) -> CostProfile:
         if e["kind"] in ("ckpt_stage", "ckpt_commit") and isinstance(e.get("blocking_seconds"), (int, float)):
             key = (e.get("pid"), e.get("step"))
             blocking[key] = blocking.get(key, 0.0) + float(e["blocking_seconds"])
-    loads = [float(e["seconds"]) for e in trainer0 if e["kind"] == "ckpt_load" and isinstance(e.get("seconds"), (int, float))]
-    inits = [float(e["seconds"]) for e in trainer0 if e["kind"] == "init_done" and isinstance(e.get("seconds"), (int, float))]
+    loads = [
+        float(e["seconds"]) for e in trainer0 if e["kind"] == "ckpt_load" and isinstance(e.get("seconds"), (int, float))
+    ]
+    inits = [
+        float(e["seconds"]) for e in trainer0 if e["kind"] == "init_done" and isinstance(e.get("seconds"), (int, float))
+    ]
     # Downtime runs from detection to the first step after it: restart, start-up and load.
     restarts = [i.downtime for i in report.incidents if i.kind != "rollback" and i.downtime > 0]
     detections: dict[str, list[float]] = {}
@@ -130,10 +156,14 @@ def measured_profile(run_dir: str | Path, base: CostProfile) -> CostProfile:
         "load_s": (_median(loads), f"{len(loads)} loads"),
         "startup_s": (_median(inits[:1]), "first init_done"),
         # A restart's downtime includes the new incarnation's load: keep load_s apart.
-        "restart_s": (None if not restarts else max(0.0, _median(restarts) - (_median(loads) or 0.0)), f"{len(restarts)} restarts"),
+        "restart_s": (
+            None if not restarts else max(0.0, _median(restarts) - (_median(loads) or 0.0)),
+            f"{len(restarts)} restarts",
+        ),
     }
-    profile = dataclasses.replace(base, name=f"measured:{Path(run_dir).name}", detection_s=dict(base.detection_s),
-                                  sources=dict(base.sources))
+    profile = dataclasses.replace(
+        base, name=f"measured:{Path(run_dir).name}", detection_s=dict(base.detection_s), sources=dict(base.sources)
+    )
     for key, (value, what) in measured.items():
         if value is not None:
             setattr(profile, key, value)

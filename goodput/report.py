@@ -42,7 +42,10 @@ def format_text(report: GoodputReport) -> str:
     ]
     for name, seconds, pct in category_rows(report):
         lines.append(f"{name:<20}{seconds:>14,.2f}{pct:>8.2f}%")
-    lines.append(f"{'total':<20}{sum(s for _, s, _ in category_rows(report)):>14,.2f}{100.0 if report.wall_seconds else 0.0:>8.2f}%")
+    lines.append(
+        f"{'total':<20}{sum(s for _, s, _ in category_rows(report)):>14,.2f}"
+        f"{100.0 if report.wall_seconds else 0.0:>8.2f}%"
+    )
     skewed = {h: o for h, o in report.clock_offsets.items() if o}
     if skewed:
         lines += ["", "clock offsets applied: " + ", ".join(f"{h} {o:+.3f} s" for h, o in sorted(skewed.items()))]
@@ -147,8 +150,13 @@ def _plots(report: GoodputReport) -> list[tuple[str, str]]:
     ax.set_xlim(0, max(report.wall_seconds, 1e-9))
     ax.set_xlabel("seconds since start of window")
     present = [c for c in (PRODUCTIVE, *CATEGORIES) if report.seconds(c) > 0]
-    ax.legend(handles=[Patch(color=_COLORS[c], label=c) for c in present], ncol=5, fontsize=7,
-              loc="upper center", bbox_to_anchor=(0.5, -0.45))
+    ax.legend(
+        handles=[Patch(color=_COLORS[c], label=c) for c in present],
+        ncol=5,
+        fontsize=7,
+        loc="upper center",
+        bbox_to_anchor=(0.5, -0.45),
+    )
     plots.append(("Timeline (dashed: incidents)", _figure_png(fig)))
 
     fig, ax1 = plt.subplots(figsize=(11, 3))
@@ -187,14 +195,27 @@ def render_html(report: GoodputReport, events: list[dict[str, Any]] | None = Non
     """One self-contained HTML page (plots inlined as PNG data URIs; no external resources)."""
     esc = _html.escape
     rows = "".join(
-        f'<tr data-category="{esc(n)}"><td>{esc(n)}</td><td class="seconds">{s:,.2f}</td><td class="pct">{p:.2f}%</td></tr>'
+        f'<tr data-category="{esc(n)}"><td>{esc(n)}</td><td class="seconds">{s:,.2f}</td><td '
+        f'class="pct">{p:.2f}%</td></tr>'
         for n, s, p in category_rows(report)
     )
     inc_rows = "".join(
-        "<tr data-incident>" + "".join(f"<td>{esc(c)}</td>" for c in (
-            _iso(i.ts), i.kind, _fmt_opt(i.fault), _fmt_opt(i.target), _fmt_opt(i.detection_latency),
-            f"{i.downtime:.2f}", str(i.lost_steps), f"{i.lost_seconds:.2f}", _fmt_opt(i.restored_step),
-        )) + "</tr>"
+        "<tr data-incident>"
+        + "".join(
+            f"<td>{esc(c)}</td>"
+            for c in (
+                _iso(i.ts),
+                i.kind,
+                _fmt_opt(i.fault),
+                _fmt_opt(i.target),
+                _fmt_opt(i.detection_latency),
+                f"{i.downtime:.2f}",
+                str(i.lost_steps),
+                f"{i.lost_seconds:.2f}",
+                _fmt_opt(i.restored_step),
+            )
+        )
+        + "</tr>"
         for i in report.incidents
     )
     counts: dict[str, int] = {}
@@ -214,11 +235,14 @@ img {{ max-width: 100%; }}
 </style></head><body>
 <h1>Goodput report</h1>
 <p class="big" id="goodput">goodput <span id="goodput-pct">{100.0 * report.goodput:.2f} %</span></p>
-<p>window {esc(_iso(report.wall_start))} .. {esc(_iso(report.wall_end))} (<span id="wall-seconds">{report.wall_seconds:,.2f}</span> s wall);
-steps {report.steps_kept} kept, {report.steps_lost} lost; {report.incarnations} incarnation(s); events: {esc(count_text)}</p>
+<p>window {esc(_iso(report.wall_start))} .. {esc(_iso(report.wall_end))}
+(<span id="wall-seconds">{report.wall_seconds:,.2f}</span> s wall);
+steps {report.steps_kept} kept, {report.steps_lost} lost; {report.incarnations} incarnation(s);
+events: {esc(count_text)}</p>
 <table id="categories"><tr><th>category</th><th>seconds</th><th>% wall</th></tr>{rows}</table>
 <h2>Incidents ({len(report.incidents)})</h2>
-<table id="incidents"><tr><th>time (UTC)</th><th>kind</th><th>fault</th><th>target</th><th>detection s</th><th>downtime s</th>
+<table id="incidents"><tr><th>time (UTC)</th><th>kind</th><th>fault</th><th>target</th>
+<th>detection s</th><th>downtime s</th>
 <th>lost steps</th><th>lost s</th><th>restored step</th></tr>{inc_rows}</table>
 {figures}
 </body></html>

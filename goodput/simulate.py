@@ -145,7 +145,9 @@ class _Schedule:
         if not costs.has_memory_tier:
             return cls(interval, costs.ckpt_blocking_s, 1, costs.ckpt_blocking_s)
         n = max(1, round(interval / costs.memory_interval_s))
-        return cls(costs.memory_interval_s, costs.memory_blocking_s, n, max(costs.ckpt_blocking_s, costs.memory_blocking_s))
+        return cls(
+            costs.memory_interval_s, costs.memory_blocking_s, n, max(costs.ckpt_blocking_s, costs.memory_blocking_s)
+        )
 
     @property
     def unit(self) -> float:
@@ -186,8 +188,9 @@ class _Schedule:
         return kept_p, kept_p + ej * self.tau_m, blocking
 
 
-def expected_goodput(model: FailureModel, costs: CostProfile, gpus: int, interval: float | None = None,
-                     days: float | None = None) -> float:
+def expected_goodput(
+    model: FailureModel, costs: CostProfile, gpus: int, interval: float | None = None, days: float | None = None
+) -> float:
     """Closed-form long-run goodput (renewal reward); ``days`` charges the start-up once per job."""
     out = _outcomes(model, costs, gpus)
     lam = float(out.rates.sum())
@@ -248,8 +251,11 @@ def _draw(out: _Outcomes, costs: CostProfile, days: float, replicas: int, rng: n
 def _account(d: _Draws, out: _Outcomes, sched: _Schedule, horizon: float, startup: float) -> dict[str, np.ndarray]:
     """Seconds per category per replica (rows sum to the job's wall time)."""
     kept_p, kept_m, blocking = sched.split(d.run)
-    kept = np.where(~d.failed | out.planned[d.outcome], d.run - blocking,  # the job's end and planned stops save
-                    np.where(out.memory[d.outcome], kept_m, kept_p))
+    kept = np.where(
+        ~d.failed | out.planned[d.outcome],
+        d.run - blocking,  # the job's end and planned stops save
+        np.where(out.memory[d.outcome], kept_m, kept_p),
+    )
     totals = {c: np.zeros(d.run.shape[0]) for c in (PRODUCTIVE, *CATEGORIES)}
     totals[PRODUCTIVE] = kept.sum(axis=1)
     totals["checkpoint_save"] = blocking.sum(axis=1)
@@ -274,14 +280,19 @@ class Estimate:
         return dict(self.__dict__)
 
 
-def _estimate(d: _Draws, out: _Outcomes, model: FailureModel, costs: CostProfile, gpus: int, days: float,
-              interval: float) -> Estimate:
+def _estimate(
+    d: _Draws, out: _Outcomes, model: FailureModel, costs: CostProfile, gpus: int, days: float, interval: float
+) -> Estimate:
     horizon = days * DAY_S
     totals = _account(d, out, _Schedule.of(costs, interval), horizon, costs.startup_s)
     g = totals[PRODUCTIVE] / horizon
     ci = Z95 * float(g.std(ddof=1)) / math.sqrt(len(g)) if len(g) > 1 else float("nan")
     return Estimate(
-        interval_s=interval, mean=float(g.mean()), ci95=ci, p05=float(np.percentile(g, 5)), p95=float(np.percentile(g, 95)),
+        interval_s=interval,
+        mean=float(g.mean()),
+        ci95=ci,
+        p05=float(np.percentile(g, 5)),
+        p95=float(np.percentile(g, 95)),
         closed_form=expected_goodput(model, costs, gpus, interval, days),
         breakdown={c: float(v.mean()) / horizon for c, v in totals.items() if c != PRODUCTIVE},
     )
@@ -309,7 +320,10 @@ def best_interval(model: FailureModel, costs: CostProfile, gpus: int, days: floa
     vals = [expected_goodput(model, costs, gpus, float(t), days) for t in grid]
     i = int(np.argmax(vals))
     a, b = math.log(grid[max(i - 1, 0)]), math.log(grid[min(i + 1, len(grid) - 1)])
-    f = lambda u: -expected_goodput(model, costs, gpus, math.exp(u), days)
+
+    def f(u: float) -> float:
+        return -expected_goodput(model, costs, gpus, math.exp(u), days)
+
     g = (math.sqrt(5) - 1) / 2
     for _ in range(40):
         c, d = b - g * (b - a), a + g * (b - a)
@@ -338,7 +352,9 @@ def _best_goodput(model: FailureModel, costs: CostProfile, gpus: int, days: floa
     return expected_goodput(model, costs, gpus, best_interval(model, costs, gpus, days), days)
 
 
-def factor_needed(model: FailureModel, costs: CostProfile, gpus: int, days: float, knob: str, target: float) -> float | None:
+def factor_needed(
+    model: FailureModel, costs: CostProfile, gpus: int, days: float, knob: str, target: float
+) -> float | None:
     """The largest factor on one knob that reaches ``target`` (best interval each time); None if 0 does not."""
     if _best_goodput(*_variant(model, costs, knob, 1.0), gpus, days) >= target:
         return 1.0
@@ -371,8 +387,15 @@ class ScaleResult:
         return out
 
 
-def simulate(model: FailureModel, costs: CostProfile, gpus: int, days: float = 54.0, replicas: int = 1000,
-             seed: int = 0, target: float = 0.97) -> ScaleResult:
+def simulate(
+    model: FailureModel,
+    costs: CostProfile,
+    gpus: int,
+    days: float = 54.0,
+    replicas: int = 1000,
+    seed: int = 0,
+    target: float = 0.97,
+) -> ScaleResult:
     """Monte Carlo at the profile's interval and at the best one, the sweep, and the sensitivity."""
     out = _outcomes(model, costs, gpus)
     draws = _draw(out, costs, days, replicas, np.random.default_rng(seed))
@@ -382,7 +405,10 @@ def simulate(model: FailureModel, costs: CostProfile, gpus: int, days: float = 5
     yd = young_daly(model, costs, gpus)
     centre = yd if math.isfinite(yd) else best
     grid = np.geomspace(max(centre / 4, costs.memory_interval_s or 1e-3), centre * 4, 41)
-    mc = [_account(draws, out, _Schedule.of(costs, float(t)), days * DAY_S, costs.startup_s)[PRODUCTIVE].mean() for t in grid]
+    mc = [
+        _account(draws, out, _Schedule.of(costs, float(t)), days * DAY_S, costs.startup_s)[PRODUCTIVE].mean()
+        for t in grid
+    ]
     rate = float(out.rates[:-1].sum())
     return ScaleResult(
         gpus=gpus,
@@ -408,46 +434,90 @@ def _pct(x: float) -> str:
     return f"{100.0 * x:.2f} %"
 
 
-def format_text(results: list[ScaleResult], model: FailureModel, costs: CostProfile, days: float, replicas: int,
-                seed: int, target: float) -> str:
+def format_text(
+    results: list[ScaleResult],
+    model: FailureModel,
+    costs: CostProfile,
+    days: float,
+    replicas: int,
+    seed: int,
+    target: float,
+) -> str:
     """Terminal report: one block per GPU count."""
     lines = [
-        f"failure mix  {model.name}: {sum(t.count for t in model.types)} unexpected + {model.planned} planned, rates scaled with GPU count",
+        f"failure mix  {model.name}: {sum(t.count for t in model.types)} unexpected + {model.planned} planned, rates "
+        "scaled with GPU count",
         f"costs        {costs.name}: detection {', '.join(f'{k} {v:.4g} s' for k, v in costs.detection_s.items())}; "
-        f"restart {costs.restart_s:.4g} s; load {costs.load_s:.4g} s; checkpoint blocking {costs.ckpt_blocking_s:.4g} s "
+        f"restart {costs.restart_s:.4g} s; load {costs.load_s:.4g} s; checkpoint blocking {costs.ckpt_blocking_s:.4g} "
+        "s "
         f"every {costs.interval_s:g} s; "
-        + (f"memory tier every {costs.memory_interval_s:g} s (blocking {costs.memory_blocking_s:g} s, load {costs.memory_load_s:g} s); "
-           if costs.has_memory_tier else "no memory tier; ")
+        + (
+            f"memory tier every {costs.memory_interval_s:g} s (blocking {costs.memory_blocking_s:g} s, load "
+            f"{costs.memory_load_s:g} s); "
+            if costs.has_memory_tier
+            else "no memory tier; "
+        )
         + f"spare wait {costs.spare_s:g} s; start-up {costs.startup_s:.4g} s",
-        f"job          {days:g} days; Monte Carlo over {replicas} jobs, seed {seed}; goodput = mean ± 95 % CI [5th..95th percentile job]",
+        f"job          {days:g} days; Monte Carlo over {replicas} jobs, seed {seed}; goodput = mean ± 95 % CI "
+        "[5th..95th percentile job]",
     ]
     for r in results:
-        lines += ["", (f"{r.gpus:,} GPUs: {r.unexpected_per_job:,.0f} unexpected + {r.planned_per_job:,.0f} planned interruptions "
-                       f"per job, MTBF {r.mtbf_s / 3600:.2f} h")]
+        lines += [
+            "",
+            (
+                f"{r.gpus:,} GPUs: {r.unexpected_per_job:,.0f} unexpected + {r.planned_per_job:,.0f} planned "
+                "interruptions "
+                f"per job, MTBF {r.mtbf_s / 3600:.2f} h"
+            ),
+        ]
         for label, e in (("profile interval", r.at_profile), ("best interval", r.at_best)):
-            lines.append(f"  {label:<17}{e.interval_s:>9,.1f} s  goodput {_pct(e.mean)} ± {100 * e.ci95:.3f}  "
-                         f"[{_pct(e.p05)} .. {_pct(e.p95)}]  closed form {_pct(e.closed_form)}")
-        lines.append(f"  best interval: sweep {r.best_interval_closed_form_s:,.1f} s (closed form), {r.best_interval_mc_s:,.1f} s "
-                     f"(Monte Carlo); Young/Daly sqrt(2·δ·MTBF) = {r.young_daly_s:,.1f} s")
+            lines.append(
+                f"  {label:<17}{e.interval_s:>9,.1f} s  goodput {_pct(e.mean)} ± {100 * e.ci95:.3f}  "
+                f"[{_pct(e.p05)} .. {_pct(e.p95)}]  closed form {_pct(e.closed_form)}"
+            )
+        lines.append(
+            f"  best interval: sweep {r.best_interval_closed_form_s:,.1f} s (closed form), "
+            f"{r.best_interval_mc_s:,.1f} s "
+            f"(Monte Carlo); Young/Daly sqrt(2·δ·MTBF) = {r.young_daly_s:,.1f} s"
+        )
         parts = sorted(r.at_best.breakdown.items(), key=lambda kv: -kv[1])
         lines.append("  badput at best interval: " + ", ".join(f"{c} {_pct(v)}" for c, v in parts if v > 0))
         lines.append("  halve one cost: " + ", ".join(f"{KNOBS[k]} {_pct(v)}" for k, v in r.halved.items()))
         if r.at_best.closed_form >= target:
             lines.append(f"  above {_pct(target)} already at the best interval")
         else:
-            need = [f"{KNOBS[k]} x{f:.2f}" + (f" ({_knob_value(costs, k) * f:,.1f} s)" if k != "failure_rate" else "")
-                    if f is not None else f"{KNOBS[k]}: not alone" for k, f in r.needed.items()]
+            need = [
+                f"{KNOBS[k]} x{f:.2f}" + (f" ({_knob_value(costs, k) * f:,.1f} s)" if k != "failure_rate" else "")
+                if f is not None
+                else f"{KNOBS[k]}: not alone"
+                for k, f in r.needed.items()
+            ]
             lines.append(f"  to reach {_pct(target)} (one cost at a time, best interval): " + ", ".join(need))
     sources = [f"  {k}: {v}" for k, v in costs.sources.items()]
     return "\n".join(lines + ["", "where the costs come from:", *sources]) + "\n"
 
 
-def to_json(results: list[ScaleResult], model: FailureModel, costs: CostProfile, days: float, replicas: int,
-            seed: int, target: float) -> dict[str, Any]:
+def to_json(
+    results: list[ScaleResult],
+    model: FailureModel,
+    costs: CostProfile,
+    days: float,
+    replicas: int,
+    seed: int,
+    target: float,
+) -> dict[str, Any]:
     return {
-        "failure_model": {"name": model.name, "window_days": model.window_days, "reference_gpus": model.reference_gpus,
-                          "planned": model.planned, "types": [t.__dict__ for t in model.types]},
+        "failure_model": {
+            "name": model.name,
+            "window_days": model.window_days,
+            "reference_gpus": model.reference_gpus,
+            "planned": model.planned,
+            "types": [t.__dict__ for t in model.types],
+        },
         "costs": {k: v for k, v in costs.__dict__.items()},
-        "days": days, "replicas": replicas, "seed": seed, "target": target,
+        "days": days,
+        "replicas": replicas,
+        "seed": seed,
+        "target": target,
         "results": [r.to_json() for r in results],
     }

@@ -94,5 +94,7 @@ class AnomalyGuard:
                 others[int(r[3])] = r[2].item()
         outcome = replay_verdict(original, same, others if neighbour is not None else None, rtol=REPLAY_RTOL)
         if outcome.verdict == Verdict.BAD_DATA and not close_enough(grad_norm, replay_norm, REPLAY_RTOL):
-            return ReplayOutcome(Verdict.BAD_HARDWARE, (), f"the replayed grad norm {replay_norm:.6g} differs from {grad_norm:.6g}")
+            return ReplayOutcome(
+                Verdict.BAD_HARDWARE, (), f"the replayed grad norm {replay_norm:.6g} differs from {grad_norm:.6g}"
+            )
         return outcome

@@ -58,7 +58,9 @@ def install_stack_dump_handler(path: str | Path) -> Path:
 class HeartbeatClient:
     """Sends this rank's (step, phase, progress time) to the node's healthd; see the module docstring."""
 
-    def __init__(self, address: str, rank: int, local_rank: int, interval_s: float = 0.5, rpc_timeout_s: float = 2.0) -> None:
+    def __init__(
+        self, address: str, rank: int, local_rank: int, interval_s: float = 0.5, rpc_timeout_s: float = 2.0
+    ) -> None:
         self.address = address
         self.rank = rank
         self.local_rank = local_rank
@@ -96,7 +98,13 @@ class HeartbeatClient:
         try:
             self._stub.Quarantine(request, timeout=self.rpc_timeout_s)
         except grpc.RpcError as e:
-            log.error("healthd at %s refused or missed the quarantine of rank %d (%s: %s)", self.address, self.rank, e.code(), e.details())
+            log.error(
+                "healthd at %s refused or missed the quarantine of rank %d (%s: %s)",
+                self.address,
+                self.rank,
+                e.code(),
+                e.details(),
+            )
             return False
         return True
 
@@ -110,7 +118,13 @@ class HeartbeatClient:
         with self._lock:
             step, phase, ts, step_seconds = self._state
         request = healthd_pb2.HeartbeatRequest(
-            rank=self.rank, local_rank=self.local_rank, pid=os.getpid(), step=step, phase=_PROTO_PHASE[phase], ts=ts, step_seconds=step_seconds
+            rank=self.rank,
+            local_rank=self.local_rank,
+            pid=os.getpid(),
+            step=step,
+            phase=_PROTO_PHASE[phase],
+            ts=ts,
+            step_seconds=step_seconds,
         )
         try:
             reply = self._stub.Heartbeat(request, timeout=self.rpc_timeout_s)

@@ -94,7 +94,14 @@ class _Node:
 class RunDirView:
     """What the refresher read from the run dir; replaced whole, so readers never see half of one."""
 
-    goodput: dict[str, Any] = field(default_factory=lambda: {"ratio": 0.0, "productive_s": 0.0, "wall_s": 0.0, "badput_s": dict.fromkeys(CATEGORIES, 0.0)})
+    goodput: dict[str, Any] = field(
+        default_factory=lambda: {
+            "ratio": 0.0,
+            "productive_s": 0.0,
+            "wall_s": 0.0,
+            "badput_s": dict.fromkeys(CATEGORIES, 0.0),
+        }
+    )
     incidents: list[dict[str, Any]] = field(default_factory=list)
     incident_counts: dict[str, int] = field(default_factory=dict)
     checkpoints: list[dict[str, Any]] = field(default_factory=list)
@@ -123,7 +130,9 @@ class JobController:
         self._strikes = StrikeBook(config.policy)
         self._stragglers = StragglerDetector(config.straggler)
         self._scores: dict[int, RankScore] = {}
-        self._incidents: deque[dict[str, Any]] = deque(maxlen=MAX_INCIDENTS)  # the controller's own (stragglers, rollback orders)
+        self._incidents: deque[dict[str, Any]] = deque(
+            maxlen=MAX_INCIDENTS
+        )  # the controller's own (stragglers, rollback orders)
         self._own_counts: Counter[str] = Counter()
         self.refused: Counter[str] = Counter()
         self._step_track: deque[tuple[float, int]] = deque()
@@ -158,7 +167,9 @@ class JobController:
         from stalwart.health.controller_http import start_http_server
 
         try:
-            self.grpc_address = add_port(self._server, self.config.grpc_bind, self.config.tls, "the controller's gRPC server")
+            self.grpc_address = add_port(
+                self._server, self.config.grpc_bind, self.config.tls, "the controller's gRPC server"
+            )
             self._http, self.http_address = start_http_server(self, self.config.http_bind, self.config.tls)
         except OSError:
             self.events.close()
@@ -170,7 +181,9 @@ class JobController:
             thread = threading.Thread(target=target, name=name, daemon=True)
             thread.start()
             self._threads.append(thread)
-        log.info("controller serving gRPC on %s, HTTP on %s (run dir %s)", self.grpc_address, self.http_address, self.run_dir)
+        log.info(
+            "controller serving gRPC on %s, HTTP on %s (run dir %s)", self.grpc_address, self.http_address, self.run_dir
+        )
 
     def stop(self, grace_s: float = 1.0) -> None:
         self._stop.set()
@@ -200,8 +213,15 @@ class JobController:
     def report_node(self, status: healthd_pb2.NodeStatus, peer: str) -> tuple[bool, str]:
         """Store a node's status; a node reporting UNHEALTHY is excluded now. Returns (excluded, reason)."""
         node = _check_name(status.node, "node")
-        if len(status.ranks) > MAX_RANKS or len(status.reasons) > MAX_REASONS or any(len(r) > MAX_REASON for r in status.reasons):
-            raise RequestError(f"node {node}: more than {MAX_RANKS} ranks or {MAX_REASONS} reasons, or a reason over {MAX_REASON} characters")
+        if (
+            len(status.ranks) > MAX_RANKS
+            or len(status.reasons) > MAX_REASONS
+            or any(len(r) > MAX_REASON for r in status.reasons)
+        ):
+            raise RequestError(
+                f"node {node}: more than {MAX_RANKS} ranks or {MAX_REASONS} reasons, or a reason over {MAX_REASON} "
+                "characters"
+            )
         if status.state not in _STATE_NAMES:
             raise RequestError(f"node {node}: unknown state {status.state}")
         with self._lock:
@@ -255,7 +275,8 @@ class JobController:
         try:
             with open_channel(entry.address) as channel:
                 reply = healthd_pb2_grpc.NodeHealthStub(channel).KillWorkers(
-                    healthd_pb2.KillRequest(token=self._token, reason=reason[:MAX_REASON]), timeout=self.config.kill_timeout_s
+                    healthd_pb2.KillRequest(token=self._token, reason=reason[:MAX_REASON]),
+                    timeout=self.config.kill_timeout_s,
                 )
         except grpc.RpcError as e:
             log.error("KillWorkers on node %s (%s) failed: %s %s", node, entry.address, e.code(), e.details())
@@ -267,15 +288,24 @@ class JobController:
         """Order the job back to ``step`` (None: the newest verified checkpoint) and restart every node's workers."""
         catalog = self._checkpoint_catalog()
         if catalog is None:
-            raise RequestError("checkpointing is disabled for this job: there is nothing to roll back to", grpc.StatusCode.FAILED_PRECONDITION)
+            raise RequestError(
+                "checkpointing is disabled for this job: there is nothing to roll back to",
+                grpc.StatusCode.FAILED_PRECONDITION,
+            )
         committed, verified = catalog.committed_steps(), catalog.verified_steps()
         target = (verified[-1] if verified else None) if step is None else step
         if target is None or target not in committed:
             what = "no verified checkpoint" if step is None else f"step {step} is not committed"
             raise RequestError(f"{what}; committed steps: {committed}", grpc.StatusCode.FAILED_PRECONDITION)
-        if target not in verified and (self._job_config().get("health") or {}).get("verify_checkpoints", True) is not False:
-            raise RequestError(f"step {target} is committed but not verified (no SDC check passed at or after it); "
-                               f"verified steps: {verified}", grpc.StatusCode.FAILED_PRECONDITION)
+        if (
+            target not in verified
+            and (self._job_config().get("health") or {}).get("verify_checkpoints", True) is not False
+        ):
+            raise RequestError(
+                f"step {target} is committed but not verified (no SDC check passed at or after it); "
+                f"verified steps: {verified}",
+                grpc.StatusCode.FAILED_PRECONDITION,
+            )
         write_rollback_order(self.run_dir, RollbackOrder(target, reason))
         with self._lock:
             nodes = sorted(n for n in self._nodes if n not in self._excluded)
@@ -342,7 +372,12 @@ class JobController:
         view = RunDirView()
         try:
             g = compute_goodput(events)
-            view.goodput = {"ratio": g.goodput, "productive_s": g.productive_seconds, "wall_s": g.wall_seconds, "badput_s": {c: g.badput[c] for c in CATEGORIES}}
+            view.goodput = {
+                "ratio": g.goodput,
+                "productive_s": g.productive_seconds,
+                "wall_s": g.wall_seconds,
+                "badput_s": {c: g.badput[c] for c in CATEGORIES},
+            }
         except ValueError:
             pass  # no events yet
         incidents, counts = _incidents_from_events(events)
@@ -351,12 +386,16 @@ class JobController:
         if step_ends:
             last = step_ends[-1]
             view.last_step = _int(last.get("step"))
-            view.step_seconds, view.tokens_per_second, view.mfu = (_float(last.get(k)) for k in ("step_seconds", "tokens_per_second", "mfu"))
+            view.step_seconds, view.tokens_per_second, view.mfu = (
+                _float(last.get(k)) for k in ("step_seconds", "tokens_per_second", "mfu")
+            )
         view.checkpoints = self.view.checkpoints
         excluded = self.exclusions.load()
         with self._lock:
             self._excluded = excluded  # the launcher may add nodes too
-        self.view = view  # published before the checkpoint listing, which may wait on storage (or on importing torch, once)
+        self.view = (
+            view  # published before the checkpoint listing, which may wait on storage (or on importing torch, once)
+        )
         view.checkpoints = self._list_checkpoints(events)
         for e in events:
             if e["kind"] == "fault_detected" and e.get("fault") in NETWORK_FAULTS:
@@ -414,12 +453,18 @@ class JobController:
         view = self.view
         with self._lock:
             scores = dict(self._scores)
-            names = sorted(set(self._nodes) | set(self._excluded) | {s.node for s in scores.values()}, key=_node_sort_key)
+            names = sorted(
+                set(self._nodes) | set(self._excluded) | {s.node for s in scores.values()}, key=_node_sort_key
+            )
             nodes = [self._node_state(name, scores, now_mono) for name in names]
             step = self._current_step()
             own = list(self._incidents)
             track = list(self._step_track)
-        rate = (track[-1][1] - track[0][1]) / (track[-1][0] - track[0][0]) if len(track) >= 2 and track[-1][0] > track[0][0] else 0.0
+        rate = (
+            (track[-1][1] - track[0][1]) / (track[-1][0] - track[0][0])
+            if len(track) >= 2 and track[-1][0] > track[0][0]
+            else 0.0
+        )
         return {
             "job": {"run_dir": str(self.run_dir), "started": self.started},
             "updated": now,
@@ -447,10 +492,23 @@ class JobController:
             age = now_mono - entry.heard_mono
             state, reasons = _STATE_NAMES[st.state], list(st.reasons)
             for r in st.ranks:
-                ranks[r.rank] = {"rank": r.rank, "step": r.step, "phase": _PHASE_NAMES.get(r.phase, "INIT"), "heartbeat_age_s": r.last_heartbeat_age_s + age,
-                                 "step_seconds": r.step_seconds, "straggler_score": 0.0, "straggler": False}
+                ranks[r.rank] = {
+                    "rank": r.rank,
+                    "step": r.step,
+                    "phase": _PHASE_NAMES.get(r.phase, "INIT"),
+                    "heartbeat_age_s": r.last_heartbeat_age_s + age,
+                    "step_seconds": r.step_seconds,
+                    "straggler_score": 0.0,
+                    "straggler": False,
+                }
             for g in st.gpu.gpus:
-                gpus.append({"index": g.index, "name": g.name, "issues": [{"kind": i.kind, "fatal": i.fatal, "detail": i.detail} for i in g.issues]})
+                gpus.append(
+                    {
+                        "index": g.index,
+                        "name": g.name,
+                        "issues": [{"kind": i.kind, "fatal": i.fatal, "detail": i.detail} for i in g.issues],
+                    }
+                )
             if age > self.config.stale_node_s and state == "HEALTHY":
                 state = "DEGRADED"
             if age > self.config.stale_node_s:
@@ -459,12 +517,23 @@ class JobController:
             state, reasons = "DEGRADED", ["no report from healthd"]
         for s in scores.values():
             if s.node == name:
-                r = ranks.setdefault(s.rank, {"rank": s.rank, "step": s.step, "phase": "STEP", "heartbeat_age_s": math.inf})
-                r.update(step=max(r["step"], s.step), step_seconds=s.step_seconds, straggler_score=s.score, straggler=s.straggler)
+                r = ranks.setdefault(
+                    s.rank, {"rank": s.rank, "step": s.step, "phase": "STEP", "heartbeat_age_s": math.inf}
+                )
+                r.update(
+                    step=max(r["step"], s.step),
+                    step_seconds=s.step_seconds,
+                    straggler_score=s.score,
+                    straggler=s.straggler,
+                )
         if excluded is not None:
             state, reasons = "EXCLUDED", [excluded.reason] + reasons
         return {
-            "node": name, "state": state, "reasons": reasons, "heartbeat_age_s": _finite(age), "gpus": gpus,
+            "node": name,
+            "state": state,
+            "reasons": reasons,
+            "heartbeat_age_s": _finite(age),
+            "gpus": gpus,
             "ranks": [dict(r, heartbeat_age_s=_finite(r["heartbeat_age_s"])) for _, r in sorted(ranks.items())],
         }
 
@@ -522,7 +591,9 @@ class _Servicer(controller_pb2_grpc.ControllerServicer):
         try:
             if target is None:
                 raise RequestError("RequestRollback needs a step or latest_verified=true")
-            step, nodes = self.c.request_rollback(request.step if target == "step" else None, request.reason[:MAX_REASON] or "operator request")
+            step, nodes = self.c.request_rollback(
+                request.step if target == "step" else None, request.reason[:MAX_REASON] or "operator request"
+            )
         except RequestError as e:
             self._refuse(context, "RequestRollback", e)
         return controller_pb2.RollbackReply(step=step, notified_nodes=nodes)
@@ -568,13 +639,39 @@ def _incidents_from_events(events: list[dict[str, Any]]) -> tuple[list[dict[str,
             target = str(e.get("target") or "")
             rank = _int(target[4:]) if target.startswith("rank") else e.get("rank")
             detail = e.get("detail")
-            text = f"{target} detected by {e.get('detector') or e.get('role')}" + (f": {json.dumps(detail, default=str)[:500]}" if detail else "")
-            out.append({"ts": e["ts"], "kind": str(e.get("fault") or "fault"), "node": _node_of(e), "rank": rank, "detail": text})
+            text = f"{target} detected by {e.get('detector') or e.get('role')}" + (
+                f": {json.dumps(detail, default=str)[:500]}" if detail else ""
+            )
+            out.append(
+                {
+                    "ts": e["ts"],
+                    "kind": str(e.get("fault") or "fault"),
+                    "node": _node_of(e),
+                    "rank": rank,
+                    "detail": text,
+                }
+            )
         elif kind == "node_excluded":
-            out.append({"ts": e["ts"], "kind": "node_excluded", "node": str(e.get("node") or ""), "rank": None, "detail": str(e.get("reason") or "")})
+            out.append(
+                {
+                    "ts": e["ts"],
+                    "kind": "node_excluded",
+                    "node": str(e.get("node") or ""),
+                    "rank": None,
+                    "detail": str(e.get("reason") or ""),
+                }
+            )
         elif kind == "rollback":
             detail = f"step {e.get('from_step')} -> {e.get('to_step')}: {e.get('reason') or ''}"
-            out.append({"ts": e["ts"], "kind": "rollback", "node": str(e.get("node") if e.get("node") is not None else ""), "rank": e.get("rank"), "detail": detail})
+            out.append(
+                {
+                    "ts": e["ts"],
+                    "kind": "rollback",
+                    "node": str(e.get("node") if e.get("node") is not None else ""),
+                    "rank": e.get("rank"),
+                    "detail": detail,
+                }
+            )
     return out, dict(Counter(i["kind"] for i in out))
 
 

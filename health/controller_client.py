@@ -69,13 +69,25 @@ class ControllerClient:
         self._thread = threading.Thread(target=self._run, name="controller-report", daemon=True)
         self._thread.start()
 
-    def report_rank_metrics(self, rank: int, node: str | int, step: int, step_seconds: float, compute_seconds: float = 0.0) -> None:
+    def report_rank_metrics(
+        self, rank: int, node: str | int, step: int, step_seconds: float, compute_seconds: float = 0.0
+    ) -> None:
         """Queue one finished step of ``rank``; returns at once (a malformed sample is dropped with a warning)."""
         try:
             m = controller_pb2.RankMetrics(
-                rank=int(rank), node=str(node), step=int(step), step_seconds=float(step_seconds), compute_seconds=float(compute_seconds), ts=time.time()
+                rank=int(rank),
+                node=str(node),
+                step=int(step),
+                step_seconds=float(step_seconds),
+                compute_seconds=float(compute_seconds),
+                ts=time.time(),
             )
-            if not (math.isfinite(m.step_seconds) and math.isfinite(m.compute_seconds) and m.step_seconds >= 0 and m.compute_seconds >= 0):
+            if not (
+                math.isfinite(m.step_seconds)
+                and math.isfinite(m.compute_seconds)
+                and m.step_seconds >= 0
+                and m.compute_seconds >= 0
+            ):
                 raise ValueError("times must be finite and >= 0")
         except (TypeError, ValueError, OverflowError) as e:
             log.warning("dropped malformed rank metrics (rank %r step %r): %s", rank, step, e)
@@ -119,7 +131,13 @@ class ControllerClient:
             self.failures += 1
             if self.failures == 1 or self.failures % 100 == 0:
                 retry = "retrying" if e.code() in _RETRYABLE else "dropped, fix the cause"
-                log.warning("controller at %s refused or unreachable (%s: %s); training continues, %s", self.address, e.code(), e.details(), retry)
+                log.warning(
+                    "controller at %s refused or unreachable (%s: %s); training continues, %s",
+                    self.address,
+                    e.code(),
+                    e.details(),
+                    retry,
+                )
             return e.code()
         self.sent += 1
         if isinstance(reply, controller_pb2.ReportReply):

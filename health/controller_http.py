@@ -56,15 +56,21 @@ class StateCollector(Collector):
     def collect(self) -> Iterator[Any]:
         state, view = self.c.state(), self.c.view
         g = state["goodput"]
-        yield GaugeMetricFamily("stalwart_goodput_ratio", "Productive training time / wall-clock time so far.", value=g["ratio"])
+        yield GaugeMetricFamily(
+            "stalwart_goodput_ratio", "Productive training time / wall-clock time so far.", value=g["ratio"]
+        )
         yield GaugeMetricFamily("stalwart_productive_seconds", "Productive step time so far.", value=g["productive_s"])
         yield GaugeMetricFamily("stalwart_wall_seconds", "Wall-clock time of the job so far.", value=g["wall_s"])
-        badput = GaugeMetricFamily("stalwart_badput_seconds", "Unproductive wall-clock time by cause.", labels=["category"])
+        badput = GaugeMetricFamily(
+            "stalwart_badput_seconds", "Unproductive wall-clock time by cause.", labels=["category"]
+        )
         for category, seconds in g["badput_s"].items():
             badput.add_metric([category], seconds)
         yield badput
         yield GaugeMetricFamily("stalwart_training_step", "Newest step any rank reached.", value=state["step"])
-        yield GaugeMetricFamily("stalwart_steps_per_second", "Training steps per second over the last minute.", value=state["step_rate"])
+        yield GaugeMetricFamily(
+            "stalwart_steps_per_second", "Training steps per second over the last minute.", value=state["step_rate"]
+        )
         times = [r["step_seconds"] for n in state["nodes"] for r in n["ranks"] if r["step_seconds"] > 0]
         step_seconds = statistics.median(times) if times else view.step_seconds
         for name, doc, value in (
@@ -74,28 +80,52 @@ class StateCollector(Collector):
         ):
             if value is not None:
                 yield GaugeMetricFamily(name, doc, value=value)
-        incidents = CounterMetricFamily("stalwart_incidents", "Incidents seen (faults, exclusions, rollbacks, stragglers) by kind.", labels=["kind"])
+        incidents = CounterMetricFamily(
+            "stalwart_incidents", "Incidents seen (faults, exclusions, rollbacks, stragglers) by kind.", labels=["kind"]
+        )
         for kind, n in sorted(self.c.incident_counts().items()):
             incidents.add_metric([kind], n)
         yield incidents
-        healthy = GaugeMetricFamily("stalwart_node_healthy", "1 when the node is training (HEALTHY or DEGRADED), else 0.", labels=["node"])
-        node_state = GaugeMetricFamily("stalwart_node_state", "1 for the node's current state.", labels=["node", "state"])
-        score = GaugeMetricFamily("stalwart_rank_straggler_score", "Rank's recent step time / the other ranks' median.", labels=["node", "rank"])
+        healthy = GaugeMetricFamily(
+            "stalwart_node_healthy", "1 when the node is training (HEALTHY or DEGRADED), else 0.", labels=["node"]
+        )
+        node_state = GaugeMetricFamily(
+            "stalwart_node_state", "1 for the node's current state.", labels=["node", "state"]
+        )
+        score = GaugeMetricFamily(
+            "stalwart_rank_straggler_score",
+            "Rank's recent step time / the other ranks' median.",
+            labels=["node", "rank"],
+        )
         for n in state["nodes"]:
             healthy.add_metric([n["node"]], 1.0 if n["state"] in _HEALTHY_STATES else 0.0)
             node_state.add_metric([n["node"], n["state"]], 1.0)
             for r in n["ranks"]:
                 score.add_metric([n["node"], str(r["rank"])], r["straggler_score"])
         yield from (healthy, node_state, score)
-        yield GaugeMetricFamily("stalwart_nodes_excluded", "Nodes on the job's exclusion list.", value=sum(n["state"] == "EXCLUDED" for n in state["nodes"]))
-        yield GaugeMetricFamily("stalwart_stragglers", "Ranks currently flagged as stragglers.", value=sum(r["straggler"] for n in state["nodes"] for r in n["ranks"]))
+        yield GaugeMetricFamily(
+            "stalwart_nodes_excluded",
+            "Nodes on the job's exclusion list.",
+            value=sum(n["state"] == "EXCLUDED" for n in state["nodes"]),
+        )
+        yield GaugeMetricFamily(
+            "stalwart_stragglers",
+            "Ranks currently flagged as stragglers.",
+            value=sum(r["straggler"] for n in state["nodes"] for r in n["ranks"]),
+        )
         steps = [c["step"] for c in state["checkpoints"]]
         verified = [c["step"] for c in state["checkpoints"] if c["verified"]]
         if steps:
-            yield GaugeMetricFamily("stalwart_checkpoint_latest_step", "Newest committed checkpoint step.", value=max(steps))
+            yield GaugeMetricFamily(
+                "stalwart_checkpoint_latest_step", "Newest committed checkpoint step.", value=max(steps)
+            )
         if verified:
-            yield GaugeMetricFamily("stalwart_checkpoint_latest_verified_step", "Newest verified checkpoint step.", value=max(verified))
-        refused = CounterMetricFamily("stalwart_controller_refused_requests", "gRPC requests refused, by reason.", labels=["reason"])
+            yield GaugeMetricFamily(
+                "stalwart_checkpoint_latest_verified_step", "Newest verified checkpoint step.", value=max(verified)
+            )
+        refused = CounterMetricFamily(
+            "stalwart_controller_refused_requests", "gRPC requests refused, by reason.", labels=["reason"]
+        )
         for reason, n in sorted(self.c.refused.items()):
             refused.add_metric([reason], n)
         yield refused
@@ -117,7 +147,11 @@ class _Handler(BaseHTTPRequestHandler):
         elif path == "/metrics":
             self._send(200, generate_latest(self.server.registry), CONTENT_TYPE_LATEST)
         elif path in ("/", "/index.html"):
-            body = DASHBOARD.read_bytes() if DASHBOARD.is_file() else b"stalwart controller: dashboard not installed; see /api/state and /metrics\n"
+            body = (
+                DASHBOARD.read_bytes()
+                if DASHBOARD.is_file()
+                else b"stalwart controller: dashboard not installed; see /api/state and /metrics\n"
+            )
             self._send(200, body, "text/html; charset=utf-8" if DASHBOARD.is_file() else "text/plain; charset=utf-8")
         else:
             self._send(404, b"not found: try /, /api/state, /metrics or /healthz\n", "text/plain; charset=utf-8")

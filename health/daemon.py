@@ -93,7 +93,10 @@ class HealthDaemon:
         report_interval_s: float = 1.0,
     ) -> None:
         if not token:
-            raise ValueError("healthd needs a non-empty job token (KillWorkers is refused without one); pass --token-file with a random secret")
+            raise ValueError(
+                "healthd needs a non-empty job token (KillWorkers is refused without one); pass --token-file with a "
+                "random secret"
+            )
         self.run_dir = Path(run_dir)
         self.health_dir = self.run_dir / "health"
         self.health_dir.mkdir(parents=True, exist_ok=True)
@@ -150,7 +153,10 @@ class HealthDaemon:
             port = 0
         if port == 0:
             self.events.close()
-            raise OSError(f"healthd could not bind {self.bind!r} (in use or not writable); pick a free port, port 0, or a writable unix:PATH")
+            raise OSError(
+                f"healthd could not bind {self.bind!r} (in use or not writable); pick a free port, port 0, or a "
+                "writable unix:PATH"
+            )
         self._server.start()
         if self.bind.startswith("unix:"):
             socket_path = self.bind.removeprefix("unix:").removeprefix("//")
@@ -166,7 +172,11 @@ class HealthDaemon:
             self._threads.append(thread)
         if self.controller:  # pushes status every interval, at once on a fault; never needed to protect the node
             self.reporter = ControllerClient(
-                self.controller, token=self._token.decode(), tls=self.controller_tls, node_status=self.status, interval_s=self.report_interval_s
+                self.controller,
+                token=self._token.decode(),
+                tls=self.controller_tls,
+                node_status=self.status,
+                interval_s=self.report_interval_s,
             )
         info = {"address": self.address, "pid": os.getpid(), "node": self.node}
         atomic_write(self.health_dir / f"healthd-node{self.node}.json", json.dumps(info))
@@ -244,13 +254,26 @@ class HealthDaemon:
         now, now_mono = time.time(), time.monotonic()
         with self._lock:
             state, reasons = self._state()
-            msg = healthd_pb2.NodeStatus(node=str(self.node), state=state, reasons=reasons, ts=now, host_name=self.events.host, address=self.address)
+            msg = healthd_pb2.NodeStatus(
+                node=str(self.node),
+                state=state,
+                reasons=reasons,
+                ts=now,
+                host_name=self.events.host,
+                address=self.address,
+            )
             for rank in sorted(self._ranks):
                 e = self._ranks[rank]
                 msg.ranks.add(
-                    rank=e.rank, local_rank=e.local_rank, pid=e.pid, step=e.step, phase=healthd_pb2.Phase.Value(e.phase.value),
-                    last_heartbeat_age_s=now_mono - e.heard_mono, last_progress_age_s=now_mono - e.progress_mono,
-                    limit_s=self.detector.limit(rank) if rank in self.detector.ranks() else 0.0, step_seconds=e.step_seconds,
+                    rank=e.rank,
+                    local_rank=e.local_rank,
+                    pid=e.pid,
+                    step=e.step,
+                    phase=healthd_pb2.Phase.Value(e.phase.value),
+                    last_heartbeat_age_s=now_mono - e.heard_mono,
+                    last_progress_age_s=now_mono - e.progress_mono,
+                    limit_s=self.detector.limit(rank) if rank in self.detector.ranks() else 0.0,
+                    step_seconds=e.step_seconds,
                 )
             msg.gpu.present = self._gpu_report.present
             msg.gpu.reason = self._gpu_report.reason
@@ -273,7 +296,9 @@ class HealthDaemon:
     def _state(self) -> tuple[int, list[str]]:
         if self._unhealthy_reasons:
             return healthd_pb2.UNHEALTHY, list(self._unhealthy_reasons)
-        warnings = [f"gpu{i.gpu}: {i.kind} {i.detail}" for i in self._gpu_report.issues() + self._injected if not i.fatal]
+        warnings = [
+            f"gpu{i.gpu}: {i.kind} {i.detail}" for i in self._gpu_report.issues() + self._injected if not i.fatal
+        ]
         return (healthd_pb2.DEGRADED, warnings) if warnings else (healthd_pb2.HEALTHY, [])
 
     def check_token(self, token: str) -> bool:
@@ -330,10 +355,20 @@ class HealthDaemon:
             # accounting reads them as blocked when another node found the culprit (attribute_hangs).
             fault = "hang_blocked" if culprits and rank not in culprits else "hang"
             self.events.emit(
-                EventKind.FAULT_DETECTED, fault=fault, target=f"rank{rank}", detector="healthd", last_progress_ts=_wall(last),
-                detail={"phase": phase.value, "limit_s": round(limit, 3), "waited_s": round(waited, 3), "killed_pids": killed,
-                        "stacks": stack_files, "why": culprits.get(rank, "no progress; its process is running (blocked or wedged)"),
-                        "culprit_found_here": bool(culprits)},
+                EventKind.FAULT_DETECTED,
+                fault=fault,
+                target=f"rank{rank}",
+                detector="healthd",
+                last_progress_ts=_wall(last),
+                detail={
+                    "phase": phase.value,
+                    "limit_s": round(limit, 3),
+                    "waited_s": round(waited, 3),
+                    "killed_pids": killed,
+                    "stacks": stack_files,
+                    "why": culprits.get(rank, "no progress; its process is running (blocked or wedged)"),
+                    "culprit_found_here": bool(culprits),
+                },
             )
         self.events.flush()
 
@@ -356,7 +391,10 @@ class HealthDaemon:
         return out
 
     def _dump_stacks(self, entry: _Rank) -> str:
-        header = f"# healthd stack dump: rank {entry.rank} (local {entry.local_rank}) pid {entry.pid}, phase {entry.phase.value}, step {entry.step}\n"
+        header = (
+            f"# healthd stack dump: rank {entry.rank} (local {entry.local_rank}) pid {entry.pid}, "
+            f"phase {entry.phase.value}, step {entry.step}\n"
+        )
         py_spy = _find_py_spy()
         notes = []
         if py_spy:
@@ -445,17 +483,25 @@ class HealthDaemon:
             self._unhealthy_reasons.extend(reasons)
             last_progress = max((_wall(e.progress_mono) for e in self._ranks.values()), default=None)
             all_reasons = list(self._unhealthy_reasons)
-        atomic_write(self.marker_path, json.dumps({"node": self.node, "ts": time.time(), "reasons": all_reasons, "issues": [asdict(i) for i in issues]}))
+        atomic_write(
+            self.marker_path,
+            json.dumps(
+                {"node": self.node, "ts": time.time(), "reasons": all_reasons, "issues": [asdict(i) for i in issues]}
+            ),
+        )
         killed = self.kill_workers("gpu fault: " + "; ".join(reasons))
         for issue in issues:
             self.events.emit(
-                EventKind.FAULT_DETECTED, fault="gpu", target=f"{self.node_label}/gpu{issue.gpu}", detector="healthd", last_progress_ts=last_progress,
+                EventKind.FAULT_DETECTED,
+                fault="gpu",
+                target=f"{self.node_label}/gpu{issue.gpu}",
+                detector="healthd",
+                last_progress_ts=last_progress,
                 detail={"kind": issue.kind, "code": issue.code, "detail": issue.detail, "killed_pids": killed},
             )
         self.events.flush()
         if self.reporter is not None:
             self.reporter.wake()
-
 
     def quarantine(self, rank: int, fault: str, reason: str) -> int:
         """A rank's report that its device must not train (SDC): UNHEALTHY, no kill; the trainer stops itself.
@@ -467,7 +513,17 @@ class HealthDaemon:
         with self._lock:
             self._unhealthy_reasons.append(why)
             all_reasons = list(self._unhealthy_reasons)
-        atomic_write(self.marker_path, json.dumps({"node": self.node, "ts": time.time(), "reasons": all_reasons, "issues": [{"rank": rank, "kind": fault, "detail": reason}]}))
+        atomic_write(
+            self.marker_path,
+            json.dumps(
+                {
+                    "node": self.node,
+                    "ts": time.time(),
+                    "reasons": all_reasons,
+                    "issues": [{"rank": rank, "kind": fault, "detail": reason}],
+                }
+            ),
+        )
         if self.reporter is not None:
             self.reporter.wake()
         return healthd_pb2.UNHEALTHY
@@ -499,7 +555,9 @@ class _Servicer(healthd_pb2_grpc.NodeHealthServicer):
         if not self.daemon.check_token(request.token):
             log.warning("refused unauthenticated Quarantine from %s (reason %r)", context.peer(), request.reason[:200])
             context.abort(grpc.StatusCode.PERMISSION_DENIED, "Quarantine needs the job token")
-        return healthd_pb2.QuarantineReply(state=self.daemon.quarantine(request.rank, request.fault[:40], request.reason[:200]))
+        return healthd_pb2.QuarantineReply(
+            state=self.daemon.quarantine(request.rank, request.fault[:40], request.reason[:200])
+        )
 
 
 def _same_process(pid: int, create_time: float) -> bool:

@@ -50,10 +50,16 @@ class ExclusionList:
         except FileNotFoundError:
             return {}
         except (OSError, json.JSONDecodeError) as e:
-            raise ValueError(f"{self.path} is not a readable JSON object ({e}); fix or delete it (the controller rewrites it)") from e
+            raise ValueError(
+                f"{self.path} is not a readable JSON object ({e}); fix or delete it (the controller rewrites it)"
+            ) from e
         if not isinstance(raw, dict):
             raise ValueError(f"{self.path} must hold a JSON object node -> {{reason, ts}}; fix or delete it")
-        return {str(node): Exclusion(str(v.get("reason", "")), float(v.get("ts", 0.0)), str(v.get("host", ""))) for node, v in raw.items() if isinstance(v, dict)}
+        return {
+            str(node): Exclusion(str(v.get("reason", "")), float(v.get("ts", 0.0)), str(v.get("host", "")))
+            for node, v in raw.items()
+            if isinstance(v, dict)
+        }
 
     def add(self, node: str | int, reason: str, host: str = "") -> bool:
         """Exclude ``node``; False (and the first reason kept) when it already was."""

@@ -45,14 +45,23 @@ class HangConfig:
 
     def __post_init__(self) -> None:
         if self.warmup_steps < 1:
-            raise ValueError(f"warmup_steps must be >= 1 (got {self.warmup_steps}): the first beat of a phase has no interval to adapt to")
+            raise ValueError(
+                f"warmup_steps must be >= 1 (got {self.warmup_steps}): the first beat of a phase has no interval to "
+                "adapt to"
+            )
         if self.safety_factor < 1.0:
-            raise ValueError(f"safety_factor must be >= 1 (got {self.safety_factor}); a factor below 1 flags every normal step as a hang")
+            raise ValueError(
+                f"safety_factor must be >= 1 (got {self.safety_factor}); a factor below 1 flags every normal step as "
+                "a hang"
+            )
         if self.floor_s <= 0:
             raise ValueError(f"floor_s must be > 0 (got {self.floor_s})")
         missing = set(Phase) - {Phase(p) for p in self.initial_limits}
         if missing:
-            raise ValueError(f"initial_limits lacks phases {sorted(p.value for p in missing)}; give a limit in seconds for every phase")
+            raise ValueError(
+                f"initial_limits lacks phases {sorted(p.value for p in missing)}; give a limit in seconds for every "
+                "phase"
+            )
 
 
 @dataclass(frozen=True)

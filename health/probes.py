@@ -20,7 +20,9 @@ log = logging.getLogger(__name__)
 
 # XIDs that mean the GPU (or its memory / links) needs a reset or replacement; the rest (13, 31, 43,
 # ...) are usually application faults and are reported as warnings. From NVIDIA's XID catalogue.
-FATAL_XIDS = frozenset({48, 61, 62, 63, 64, 68, 69, 74, 79, 92, 94, 95, 109, 119, 120, 121, 136, 140, 143, 144, 145, 146, 154, 155})
+FATAL_XIDS = frozenset(
+    {48, 61, 62, 63, 64, 68, 69, 74, 79, 92, 94, 95, 109, 119, 120, 121, 136, 140, 143, 144, 145, 146, 154, 155}
+)
 
 FAULT_INJECTION_ENV = "STALWART_FAULT_INJECTION"
 FAULT_GPU_FILE_ENV = "STALWART_FAULT_GPU"
@@ -29,7 +31,8 @@ FAULT_GPU_FILE_ENV = "STALWART_FAULT_GPU"
 @dataclass(frozen=True)
 class GpuIssue:
     gpu: int
-    kind: str  # xid, ecc_uncorrectable, row_remap_failure, row_remap_pending, retired_pages_pending, lost, throttle, pcie_link
+    # xid, ecc_uncorrectable, row_remap_failure, row_remap_pending, retired_pages_pending, lost, throttle, pcie_link
+    kind: str
     fatal: bool
     code: int = 0
     detail: str = ""
@@ -122,7 +125,18 @@ class GpuProbe:
         for i in range(count):
             report.gpus.append(self._probe_one(nv, i))
         if self.expected_gpus is not None and count < self.expected_gpus:
-            missing = GpuInfo(index=count, issues=[GpuIssue(count, "lost", True, self.expected_gpus - count, f"NVML sees {count} GPUs, expected {self.expected_gpus}")])
+            missing = GpuInfo(
+                index=count,
+                issues=[
+                    GpuIssue(
+                        count,
+                        "lost",
+                        True,
+                        self.expected_gpus - count,
+                        f"NVML sees {count} GPUs, expected {self.expected_gpus}",
+                    )
+                ],
+            )
             report.gpus.append(missing)
         return report
 
@@ -187,14 +201,20 @@ def _optional(index: int, query: Any) -> list[GpuIssue]:
 
 def _ecc_issues(nv: Any, handle: Any, index: int) -> list[GpuIssue]:
     count = int(nv.nvmlDeviceGetTotalEccErrors(handle, nv.NVML_MEMORY_ERROR_TYPE_UNCORRECTED, nv.NVML_VOLATILE_ECC))
-    return [GpuIssue(index, "ecc_uncorrectable", True, count, f"{count} uncorrectable ECC errors since the last reset")] if count else []
+    return (
+        [GpuIssue(index, "ecc_uncorrectable", True, count, f"{count} uncorrectable ECC errors since the last reset")]
+        if count
+        else []
+    )
 
 
 def _remap_issues(nv: Any, handle: Any, index: int) -> list[GpuIssue]:
     _corr, unc, pending, failed = nv.nvmlDeviceGetRemappedRows(handle)
     issues = []
     if failed:
-        issues.append(GpuIssue(index, "row_remap_failure", True, int(unc), "row remapping failed: the GPU needs replacement"))
+        issues.append(
+            GpuIssue(index, "row_remap_failure", True, int(unc), "row remapping failed: the GPU needs replacement")
+        )
     if pending:
         issues.append(GpuIssue(index, "row_remap_pending", True, int(unc), "row remap pending: the GPU needs a reset"))
     return issues
@@ -202,7 +222,11 @@ def _remap_issues(nv: Any, handle: Any, index: int) -> list[GpuIssue]:
 
 def _retired_page_issues(nv: Any, handle: Any, index: int) -> list[GpuIssue]:
     pending = nv.nvmlDeviceGetRetiredPagesPendingStatus(handle)
-    return [GpuIssue(index, "retired_pages_pending", True, 1, "page retirement pending: the GPU needs a reset")] if pending else []
+    return (
+        [GpuIssue(index, "retired_pages_pending", True, 1, "page retirement pending: the GPU needs a reset")]
+        if pending
+        else []
+    )
 
 
 _THROTTLE_NAMES = {
@@ -223,7 +247,10 @@ def _pcie_issues(nv: Any, handle: Any, index: int) -> list[GpuIssue]:
     # Link generation drops at idle for power saving, so only a narrower link is a finding.
     width, max_width = int(nv.nvmlDeviceGetCurrPcieLinkWidth(handle)), int(nv.nvmlDeviceGetMaxPcieLinkWidth(handle))
     if width < max_width:
-        gen, max_gen = int(nv.nvmlDeviceGetCurrPcieLinkGeneration(handle)), int(nv.nvmlDeviceGetMaxPcieLinkGeneration(handle))
+        gen, max_gen = (
+            int(nv.nvmlDeviceGetCurrPcieLinkGeneration(handle)),
+            int(nv.nvmlDeviceGetMaxPcieLinkGeneration(handle)),
+        )
         return [GpuIssue(index, "pcie_link", False, width, f"PCIe x{width} gen{gen} (max x{max_width} gen{max_gen})")]
     return []
 
@@ -285,7 +312,9 @@ class FaultInjectionProbe:
                 kind = str(item.get("fault", "xid"))
                 code = int(item.get("code", 0))
                 fatal = bool(item.get("fatal", kind != "xid" or code in FATAL_XIDS))
-                issues.append(GpuIssue(int(item.get("gpu", 0)), kind, fatal, code, f"injected {kind} {code} from {self.path}"))
+                issues.append(
+                    GpuIssue(int(item.get("gpu", 0)), kind, fatal, code, f"injected {kind} {code} from {self.path}")
+                )
             except (AttributeError, TypeError, ValueError) as e:
                 log.warning("ignoring malformed fault spec %r in %s: %s", item, self.path, e)
         return issues

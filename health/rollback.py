@@ -46,7 +46,9 @@ def read_rollback_order(run_dir: str | os.PathLike) -> RollbackOrder | None:
     except FileNotFoundError:
         return None
     except (OSError, ValueError, KeyError, TypeError) as e:
-        raise ValueError(f"{path} is not a valid rollback order ({e}); delete it to resume from the newest checkpoint") from e
+        raise ValueError(
+            f"{path} is not a valid rollback order ({e}); delete it to resume from the newest checkpoint"
+        ) from e
 
 
 def pending_rollback(run_dir: str | os.PathLike) -> RollbackOrder | None:

@@ -243,9 +243,15 @@ def replay_verdict(
     if flaky:
         return ReplayOutcome(Verdict.BAD_HARDWARE, flaky, f"ranks {list(flaky)} did not reproduce their own step")
     if other_rank is not None:
-        disagree = tuple(j for j, (a, o) in enumerate(zip(original, other_rank)) if o is not None and not close_enough(a, o, rtol))
+        disagree = tuple(
+            j for j, (a, o) in enumerate(zip(original, other_rank)) if o is not None and not close_enough(a, o, rtol)
+        )
         if disagree:
-            return ReplayOutcome(Verdict.BAD_HARDWARE, (), f"another rank computed a different loss on the data of ranks {list(disagree)}")
+            return ReplayOutcome(
+                Verdict.BAD_HARDWARE,
+                (),
+                f"another rank computed a different loss on the data of ranks {list(disagree)}",
+            )
     return ReplayOutcome(Verdict.BAD_DATA, (), "the anomaly reproduced on every recomputation")
 
 
@@ -267,5 +273,7 @@ def flip_bit(tensor: torch.Tensor, index: int, bit: int) -> None:
     if not 0 <= index < local.numel():
         raise ValueError(f"index={index} is outside the local shard of {local.numel()} elements")
     words = local.view(-1).view({1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}[local.element_size()])
-    mask = -(1 << bit) if bit == nbits - 1 and words.dtype != torch.uint8 else 1 << bit  # the sign bit as a signed value
+    mask = (
+        -(1 << bit) if bit == nbits - 1 and words.dtype != torch.uint8 else 1 << bit
+    )  # the sign bit as a signed value
     words[index] ^= mask

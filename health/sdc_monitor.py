@@ -75,7 +75,10 @@ class SdcMonitor:
         self.golden_reference: torch.Tensor | None = None
 
     def due(self, step: int) -> bool:
-        return bool((self.fingerprint_every and step % self.fingerprint_every == 0) or (self.golden_every and step % self.golden_every == 0))
+        return bool(
+            (self.fingerprint_every and step % self.fingerprint_every == 0)
+            or (self.golden_every and step % self.golden_every == 0)
+        )
 
     def check(self, step: int, force: bool = False) -> SdcFinding | None:
         """Run the checks due at ``step`` (every enabled one when ``force``); collective."""
@@ -143,8 +146,15 @@ class FindingReporter:
     healthd to take the node out; suspects without a faulty rank are reported once, by rank 0.
     """
 
-    def __init__(self, events: EventSink, rank: int, where: dict[str, object], *, is_main: bool,
-                 quarantine: Callable[[str], object] | None = None) -> None:
+    def __init__(
+        self,
+        events: EventSink,
+        rank: int,
+        where: dict[str, object],
+        *,
+        is_main: bool,
+        quarantine: Callable[[str], object] | None = None,
+    ) -> None:
         self.events = events
         self.rank = rank
         self.where = where
@@ -154,16 +164,35 @@ class FindingReporter:
     def report(self, step: int, finding: SdcFinding, what: str) -> None:
         detail: dict[str, object] = {"step": step, "layer": finding.layer, "params": list(finding.params)}
         if self.rank in finding.faulty:
-            self.events.emit(EventKind.FAULT_DETECTED, fault="sdc", target=f"rank{self.rank}", detector=f"sdc-{finding.layer}",
-                             detail={**detail, **self.where})
+            self.events.emit(
+                EventKind.FAULT_DETECTED,
+                fault="sdc",
+                target=f"rank{self.rank}",
+                detector=f"sdc-{finding.layer}",
+                detail={**detail, **self.where},
+            )
             self.events.flush()
-            log.error("sdc: %s found this rank (%d, %s) holding or computing wrong numbers; quarantining", what, self.rank, self.where)
+            log.error(
+                "sdc: %s found this rank (%d, %s) holding or computing wrong numbers; quarantining",
+                what,
+                self.rank,
+                self.where,
+            )
             if self.quarantine is None:
                 log.error("no healthd attached: take rank %d's device out of service by hand (%s)", self.rank, what)
             else:
                 self.quarantine(f"sdc: {what}")
         elif not finding.faulty and self.is_main:
             targets = ",".join(f"rank{r}" for r in finding.suspects)
-            self.events.emit(EventKind.FAULT_DETECTED, fault="sdc", target=targets, detector=f"sdc-{finding.layer}",
-                             detail={**detail, "undetermined": True})
-            log.error("sdc: %s: ranks %s disagree and no majority names one; rolling back without quarantine", what, list(finding.suspects))
+            self.events.emit(
+                EventKind.FAULT_DETECTED,
+                fault="sdc",
+                target=targets,
+                detector=f"sdc-{finding.layer}",
+                detail={**detail, "undetermined": True},
+            )
+            log.error(
+                "sdc: %s: ranks %s disagree and no majority names one; rolling back without quarantine",
+                what,
+                list(finding.suspects),
+            )

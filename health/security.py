@@ -25,7 +25,11 @@ log = logging.getLogger(__name__)
 
 # A client that lost its server retries this often at most, so it is back within seconds of the
 # server's return (gRPC's default backoff grows to two minutes).
-RECONNECT_OPTIONS = [("grpc.initial_reconnect_backoff_ms", 200), ("grpc.min_reconnect_backoff_ms", 200), ("grpc.max_reconnect_backoff_ms", 2000)]
+RECONNECT_OPTIONS = [
+    ("grpc.initial_reconnect_backoff_ms", 200),
+    ("grpc.min_reconnect_backoff_ms", 200),
+    ("grpc.max_reconnect_backoff_ms", 2000),
+]
 _ALL_INTERFACES = ("0.0.0.0", "[::]", "::", "")
 
 
@@ -37,7 +41,10 @@ def read_token(path: str | os.PathLike | None) -> str:
     """The job token from ``path`` (or ``$STALWART_TOKEN_FILE``), stripped; warns when others can read it."""
     path = path or os.environ.get(TOKEN_FILE_ENV)
     if not path:
-        raise TokenError(f"no job token: pass --token-file FILE or set {TOKEN_FILE_ENV} (create one with `openssl rand -hex 32 > FILE; chmod 600 FILE`)")
+        raise TokenError(
+            f"no job token: pass --token-file FILE or set {TOKEN_FILE_ENV} (create one with `openssl rand -hex 32 > "
+            "FILE; chmod 600 FILE`)"
+        )
     path = Path(path)
     try:
         token = path.read_text().strip()
@@ -112,7 +119,12 @@ class TlsConfig:
 def add_port(server: grpc.Server, bind: str, tls: TlsConfig | None, what: str) -> str:
     """Bind ``server`` to ``bind`` (``host:port``, port 0 picks one); returns the bound address."""
     if bind.rsplit(":", 1)[0] in _ALL_INTERFACES and tls is None:
-        log.warning("%s listens on every interface (%s) without TLS: state is readable by anyone who can reach it; mutations still need the job token", what, bind)
+        log.warning(
+            "%s listens on every interface (%s) without TLS: state is readable by anyone who can reach it; mutations "
+            "still need the job token",
+            what,
+            bind,
+        )
     try:
         port = server.add_secure_port(bind, tls.server_credentials()) if tls else server.add_insecure_port(bind)
     except RuntimeError:  # grpc reports bind failures (address in use, bad host) this way
@@ -124,7 +136,11 @@ def add_port(server: grpc.Server, bind: str, tls: TlsConfig | None, what: str) -
 
 def open_channel(address: str, tls: TlsConfig | None = None, max_message_bytes: int = 4 << 20) -> grpc.Channel:
     """A channel that reconnects quickly after its server comes back."""
-    options = [*RECONNECT_OPTIONS, ("grpc.max_receive_message_length", max_message_bytes), ("grpc.max_send_message_length", max_message_bytes)]
+    options = [
+        *RECONNECT_OPTIONS,
+        ("grpc.max_receive_message_length", max_message_bytes),
+        ("grpc.max_send_message_length", max_message_bytes),
+    ]
     if tls is not None:
         return grpc.secure_channel(address, tls.channel_credentials(), options=options)
     return grpc.insecure_channel(address, options=options)

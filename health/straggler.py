@@ -32,7 +32,9 @@ class StragglerConfig:
         if not 1 <= self.min_samples <= self.window:
             raise ValueError(f"need 1 <= min_samples ({self.min_samples}) <= window ({self.window})")
         if self.threshold <= 1.0:
-            raise ValueError(f"threshold must be > 1 (got {self.threshold}): it is a ratio to the other ranks' median time")
+            raise ValueError(
+                f"threshold must be > 1 (got {self.threshold}): it is a ratio to the other ranks' median time"
+            )
 
 
 @dataclass
@@ -69,7 +71,9 @@ class StragglerDetector:
         h = self._ranks.get(rank)
         if h is None or h.node != node:
             w = self.config.window
-            h = self._ranks[rank] = _RankHistory(node, step - 1, ts, 0.0, 0.0, deque(maxlen=w), deque(maxlen=w), since_strike=w)
+            h = self._ranks[rank] = _RankHistory(
+                node, step - 1, ts, 0.0, 0.0, deque(maxlen=w), deque(maxlen=w), since_strike=w
+            )
         if step == h.step:
             return
         h.step, h.ts, h.step_seconds, h.compute_seconds = step, ts, step_seconds, compute_seconds
@@ -85,9 +89,15 @@ class StragglerDetector:
 
     def evaluate(self) -> tuple[dict[int, RankScore], list[RankScore]]:
         """Every rank's score, and the stragglers that earned a strike in this evaluation."""
-        scores = {r: RankScore(r, h.node, h.step, h.step_seconds, h.compute_seconds, h.ts) for r, h in self._ranks.items()}
+        scores = {
+            r: RankScore(r, h.node, h.step, h.step_seconds, h.compute_seconds, h.ts) for r, h in self._ranks.items()
+        }
         newest = max((h.ts for h in self._ranks.values()), default=0.0)
-        live = {r: h for r, h in self._ranks.items() if newest - h.ts <= self.config.stale_after_s and len(h.steps) >= self.config.min_samples}
+        live = {
+            r: h
+            for r, h in self._ranks.items()
+            if newest - h.ts <= self.config.stale_after_s and len(h.steps) >= self.config.min_samples
+        }
         use_compute = all(len(h.computes) >= self.config.min_samples for h in live.values())
         medians = {r: statistics.median(h.computes if use_compute else h.steps) for r, h in live.items()}
         if len(medians) < 2:

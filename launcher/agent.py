@@ -57,7 +57,9 @@ class AgentOptions:
 class PeerWatch:
     """Ring liveness in one rendezvous round: beat my counter, watch my successor's (O(1) per node)."""
 
-    def __init__(self, store: Any, group_rank: int, group_world_size: int, timeout_s: float, interval_s: float = 1.0) -> None:
+    def __init__(
+        self, store: Any, group_rank: int, group_world_size: int, timeout_s: float, interval_s: float = 1.0
+    ) -> None:
         self.store = store
         self.peer = (group_rank + 1) % group_world_size if group_world_size > 1 else None
         self.timeout_s = timeout_s
@@ -91,8 +93,15 @@ class PeerWatch:
 
 
 class StalwartAgent(LocalElasticAgent):
-    def __init__(self, spec: WorkerSpec, logs_specs: LogsSpecs, opts: AgentOptions, exclusion: ExclusionWatch,
-                 health: HealthWatch | None, events: EventLog) -> None:
+    def __init__(
+        self,
+        spec: WorkerSpec,
+        logs_specs: LogsSpecs,
+        opts: AgentOptions,
+        exclusion: ExclusionWatch,
+        health: HealthWatch | None,
+        events: EventLog,
+    ) -> None:
         super().__init__(spec, logs_specs, start_method="spawn", shutdown_timeout=opts.grace_s)
         self.opts = opts
         self.exclusion = exclusion
@@ -107,7 +116,7 @@ class StalwartAgent(LocalElasticAgent):
     # ------------------------------------------------------------ membership
 
     def check_membership(self, failed: bool = False) -> None:
-        """Raise NodeExcluded when this node must leave; healthd is asked every few seconds, and at once on a failure."""
+        """Raise NodeExcluded when this node must leave; healthd is asked every few seconds, at once on a failure."""
         reason = self.exclusion.reason()
         now = time.monotonic()
         if reason is None and self.health is not None and (failed or now >= self._next_health):
@@ -119,7 +128,9 @@ class StalwartAgent(LocalElasticAgent):
             self._shutdown_timeout = self.opts.failure_stop_s
             raise NodeExcluded(reason)
 
-    def _assign_worker_ranks(self, store: Any, group_rank: int, group_world_size: int, spec: WorkerSpec) -> list[Worker]:
+    def _assign_worker_ranks(
+        self, store: Any, group_rank: int, group_world_size: int, spec: WorkerSpec
+    ) -> list[Worker]:
         workers = super()._assign_worker_ranks(store, group_rank, group_world_size, spec)
         active = self.opts.plan.active_nodes(group_world_size)
         world = active * spec.local_world_size
@@ -133,8 +144,11 @@ class StalwartAgent(LocalElasticAgent):
         self._peers = PeerWatch(store, group_rank, group_world_size, self.opts.peer_timeout_s)
         self.events.node = group_rank
         role = "hot spare" if self.spare else f"{spec.local_world_size} ranks of {world}"
-        print(f"stalwart launch: node {self.opts.node_id} is node rank {group_rank} of {group_world_size} "
-              f"({active} training): {role}", flush=True)
+        print(
+            f"stalwart launch: node {self.opts.node_id} is node rank {group_rank} of {group_world_size} "
+            f"({active} training): {role}",
+            flush=True,
+        )
         if not self.spare and (first or was_spare):
             self.events.emit(EventKind.NODE_JOINED, node_id=self.opts.node_id, nodes=group_world_size, world_size=world)
         return workers
@@ -144,8 +158,13 @@ class StalwartAgent(LocalElasticAgent):
     def _start_workers(self, worker_group: WorkerGroup) -> dict[int, Any]:
         spec = worker_group.spec
         self.events.attempt = spec.max_restarts - self._remaining_restarts
-        self.events.emit(EventKind.WORKER_START, node_id=self.opts.node_id, world_size=worker_group.workers[0].world_size,
-                         nodes=worker_group.group_world_size, spare=self.spare)
+        self.events.emit(
+            EventKind.WORKER_START,
+            node_id=self.opts.node_id,
+            world_size=worker_group.workers[0].world_size,
+            nodes=worker_group.group_world_size,
+            spare=self.spare,
+        )
         return super()._start_workers(worker_group)
 
     def _monitor_workers(self, worker_group: WorkerGroup) -> RunResult:
@@ -161,13 +180,23 @@ class StalwartAgent(LocalElasticAgent):
             return result
         self._next_peer_check = now + 1.0
         if self.spare and self._store.check([DONE_KEY]):
-            return RunResult(state=WorkerState.SUCCEEDED, return_values={w.global_rank: None for w in worker_group.workers})
+            return RunResult(
+                state=WorkerState.SUCCEEDED, return_values={w.global_rank: None for w in worker_group.workers}
+            )
         silent = self._peers.silent_for()
         if silent > self.opts.peer_timeout_s:
-            msg = f"node rank {self._peers.peer} sent no liveness beat for {silent:.0f}s (lost node or network partition)"
+            msg = (
+                f"node rank {self._peers.peer} sent no liveness beat for {silent:.0f}s (lost node or network partition)"
+            )
             print(f"stalwart launch: {msg}; restarting the worker group", flush=True)
-            self.events.emit(EventKind.FAULT_DETECTED, fault="node_lost", target=f"node{self._peers.peer}", detector="agent",
-                             last_progress_ts=time.time() - silent, detail=msg)
+            self.events.emit(
+                EventKind.FAULT_DETECTED,
+                fault="node_lost",
+                target=f"node{self._peers.peer}",
+                detector="agent",
+                last_progress_ts=time.time() - silent,
+                detail=msg,
+            )
             return RunResult(state=WorkerState.UNHEALTHY)
         return result
 
@@ -176,6 +205,7 @@ class StalwartAgent(LocalElasticAgent):
         failures = {rank: f for rank, f in result.failures.items() if f.exitcode != EXIT_REJOIN}
         if not failures:
             return
+
         # The cause, most likely first: killed by a signal; then failed with an error (often a closed
         # connection to the dead peer); last SIGTERM, which torch sends the survivors itself.
         # Torch's failure timestamps are whole seconds: they only break ties.
@@ -185,8 +215,14 @@ class StalwartAgent(LocalElasticAgent):
 
         rank, first = min(failures.items(), key=blame)
         how = f"signal {signal.Signals(-first.exitcode).name}" if first.exitcode < 0 else f"exit code {first.exitcode}"
-        self.events.emit(EventKind.FAULT_DETECTED, fault="rank_exit", target=f"rank{rank}", detector="agent", node_id=self.opts.node_id,
-                         detail=f"rank {rank} ended with {how}; {len(failures)} local rank(s) failed")
+        self.events.emit(
+            EventKind.FAULT_DETECTED,
+            fault="rank_exit",
+            target=f"rank{rank}",
+            detector="agent",
+            node_id=self.opts.node_id,
+            detail=f"rank {rank} ended with {how}; {len(failures)} local rank(s) failed",
+        )
 
     def _stop_workers(self, worker_group: WorkerGroup) -> None:
         healthy = worker_group.state == WorkerState.HEALTHY

@@ -74,7 +74,9 @@ def parse_rdzv_conf(spec: str) -> dict[str, str]:
     for item in filter(None, (s.strip() for s in spec.split(","))):
         key, eq, value = item.partition("=")
         if not eq or not key:
-            raise LaunchError(f"--rdzv-conf {spec!r}: write key=value[,key=value] (e.g. join_timeout=900,last_call_timeout=30)")
+            raise LaunchError(
+                f"--rdzv-conf {spec!r}: write key=value[,key=value] (e.g. join_timeout=900,last_call_timeout=30)"
+            )
         conf[key.strip()] = value.strip()
     return conf
 
@@ -84,16 +86,35 @@ def launch_args(args: argparse.Namespace, overrides: list[str]) -> LaunchArgs:
     min_nodes, max_nodes = parse_nnodes(args.nnodes)
     if args.nproc_per_node < 1:
         raise LaunchError(f"--nproc-per-node {args.nproc_per_node}: must be at least 1")
-    for flag, value in (("--peer-timeout", args.peer_timeout), ("--rdzv-connect-timeout", args.rdzv_connect_timeout),
-                        ("--monitor-interval", args.monitor_interval)):
+    for flag, value in (
+        ("--peer-timeout", args.peer_timeout),
+        ("--rdzv-connect-timeout", args.rdzv_connect_timeout),
+        ("--monitor-interval", args.monitor_interval),
+    ):
         if value <= 0:
             raise LaunchError(f"{flag} {value:g}: must be positive")
     if args.max_restarts < 0:
         raise LaunchError(f"--max-restarts {args.max_restarts}: must be >= 0")
     return LaunchArgs(
-        args.config, overrides, min_nodes, max_nodes, args.nproc_per_node, args.rdzv_backend, args.rdzv_endpoint, args.rdzv_id,
-        parse_rdzv_conf(args.rdzv_conf), args.rdzv_connect_timeout, args.max_restarts, args.monitor_interval, args.local_addr,
-        args.node_id, args.run_dir, args.healthd, args.controller, args.peer_timeout, args.failure_stop_timeout,
+        args.config,
+        overrides,
+        min_nodes,
+        max_nodes,
+        args.nproc_per_node,
+        args.rdzv_backend,
+        args.rdzv_endpoint,
+        args.rdzv_id,
+        parse_rdzv_conf(args.rdzv_conf),
+        args.rdzv_connect_timeout,
+        args.max_restarts,
+        args.monitor_interval,
+        args.local_addr,
+        args.node_id,
+        args.run_dir,
+        args.healthd,
+        args.controller,
+        args.peer_timeout,
+        args.failure_stop_timeout,
     )
 
 
@@ -142,21 +163,46 @@ def _launch(args: argparse.Namespace, overrides: list[str]) -> int:
     except (ValueError, OSError) as e:  # a malformed or unreadable exclusion list
         raise UserError(str(e)) from None
     if reason is not None:
-        print(f"stalwart launch: node {a.node_id} is on {exclusion.list.path} ({reason}); not joining (exit {EXIT_NODE_EXCLUDED})", file=sys.stderr)
+        print(
+            f"stalwart launch: node {a.node_id} is on {exclusion.list.path} ({reason}); not joining (exit "
+            f"{EXIT_NODE_EXCLUDED})",
+            file=sys.stderr,
+        )
         return EXIT_NODE_EXCLUDED
     if plan.rdzv_max_nodes < a.max_nodes:
-        print(f"stalwart launch: the layout trains on at most {plan.rdzv_max_nodes} of {a.max_nodes} nodes; later nodes wait as hot spares", flush=True)
+        print(
+            f"stalwart launch: the layout trains on at most {plan.rdzv_max_nodes} of {a.max_nodes} nodes; later nodes "
+            "wait as hot spares",
+            flush=True,
+        )
     os.environ["TORCH_DISABLE_SHARE_RDZV_TCP_STORE"] = "1"  # a fresh worker store per round: safe when node 0 changes
-    handler, hosting = build_handler(RendezvousOptions(
-        a.rdzv_backend, a.rdzv_endpoint, a.rdzv_id, a.min_nodes, plan.rdzv_max_nodes, a.local_addr, a.rdzv_conf, a.rdzv_connect_timeout,
-    ))
+    handler, hosting = build_handler(
+        RendezvousOptions(
+            a.rdzv_backend,
+            a.rdzv_endpoint,
+            a.rdzv_id,
+            a.min_nodes,
+            plan.rdzv_max_nodes,
+            a.local_addr,
+            a.rdzv_conf,
+            a.rdzv_connect_timeout,
+        )
+    )
     if hosting:
         print(f"stalwart launch: hosting the rendezvous store on {a.rdzv_endpoint}", flush=True)
     return _run_agent(a, cfg, plan, exclusion, handler, hosting, rdzv_host, overrides)
 
 
-def _run_agent(a: LaunchArgs, cfg: Config, plan: NodePlan, exclusion: ExclusionWatch, handler: RendezvousHandler, hosting: bool,
-               rdzv_host: str, overrides: list[str]) -> int:
+def _run_agent(
+    a: LaunchArgs,
+    cfg: Config,
+    plan: NodePlan,
+    exclusion: ExclusionWatch,
+    handler: RendezvousHandler,
+    hosting: bool,
+    rdzv_host: str,
+    overrides: list[str],
+) -> int:
     from torch.distributed.elastic.agent.server.api import WorkerSpec, WorkerState
     from torch.distributed.elastic.multiprocessing import DefaultLogsSpecs, SignalException
     from torch.distributed.elastic.rendezvous import RendezvousError
@@ -165,7 +211,9 @@ def _run_agent(a: LaunchArgs, cfg: Config, plan: NodePlan, exclusion: ExclusionW
     from stalwart.launcher import services
     from stalwart.launcher.agent import AgentOptions, NodeExcluded, StalwartAgent
 
-    logging.basicConfig(level=os.environ.get("LOGLEVEL", "WARNING"), format="%(asctime)s launch %(name)s %(levelname)s %(message)s")
+    logging.basicConfig(
+        level=os.environ.get("LOGLEVEL", "WARNING"), format="%(asctime)s launch %(name)s %(levelname)s %(message)s"
+    )
     run_dir = Path(cfg.run_dir)
     procs = []
     health = None
@@ -186,12 +234,22 @@ def _run_agent(a: LaunchArgs, cfg: Config, plan: NodePlan, exclusion: ExclusionW
 
     events = EventLog(run_dir, role="agent")
     spec = WorkerSpec(
-        role="trainer", local_world_size=a.nproc_per_node, entrypoint=sys.executable,
-        args=("-m", "stalwart", "train", "--config", a.config, *overrides), rdzv_handler=handler,
-        max_restarts=a.max_restarts, monitor_interval=a.monitor_interval, local_addr=a.local_addr,
+        role="trainer",
+        local_world_size=a.nproc_per_node,
+        entrypoint=sys.executable,
+        args=("-m", "stalwart", "train", "--config", a.config, *overrides),
+        rdzv_handler=handler,
+        max_restarts=a.max_restarts,
+        monitor_interval=a.monitor_interval,
+        local_addr=a.local_addr,
     )
-    opts = AgentOptions(a.node_id, plan, grace_s=cfg.checkpoint.preemption_grace_s, failure_stop_s=a.failure_stop_timeout,
-                        peer_timeout_s=a.peer_timeout)
+    opts = AgentOptions(
+        a.node_id,
+        plan,
+        grace_s=cfg.checkpoint.preemption_grace_s,
+        failure_stop_s=a.failure_stop_timeout,
+        peer_timeout_s=a.peer_timeout,
+    )
     agent = StalwartAgent(spec, DefaultLogsSpecs(), opts, exclusion, health, events)
     try:
         result = agent.run()
@@ -199,14 +257,21 @@ def _run_agent(a: LaunchArgs, cfg: Config, plan: NodePlan, exclusion: ExclusionW
         return _stopped_by(e.sigval)
     except NodeExcluded as e:
         events.emit(EventKind.NODE_EXCLUDED, node_id=a.node_id, reason=str(e))
-        print(f"stalwart launch: node {a.node_id} is excluded ({e}); leaving the job (exit {EXIT_NODE_EXCLUDED})", flush=True)
+        print(
+            f"stalwart launch: node {a.node_id} is excluded ({e}); leaving the job (exit {EXIT_NODE_EXCLUDED})",
+            flush=True,
+        )
         return EXIT_NODE_EXCLUDED
     except RendezvousError as e:
         print(f"stalwart launch: rendezvous failed: {type(e).__name__}: {e}", file=sys.stderr)
         return 1
     except RuntimeError as e:  # DistNetworkError / DistStoreError: the store's node is gone or unreachable
-        print(f"stalwart launch: lost the rendezvous store at {a.rdzv_endpoint} ({type(e).__name__}: {str(e).splitlines()[0]}); "
-              "this node cannot continue", file=sys.stderr)
+        print(
+            f"stalwart launch: lost the rendezvous store at {a.rdzv_endpoint} ({type(e).__name__}: "
+            f"{str(e).splitlines()[0]}); "
+            "this node cannot continue",
+            file=sys.stderr,
+        )
         return 1
     finally:
         agent.close()

@@ -50,7 +50,11 @@ def plan_nodes(cfg: Config, nproc_per_node: int, min_nodes: int, max_nodes: int)
     plan = NodePlan(nproc_per_node, min_nodes, max_nodes, usable)
     if plan.active_nodes(min_nodes) == 0:
         world = min_nodes * nproc_per_node
-        hint = f"; the layout first fits {usable[0]} nodes: use --nnodes {usable[0]}:{max(max_nodes, usable[0])}" if usable else ""
+        hint = (
+            f"; the layout first fits {usable[0]} nodes: use --nnodes {usable[0]}:{max(max_nodes, usable[0])}"
+            if usable
+            else ""
+        )
         raise ParallelLayoutError(
             f"--nnodes {min_nodes}:{max_nodes} × --nproc-per-node {nproc_per_node} starts with {world} ranks: "
             f"{_layout_error(cfg, world)}{hint}"

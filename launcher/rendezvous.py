@@ -51,7 +51,9 @@ def split_endpoint(endpoint: str, default_port: int = DEFAULT_PORT) -> tuple[str
     try:
         return parse_rendezvous_endpoint(endpoint, default_port)
     except ValueError as e:
-        raise RendezvousUnreachable(f"--rdzv-endpoint {endpoint!r}: {e}; write HOST:PORT (e.g. node0:{DEFAULT_PORT})") from None
+        raise RendezvousUnreachable(
+            f"--rdzv-endpoint {endpoint!r}: {e}; write HOST:PORT (e.g. node0:{DEFAULT_PORT})"
+        ) from None
 
 
 def is_local_address(host: str) -> bool:
@@ -63,7 +65,12 @@ def is_local_address(host: str) -> bool:
             return True
     except ValueError:
         pass
-    local = {a.address.split("%")[0] for addrs in psutil.net_if_addrs().values() for a in addrs if a.family in (socket.AF_INET, socket.AF_INET6)}
+    local = {
+        a.address.split("%")[0]
+        for addrs in psutil.net_if_addrs().values()
+        for a in addrs
+        if a.family in (socket.AF_INET, socket.AF_INET6)
+    }
     try:
         resolved = {info[4][0] for info in socket.getaddrinfo(host, None, proto=socket.IPPROTO_TCP)}
     except socket.gaierror:
@@ -72,7 +79,7 @@ def is_local_address(host: str) -> bool:
 
 
 def _wait_for_listener(host: str, port: int, timeout_s: float) -> float:
-    """Retry name resolution and a TCP connect for ``timeout_s`` (the store host may start a little later); the time left."""
+    """Retry name resolution and a TCP connect for ``timeout_s`` (the store host may start later); the time left."""
     deadline = time.monotonic() + timeout_s
     while True:
         try:
@@ -81,8 +88,12 @@ def _wait_for_listener(host: str, port: int, timeout_s: float) -> float:
         except socket.gaierror as e:
             error = f"rendezvous host {host!r} does not resolve ({e.strerror}); check --rdzv-endpoint"
         except OSError as e:
-            error = (f"cannot reach the rendezvous store at {host}:{port} within {timeout_s:g}s ({e.strerror or type(e).__name__}); "
-                     f"start the launcher on {host} first, check --rdzv-endpoint and firewalls, or raise --rdzv-connect-timeout")
+            error = (
+                f"cannot reach the rendezvous store at {host}:{port} within {timeout_s:g}s "
+                f"({e.strerror or type(e).__name__}); "
+                f"start the launcher on {host} first, check --rdzv-endpoint and firewalls, or raise "
+                "--rdzv-connect-timeout"
+            )
         if time.monotonic() >= deadline:
             raise RendezvousUnreachable(error)
         time.sleep(0.5)
@@ -98,7 +109,9 @@ def connect_store(host: str, port: int, connect_timeout_s: float, read_timeout_s
 
     if is_local_address(host):
         try:
-            return TCPStore(host, port, is_master=True, multi_tenant=True, timeout=timedelta(seconds=read_timeout_s)), True
+            return TCPStore(
+                host, port, is_master=True, multi_tenant=True, timeout=timedelta(seconds=read_timeout_s)
+            ), True
         except RuntimeError:
             pass  # the port is taken: another launcher on this machine hosts the store
     left_s = _wait_for_listener(host, port, connect_timeout_s)
@@ -117,8 +130,13 @@ def build_handler(opts: RendezvousOptions) -> tuple[RendezvousHandler, bool]:
     from torch.distributed.elastic.rendezvous import RendezvousParameters
 
     params = RendezvousParameters(
-        backend=opts.backend, endpoint=opts.endpoint, run_id=opts.run_id, min_nodes=opts.min_nodes,
-        max_nodes=opts.max_nodes, local_addr=opts.local_addr, **opts.conf,
+        backend=opts.backend,
+        endpoint=opts.endpoint,
+        run_id=opts.run_id,
+        min_nodes=opts.min_nodes,
+        max_nodes=opts.max_nodes,
+        local_addr=opts.local_addr,
+        **opts.conf,
     )
     if opts.backend != "c10d":
         from torch.distributed.elastic.rendezvous import registry

@@ -52,8 +52,13 @@ def _start(argv: list[str], what: str, log_path: Path) -> subprocess.Popen | Non
     log_path.parent.mkdir(parents=True, exist_ok=True)
     with open(log_path, "ab") as out:
         try:
-            proc = subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                    preexec_fn=_die_with_launcher if _PRCTL else None)
+            proc = subprocess.Popen(
+                argv,
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL,
+                preexec_fn=_die_with_launcher if _PRCTL else None,
+            )
         except OSError as e:
             log.warning("could not start %s (%s); training goes on without it", what, e)
             return None
@@ -68,8 +73,21 @@ def ensure_healthd(address: str, run_dir: Path, node_id: str, controller: str = 
     """
     if answers(address):
         return None
-    argv = [sys.executable, "-m", "stalwart", "healthd", "--run-dir", str(run_dir), "--bind", address, "--token-file", job_token_file(run_dir),
-            "--node", node_id, *(["--controller", controller] if controller else [])]
+    argv = [
+        sys.executable,
+        "-m",
+        "stalwart",
+        "healthd",
+        "--run-dir",
+        str(run_dir),
+        "--bind",
+        address,
+        "--token-file",
+        job_token_file(run_dir),
+        "--node",
+        node_id,
+        *(["--controller", controller] if controller else []),
+    ]
     return _start(argv, f"healthd on {address}", run_dir / "health" / f"healthd-{node_id}.log")
 
 
@@ -80,8 +98,20 @@ def start_controller(run_dir: Path, host: str) -> tuple[subprocess.Popen | None,
     address = f"{host}:{CONTROLLER_GRPC_PORT}"
     if importlib.util.find_spec("stalwart.health.controller") is None or answers(address):
         return None, address
-    argv = [sys.executable, "-m", "stalwart", "controller", "--run-dir", str(run_dir), "--grpc-bind", address,
-            "--http-bind", f"{host}:{CONTROLLER_HTTP_PORT}", "--token-file", job_token_file(run_dir)]
+    argv = [
+        sys.executable,
+        "-m",
+        "stalwart",
+        "controller",
+        "--run-dir",
+        str(run_dir),
+        "--grpc-bind",
+        address,
+        "--http-bind",
+        f"{host}:{CONTROLLER_HTTP_PORT}",
+        "--token-file",
+        job_token_file(run_dir),
+    ]
     return _start(argv, f"controller on {address}", run_dir / "health" / "controller.log"), address
 
 

@@ -32,7 +32,9 @@ def _die_with_agent() -> None:
 
 
 def wait_as_spare(rank: int, world_size: int) -> int:
-    print(f"rank {rank}: hot spare (the layout trains on {world_size} ranks); waiting for the next rendezvous", flush=True)
+    print(
+        f"rank {rank}: hot spare (the layout trains on {world_size} ranks); waiting for the next rendezvous", flush=True
+    )
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
     while not stop.wait(3600):

@@ -200,8 +200,10 @@ class Transformer(nn.Module):
             _trunc_normal_(self.output.weight, self.args.dim**-0.5)
 
     def _output_is_tied(self) -> bool:
-        return self.tok_embeddings is not None and self.output is not None and (
-            self.output.weight is self.tok_embeddings.weight
+        return (
+            self.tok_embeddings is not None
+            and self.output is not None
+            and (self.output.weight is self.tok_embeddings.weight)
         )
 
     def forward(self, tokens: Tensor, positions: Tensor | None = None) -> Tensor:
@@ -217,7 +219,9 @@ class Transformer(nn.Module):
             rope = self.rope_cache
         else:
             if positions.ndim != 1:
-                raise ValueError(f"positions must be a 1-D tensor of sequence positions, got shape {tuple(positions.shape)}")
+                raise ValueError(
+                    f"positions must be a 1-D tensor of sequence positions, got shape {tuple(positions.shape)}"
+                )
             rope = self.rope_cache[positions]
         for layer in self.layers.values():
             h = layer(h, rope)

@@ -41,9 +41,7 @@ def apply_scaling(freqs: Tensor, scaling: RopeScaling) -> Tensor:
     return torch.where(wavelen < high_freq_wavelen, freqs, scaled)
 
 
-def precompute_rope_cache(
-    head_dim: int, max_seq_len: int, theta: float, scaling: RopeScaling | None
-) -> Tensor:
+def precompute_rope_cache(head_dim: int, max_seq_len: int, theta: float, scaling: RopeScaling | None) -> Tensor:
     """Table [max_seq_len, head_dim] holding cat(cos, sin) per position, in fp32.
 
     Rows are selected by absolute position, so callers with non-contiguous positions

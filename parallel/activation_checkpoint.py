@@ -37,7 +37,9 @@ _SAVED_OP_NAMES = (
     ("_c10d_functional", "all_gather_into_tensor"),
 )
 _SAVED_OPS: frozenset[Any] = frozenset(
-    getattr(getattr(torch.ops, ns), name).default for ns, name in _SAVED_OP_NAMES if hasattr(getattr(torch.ops, ns), name)
+    getattr(getattr(torch.ops, ns), name).default
+    for ns, name in _SAVED_OP_NAMES
+    if hasattr(getattr(torch.ops, ns), name)
 )
 
 

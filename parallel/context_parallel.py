@@ -61,7 +61,12 @@ def cp_positions(seq_len: int, cp_rank: int, cp: int, device: torch.device | str
     """Global positions [seq_len / cp] of this rank's local tokens; pass as ``Transformer.forward(positions=...)``."""
     c = _check_divisible(seq_len, cp)
     first, second = _chunk_ids(cp_rank, cp)
-    return torch.cat([torch.arange(first * c, (first + 1) * c, device=device), torch.arange(second * c, (second + 1) * c, device=device)])
+    return torch.cat(
+        [
+            torch.arange(first * c, (first + 1) * c, device=device),
+            torch.arange(second * c, (second + 1) * c, device=device),
+        ]
+    )
 
 
 class _AllGatherDim0(torch.autograd.Function):
@@ -127,7 +132,9 @@ class ContextParallelAttention(nn.Module):
         gathered = gathered.view(cp, 2, bs, n_kv, 2, c, d)
         # Rank r holds chunks (r, 2cp-1-r): first halves in rank order are chunks 0..cp-1,
         # second halves in reverse rank order are chunks cp..2cp-1.
-        chunks = torch.cat([gathered[:, :, :, :, 0], gathered[:, :, :, :, 1].flip(0)], dim=0)  # [2cp, 2, bs, n_kv, c, d]
+        chunks = torch.cat(
+            [gathered[:, :, :, :, 0], gathered[:, :, :, :, 1].flip(0)], dim=0
+        )  # [2cp, 2, bs, n_kv, c, d]
         kv = chunks.permute(1, 2, 3, 0, 4, 5).reshape(2, bs, n_kv, 2 * cp * c, d)
         return kv[0], kv[1]
 
@@ -162,7 +169,9 @@ def apply_cp(model: Transformer, cp_mesh: DeviceMesh, seq_len: int | None = None
     pipeline schedules call, as they pass nothing but the activations between stages.
     """
     if cp_mesh.ndim != 1:
-        raise ValueError(f"apply_cp needs the 1-D 'cp' mesh, got a {cp_mesh.ndim}-D mesh {cp_mesh.mesh_dim_names}; pass mesh['cp']")
+        raise ValueError(
+            f"apply_cp needs the 1-D 'cp' mesh, got a {cp_mesh.ndim}-D mesh {cp_mesh.mesh_dim_names}; pass mesh['cp']"
+        )
     group, cp_rank, cp = cp_mesh.get_group(), cp_mesh.get_local_rank(), cp_mesh.size()
     for block in model.layers.values():
         block.attention.core = ContextParallelAttention(group, cp_rank, cp)

@@ -66,7 +66,9 @@ class ParallelDims:
             if value == 0 or value < -1:
                 raise ParallelLayoutError(f"parallel.{name} = {value} must be at least 1, or -1 for 'whatever is left'")
         if dp_replicate == -1 and dp_shard == -1:
-            raise ParallelLayoutError("parallel.dp_replicate and parallel.dp_shard are both -1; fix one of them (e.g. dp_shard = 1 for DDP)")
+            raise ParallelLayoutError(
+                "parallel.dp_replicate and parallel.dp_shard are both -1; fix one of them (e.g. dp_shard = 1 for DDP)"
+            )
         fill = "dp_replicate" if dp_replicate == -1 else "dp_shard" if dp_shard == -1 else None
         others = max(dp_replicate, 1) * max(dp_shard, 1) * cp * tp * pp if fill else 0
         if fill:
@@ -74,16 +76,20 @@ class ParallelDims:
                 fitting = [w for w in range(others, 4 * others + 1, others)]
                 fixed, value = ("dp_shard", dp_shard) if fill == "dp_replicate" else ("dp_replicate", dp_replicate)
                 raise ParallelLayoutError(
-                    f"world size {world_size} is not divisible by {fixed}×cp×tp×pp = {value}×{cp}×{tp}×{pp} = {others}; run on a multiple of "
+                    f"world size {world_size} is not divisible by {fixed}×cp×tp×pp = {value}×{cp}×{tp}×{pp} = "
+                    f"{others}; run on a multiple of "
                     f"{others} ranks (e.g. {', '.join(map(str, fitting))}) or lower the degrees"
                 )
-            dp_replicate, dp_shard = (world_size // others, dp_shard) if fill == "dp_replicate" else (dp_replicate, world_size // others)
+            dp_replicate, dp_shard = (
+                (world_size // others, dp_shard) if fill == "dp_replicate" else (dp_replicate, world_size // others)
+            )
         others = dp_replicate * cp * tp * pp
         product = others * dp_shard
         if product != world_size:
             raise ParallelLayoutError(
                 f"pp×dp_replicate×dp_shard×cp×tp = {pp}×{dp_replicate}×{dp_shard}×{cp}×{tp} = {product} "
-                f"but the world size is {world_size}; make the product equal {world_size} (dp_shard = -1 fills the rest)"
+                f"but the world size is {world_size}; make the product equal {world_size} (dp_shard = -1 fills the "
+                "rest)"
             )
         return cls(dp_replicate, dp_shard, cp, tp, pp, world_size)
 
@@ -104,10 +110,21 @@ class ParallelDims:
     def validate_model(self, args: ModelArgs, seq_len: int) -> None:
         """Shape constraints between the layout and the model, each error naming the valid choices."""
         if self.tp > 1:
-            for what, n in (("n_heads", args.n_heads), ("n_kv_heads", args.n_kv_heads), ("the FFN width", args.ffn_hidden_dim), ("vocab_size", args.vocab_size)):
+            for what, n in (
+                ("n_heads", args.n_heads),
+                ("n_kv_heads", args.n_kv_heads),
+                ("the FFN width", args.ffn_hidden_dim),
+                ("vocab_size", args.vocab_size),
+            ):
                 if n % self.tp:
-                    common = [d for d in _divisors(args.n_heads) if args.n_kv_heads % d == 0 and args.ffn_hidden_dim % d == 0 and args.vocab_size % d == 0]
-                    raise ParallelLayoutError(f"tp={self.tp} does not divide {what}={n}; choose tp in {_fmt_set(common)}")
+                    common = [
+                        d
+                        for d in _divisors(args.n_heads)
+                        if args.n_kv_heads % d == 0 and args.ffn_hidden_dim % d == 0 and args.vocab_size % d == 0
+                    ]
+                    raise ParallelLayoutError(
+                        f"tp={self.tp} does not divide {what}={n}; choose tp in {_fmt_set(common)}"
+                    )
         if self.cp > 1 and seq_len % (2 * self.cp):
             valid = [c for c in _divisors(seq_len) if seq_len % (2 * c) == 0]
             raise ParallelLayoutError(
@@ -116,11 +133,15 @@ class ParallelDims:
             )
         if self.tp > 1 and (seq_len // self.cp) % self.tp:
             raise ParallelLayoutError(
-                f"sequence parallelism splits each rank's seq_len/cp = {seq_len}/{self.cp} = {seq_len // self.cp} tokens "
-                f"over tp={self.tp}, which does not divide it; choose data.seq_len as a multiple of {2 * self.cp * self.tp}"
+                f"sequence parallelism splits each rank's seq_len/cp = {seq_len}/{self.cp} = {seq_len // self.cp} "
+                "tokens "
+                f"over tp={self.tp}, which does not divide it; choose data.seq_len as a multiple of "
+                f"{2 * self.cp * self.tp}"
             )
         if self.pp > args.n_layers:
-            raise ParallelLayoutError(f"pp={self.pp} is larger than the model's n_layers={args.n_layers}; choose pp <= {args.n_layers}")
+            raise ParallelLayoutError(
+                f"pp={self.pp} is larger than the model's n_layers={args.n_layers}; choose pp <= {args.n_layers}"
+            )
 
     def validate_batch(self, global_batch_size: int, microbatch_size: int, pp_microbatches: int) -> None:
         """The global batch must split evenly over DP ranks, microbatches and pipeline microbatches."""

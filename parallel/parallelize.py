@@ -53,5 +53,11 @@ def parallelize_model(
         # Replicas next to TP or PP go through HSDP with a shard group of one: DDP's hooks do not
         # see DTensor parameters (TP) and miss gradients produced inside a pipeline schedule.
         fsdp_mesh = mesh["dp_replicate", "dp_shard_cp"] if dims.dp_replicate > 1 else mesh["dp_shard_cp"]
-        apply_fsdp(model, fsdp_mesh, param_dtype=param_dtype, reduce_dtype=torch.float32, reshard_after_forward=not for_pipeline)
+        apply_fsdp(
+            model,
+            fsdp_mesh,
+            param_dtype=param_dtype,
+            reduce_dtype=torch.float32,
+            reshard_after_forward=not for_pipeline,
+        )
     return model

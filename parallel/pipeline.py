@@ -152,7 +152,9 @@ def build_pipeline_stages(
         )
     expected = [str(i) for i in range(len(model.layers))]
     if list(model.layers.keys()) != expected:
-        raise ValueError(f"build_pipeline_stages needs the whole model (layers {expected}), got layers {list(model.layers.keys())}")
+        raise ValueError(
+            f"build_pipeline_stages needs the whole model (layers {expected}), got layers {list(model.layers.keys())}"
+        )
     pp_rank, pp_size = pp_mesh.get_local_rank(), pp_mesh.size()
     n_stages = pp_size * spec.stages_per_rank
     layers_per_stage = split_stage_layers(len(model.layers), n_stages)

@@ -27,7 +27,7 @@ def pick_device(requested: str, local_rank: int) -> torch.device:
     """``auto`` is CUDA when present, else CPU; asking for CUDA without one is an error."""
     if requested == "cuda" or (requested == "auto" and torch.cuda.is_available()):
         if not torch.cuda.is_available():
-            raise RuntimeError("training.device = \"cuda\" but no CUDA device is visible; use \"cpu\" or \"auto\"")
+            raise RuntimeError('training.device = "cuda" but no CUDA device is visible; use "cpu" or "auto"')
         torch.cuda.set_device(local_rank)
         return torch.device("cuda", local_rank)
     return torch.device("cpu")

@@ -22,8 +22,6 @@ from stalwart.errors import ConfigError
 CONFIGS_DIR = Path(__file__).resolve().parent.parent / "configs"
 
 
-
-
 @dataclass
 class JobConfig:
     name: str = "stalwart"
@@ -177,7 +175,11 @@ class Config:
         import hashlib
         import json
 
-        same_run = {"model": dataclasses.asdict(self.model), "data": dataclasses.asdict(self.data), "seed": self.job.seed}
+        same_run = {
+            "model": dataclasses.asdict(self.model),
+            "data": dataclasses.asdict(self.data),
+            "seed": self.job.seed,
+        }
         return hashlib.sha256(json.dumps(same_run, sort_keys=True).encode()).hexdigest()[:16]
 
 
@@ -260,7 +262,9 @@ def resolve_config_path(spec: str) -> Path:
     if shipped.is_file():
         return shipped
     names = sorted(p.stem for p in CONFIGS_DIR.glob("*.toml"))
-    raise ConfigError(f"config '{spec}' not found; pass a TOML file path or one of the shipped configs: {', '.join(names)}")
+    raise ConfigError(
+        f"config '{spec}' not found; pass a TOML file path or one of the shipped configs: {', '.join(names)}"
+    )
 
 
 def parse_overrides(args: list[str]) -> list[tuple[str, str, str]]:
@@ -270,7 +274,9 @@ def parse_overrides(args: list[str]) -> list[tuple[str, str, str]]:
     while i < len(args):
         arg = args[i]
         if not arg.startswith("--") or "." not in arg:
-            raise ConfigError(f"unexpected argument '{arg}'; overrides look like --section.key value (e.g. --training.lr 1e-3)")
+            raise ConfigError(
+                f"unexpected argument '{arg}'; overrides look like --section.key value (e.g. --training.lr 1e-3)"
+            )
         dotted, eq, value = arg[2:].partition("=")
         if not eq:
             if i + 1 >= len(args):
@@ -324,15 +330,24 @@ def validate(cfg: Config) -> None:
         if value < 1:
             raise ConfigError(f"{key} = {value} must be at least 1")
     if cfg.checkpoint.s3_max_attempts < 0:
-        raise ConfigError(f"checkpoint.s3_max_attempts = {cfg.checkpoint.s3_max_attempts} must be 0 (botocore's default) or a number of attempts")
+        raise ConfigError(
+            f"checkpoint.s3_max_attempts = {cfg.checkpoint.s3_max_attempts} must be 0 (botocore's default) or a "
+            "number of attempts"
+        )
     if cfg.checkpoint.memory_interval < 0:
-        raise ConfigError(f"checkpoint.memory_interval = {cfg.checkpoint.memory_interval} must be 0 (off) or a number of steps")
+        raise ConfigError(
+            f"checkpoint.memory_interval = {cfg.checkpoint.memory_interval} must be 0 (off) or a number of steps"
+        )
     if cfg.checkpoint.preemption_grace_s <= 0:
         raise ConfigError(f"checkpoint.preemption_grace_s = {cfg.checkpoint.preemption_grace_s} must be positive")
     if t.lr <= 0:
         raise ConfigError(f"training.lr = {t.lr} must be positive")
     h = cfg.health
-    for key, value in (("health.fingerprint_every", h.fingerprint_every), ("health.golden_every", h.golden_every), ("health.spike_factor", h.spike_factor)):
+    for key, value in (
+        ("health.fingerprint_every", h.fingerprint_every),
+        ("health.golden_every", h.golden_every),
+        ("health.spike_factor", h.spike_factor),
+    ):
         if value < 0:
             raise ConfigError(f"{key} = {value} must be >= 0 (0 turns the check off)")
     if h.heartbeat_interval_s <= 0:
@@ -345,6 +360,11 @@ def validate(cfg: Config) -> None:
         if not d.path:
             raise ConfigError('data.source = "files" needs data.path: a file or folder of .txt/.jsonl text')
         if not Path(d.path).exists():
-            raise ConfigError(f"data.path '{d.path}' does not exist; pass a file or folder of .txt/.jsonl text, or use data.source = \"stdlib\"")
+            raise ConfigError(
+                f"data.path '{d.path}' does not exist; pass a file or folder of .txt/.jsonl text, or use data.source "
+                '= "stdlib"'
+            )
     if d.tokenizer != "byte" and not Path(d.tokenizer).exists():
-        raise ConfigError(f"data.tokenizer '{d.tokenizer}' does not exist; use \"byte\" or the path of a tokenizer.json")
+        raise ConfigError(
+            f"data.tokenizer '{d.tokenizer}' does not exist; use \"byte\" or the path of a tokenizer.json"
+        )

@@ -36,6 +36,7 @@ from stalwart.runtime.config import HealthConfig
 
 log = logging.getLogger(__name__)
 
+
 class NodeUnhealthy(RuntimeError):
     """healthd asked this job to stop: exit non-zero so the agent restarts the group without the node."""
 
@@ -143,7 +144,8 @@ class StepHealth:
             if finding is not None:
                 self.reporter.report(step, finding, "golden workload at start-up")
                 raise RuntimeError(
-                    f"golden workload at start-up: ranks {list(finding.faulty or finding.suspects)} compute wrong results; "
+                    f"golden workload at start-up: ranks {list(finding.faulty or finding.suspects)} compute wrong "
+                    "results; "
                     "take their nodes out of service (healthd was told where attached) and restart"
                 )
         if self.heartbeat is not None:
@@ -165,7 +167,8 @@ class StepHealth:
             if finding is None:
                 self.ledger.passed(step)
                 if forced and not anomaly.outcome.ranks:
-                    # The recomputations disagreed but the state is consistent (the update was skipped): report, no rollback.
+                    # The recomputations disagreed but the state is consistent (the update was skipped):
+                    # report, no rollback.
                     suspects = SdcFinding("replay", suspects=tuple(range(self.world_size)))
                     self.reporter.report(step, suspects, f"replay at step {step}: {anomaly.outcome.detail}")
             else:
@@ -190,12 +193,15 @@ class StepHealth:
     def rollback(self, reason: str, from_step: int) -> int:
         """Load the newest verified checkpoint into the live state; collective. Returns its step."""
         if self.checkpoints is None:
-            raise RuntimeError(f"cannot roll back ({reason}): checkpoints are disabled; "
-                               "set checkpoint.enabled = true or health.rollback_on_sdc = false")
+            raise RuntimeError(
+                f"cannot roll back ({reason}): checkpoints are disabled; "
+                "set checkpoint.enabled = true or health.rollback_on_sdc = false"
+            )
         self.checkpoints.settle()
         self.ledger.record()  # steps a passing check covered must be marked before choosing among them
-        to_step = self.checkpoints.rollback(reason=reason, from_step=from_step,
-                                            to="latest-verified" if self.cfg.verify_checkpoints else "latest")
+        to_step = self.checkpoints.rollback(
+            reason=reason, from_step=from_step, to="latest-verified" if self.cfg.verify_checkpoints else "latest"
+        )
         self.ledger.rolled_back(to_step)
         if self.is_main:
             print(f"rollback: step {from_step} -> verified step {to_step} ({reason})", flush=True)
@@ -205,15 +211,27 @@ class StepHealth:
         outcome = anomaly.outcome
         if anomaly.bad_data:
             if self.is_main:
-                self.events.emit(EventKind.FAULT_DETECTED, fault="bad_data", target=f"step{step}", detector="replay",
-                                 detail={"reason": anomaly.reason, "verdict": outcome.verdict.value, "detail": outcome.detail})
+                self.events.emit(
+                    EventKind.FAULT_DETECTED,
+                    fault="bad_data",
+                    target=f"step{step}",
+                    detector="replay",
+                    detail={"reason": anomaly.reason, "verdict": outcome.verdict.value, "detail": outcome.detail},
+                )
                 print(f"step {step}: {anomaly.reason}; replay reproduced it: bad data, update skipped", flush=True)
             return
         if self.is_main:
-            print(f"step {step}: {anomaly.reason}; replay points at hardware ({outcome.detail}); update skipped, checking replicas",
-                  flush=True)
+            print(
+                f"step {step}: {anomaly.reason}; replay points at hardware ({outcome.detail}); update skipped, "
+                "checking replicas",
+                flush=True,
+            )
         if outcome.ranks:  # a rank that cannot reproduce its own step names itself
-            self.reporter.report(step, SdcFinding("replay", faulty=outcome.ranks), f"replay of step {step} ({anomaly.reason}: {outcome.detail})")
+            self.reporter.report(
+                step,
+                SdcFinding("replay", faulty=outcome.ranks),
+                f"replay of step {step} ({anomaly.reason}: {outcome.detail})",
+            )
 
     def close(self) -> None:
         if self.heartbeat is not None:

@@ -11,7 +11,9 @@ from torch.optim.lr_scheduler import LambdaLR
 from stalwart.runtime.config import TrainingConfig
 
 
-def build_optimizer(params: Iterable[torch.nn.Parameter], cfg: TrainingConfig, device: torch.device) -> torch.optim.AdamW:
+def build_optimizer(
+    params: Iterable[torch.nn.Parameter], cfg: TrainingConfig, device: torch.device
+) -> torch.optim.AdamW:
     """Fused AdamW on CUDA (one kernel for all parameters), foreach on CPU."""
     fused = device.type == "cuda"
     return torch.optim.AdamW(

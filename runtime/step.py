@@ -107,7 +107,9 @@ class ModelStep:
         for i, (inputs, labels) in enumerate(batch):
             if hasattr(model, "set_requires_gradient_sync"):
                 model.set_requires_gradient_sync(i == n - 1)
-            inputs, labels = self._local_sequence(inputs.to(device, non_blocking=True), labels.to(device, non_blocking=True))
+            inputs, labels = self._local_sequence(
+                inputs.to(device, non_blocking=True), labels.to(device, non_blocking=True)
+            )
             with loss_context(self.loss_parallel):
                 with self._autocast():
                     logits = model(inputs)
@@ -119,7 +121,9 @@ class ModelStep:
     def _pipeline(self, batch: Batch) -> torch.Tensor:
         """One schedule run over this rank's whole local batch; the loss is known on the last stage only."""
         device = self.device
-        inputs, labels = self._local_sequence(torch.cat([x for x, _ in batch]).to(device), torch.cat([y for _, y in batch]).to(device))
+        inputs, labels = self._local_sequence(
+            torch.cat([x for x, _ in batch]).to(device), torch.cat([y for _, y in batch]).to(device)
+        )
         with self._autocast():
             loss = pipeline_step(self.schedule, inputs, labels, self.has_first_stage, self.has_last_stage)
         return loss.detach() if loss is not None else torch.zeros((), device=device)
@@ -146,12 +150,14 @@ def sync_job(local_loss: torch.Tensor, grad_norm: torch.Tensor, *, stop: bool, p
     """
     world = dist.get_world_size() if dist.is_initialized() else 1
     first = not dist.is_initialized() or dist.get_rank() == 0
-    values = torch.stack([
-        local_loss.detach().double() * (pp / world),
-        grad_norm.detach().double() if first else torch.zeros((), dtype=torch.float64, device=grad_norm.device),
-        torch.tensor(float(stop), dtype=torch.float64, device=grad_norm.device),
-        torch.tensor(float(preempted), dtype=torch.float64, device=grad_norm.device),
-    ]).cpu()
+    values = torch.stack(
+        [
+            local_loss.detach().double() * (pp / world),
+            grad_norm.detach().double() if first else torch.zeros((), dtype=torch.float64, device=grad_norm.device),
+            torch.tensor(float(stop), dtype=torch.float64, device=grad_norm.device),
+            torch.tensor(float(preempted), dtype=torch.float64, device=grad_norm.device),
+        ]
+    ).cpu()
     if world > 1:
         dist.all_reduce(values, op=dist.ReduceOp.SUM)  # default group, CPU tensor: gloo on every job
     loss, norm, stop_sum, preempted_sum = values.tolist()

@@ -125,7 +125,9 @@ class Trainer:
         self.counter = StepCounter()
         self.state = train_state(self.model_parts, self.optimizers, self.counter, self.loader)
         self.checkpointer = self._build_checkpointer()
-        replica_group = self.mesh["dp_replicate"].get_group() if self.mesh is not None and self.dims.dp_replicate > 1 else None
+        replica_group = (
+            self.mesh["dp_replicate"].get_group() if self.mesh is not None and self.dims.dp_replicate > 1 else None
+        )
         collectives = ProcessGroupCollectives(self.env.world_size, replica_group)
         self.health = self._build_health(collectives)
         self.guard = AnomalyGuard(self.model_step, collectives.gather_world, cfg.health.spike_factor)
@@ -167,10 +169,16 @@ class Trainer:
                     return
                 if result.stop:
                     status = "stopped_by_healthd"
-                    raise NodeUnhealthy(f"healthd marked this job's node unhealthy; stopped after step {self.step} (see RUN/health/)")
+                    raise NodeUnhealthy(
+                        f"healthd marked this job's node unhealthy; stopped after step {self.step} (see RUN/health/)"
+                    )
                 if self.health.after_step(self.step, step_seconds, result.anomaly) == StepAction.ROLLED_BACK:
                     continue
-                if self.checkpointer and self.checkpointer.maybe_save(self.step, last=self.step == cfg.training.steps) and self.faults:
+                if (
+                    self.checkpointer
+                    and self.checkpointer.maybe_save(self.step, last=self.step == cfg.training.steps)
+                    and self.faults
+                ):
                     self.faults.after_save_started(self.step)
             if self.checkpointer:
                 self.checkpointer.finished()
@@ -182,7 +190,7 @@ class Trainer:
             self.events.close()
 
     def train_step(self, batch: Batch, *, stop: bool = False, preempted: bool = False) -> StepResult:
-        """Forward/backward, clip, one job-wide sync, the anomaly guard, the update. The loss is the mean over all tokens."""
+        """Forward/backward, clip, one job-wide sync, the anomaly guard, the update (loss: the job's token mean)."""
         local_loss = self.model_step.forward_backward(batch)
         grad_norm = self.model_step.clip(self.cfg.training.max_grad_norm)
         job = sync_job(local_loss, grad_norm, stop=stop, preempted=preempted, pp=self.dims.pp)
@@ -195,9 +203,17 @@ class Trainer:
         cfg = self.cfg
         tokens = cfg.training.global_batch_size * cfg.data.seq_len
         metrics = StepMetrics(
-            step=self.step, total_steps=cfg.training.steps, loss=result.loss, grad_norm=result.grad_norm, lr=lr,
-            step_seconds=step_seconds, data_seconds=data_seconds, tokens=tokens, world_size=self.env.world_size,
-            mfu=self._mfu(tokens / step_seconds), memory=memory_bytes(self.env.device),
+            step=self.step,
+            total_steps=cfg.training.steps,
+            loss=result.loss,
+            grad_norm=result.grad_norm,
+            lr=lr,
+            step_seconds=step_seconds,
+            data_seconds=data_seconds,
+            tokens=tokens,
+            world_size=self.env.world_size,
+            mfu=self._mfu(tokens / step_seconds),
+            memory=memory_bytes(self.env.device),
         )
         self.history.append(result)
         self.events.emit(EventKind.STEP_END, **metrics.event_fields())
@@ -221,13 +237,25 @@ class Trainer:
     def _build_loader(self) -> GlobalBatchLoader:
         d = self.cfg.data
         dataset = PackedDataset.from_source(
-            source=d.source, path=d.path or None, tokenizer=self.tokenizer, seq_len=d.seq_len, jsonl_field=d.jsonl_field,
-            max_tokens=d.max_tokens or None, cache_dir=self.cfg.run_dir / "cache",
+            source=d.source,
+            path=d.path or None,
+            tokenizer=self.tokenizer,
+            seq_len=d.seq_len,
+            jsonl_field=d.jsonl_field,
+            max_tokens=d.max_tokens or None,
+            cache_dir=self.cfg.run_dir / "cache",
         )
-        dp_rank, dp_size = (self.mesh["dp"].get_local_rank(), self.mesh["dp"].size()) if self.mesh is not None else (0, 1)
+        dp_rank, dp_size = (
+            (self.mesh["dp"].get_local_rank(), self.mesh["dp"].size()) if self.mesh is not None else (0, 1)
+        )
         return GlobalBatchLoader(
-            dataset, global_batch_size=self.cfg.training.global_batch_size, microbatch_size=self.cfg.training.microbatch_size,
-            dp_rank=dp_rank, dp_size=dp_size, seed=self.cfg.job.seed, shuffle=d.shuffle,
+            dataset,
+            global_batch_size=self.cfg.training.global_batch_size,
+            microbatch_size=self.cfg.training.microbatch_size,
+            dp_rank=dp_rank,
+            dp_size=dp_size,
+            seed=self.cfg.job.seed,
+            shuffle=d.shuffle,
         )
 
     def _build_model_step(self) -> ModelStep:
@@ -244,8 +272,13 @@ class Trainer:
             return ModelStep([part], dims, mesh, self.env.device, dtype)
         p = self.cfg.parallel
         stages, parts = build_pipeline_stages(
-            model, mesh["pp"], p.pp_schedule, self.env.device,
-            parallelize_fn=lambda part: parallelize_model(part, dims, mesh, dtype, self.cfg.data.seq_len, for_pipeline=True, **memory_and_speed),
+            model,
+            mesh["pp"],
+            p.pp_schedule,
+            self.env.device,
+            parallelize_fn=lambda part: parallelize_model(
+                part, dims, mesh, dtype, self.cfg.data.seq_len, for_pipeline=True, **memory_and_speed
+            ),
         )
         schedule = build_schedule(stages, p.pp_microbatches or dims.pp, cross_entropy_loss, p.pp_schedule)
         return ModelStep(parts, dims, mesh, self.env.device, dtype, schedule, stage_roles(stages))
@@ -259,8 +292,12 @@ class Trainer:
             fingerprint = f"{self.env.world_size}:{sorted(self.dims.as_dict().items())}:{self.cfg.layout_hash()}"
             memory = MemoryTier(c.memory_dir or default_memory_dir(self.cfg.run_dir), fingerprint, events=self.events)
         manager = CheckpointManager(
-            self.cfg.checkpoint_url, s3_storage_options(c.s3_endpoint, c.s3_max_attempts), keep_last=c.keep_last, keep_every=c.keep_every,
-            events=self.events, memory=memory,
+            self.cfg.checkpoint_url,
+            s3_storage_options(c.s3_endpoint, c.s3_max_attempts),
+            keep_last=c.keep_last,
+            keep_every=c.keep_every,
+            events=self.events,
+            memory=memory,
         )
         meta = SaveMeta(self.dims.as_dict(), self.cfg.layout_hash(), hf_config_from_args(self.model_args))
         # on_save is the health side's checkpoint phase; bound once the health components exist.
@@ -270,31 +307,59 @@ class Trainer:
         h, env = self.cfg.health, self.env
         replicas = collectives.replica_group is not None
         if not replicas and h.fingerprint_every and env.is_main:
-            print("sdc: no data-parallel replicas (dp_replicate = 1): parameter fingerprints are off; "
-                  "golden workload and anomaly replay stay on", flush=True)
-        monitor = SdcMonitor(self.model_step.named_parameters, collectives, env.device, replicas=replicas,
-                             fingerprint_every=h.fingerprint_every, golden_every=h.golden_every)
+            print(
+                "sdc: no data-parallel replicas (dp_replicate = 1): parameter fingerprints are off; "
+                "golden workload and anomaly replay stay on",
+                flush=True,
+            )
+        monitor = SdcMonitor(
+            self.model_step.named_parameters,
+            collectives,
+            env.device,
+            replicas=replicas,
+            fingerprint_every=h.fingerprint_every,
+            golden_every=h.golden_every,
+        )
         where = {"node": os.environ.get("GROUP_RANK", "0"), "local_rank": env.local_rank, "device": str(env.device)}
-        reporter = FindingReporter(self.events, env.rank, where, is_main=env.is_main, quarantine=quarantine_through(self.heartbeat, env.rank))
+        reporter = FindingReporter(
+            self.events, env.rank, where, is_main=env.is_main, quarantine=quarantine_through(self.heartbeat, env.rank)
+        )
         manager = self.checkpointer.manager if self.checkpointer is not None else None
         ledger = VerificationLedger(manager, enabled=h.verify_checkpoints and manager is not None, writer=env.is_main)
-        health = StepHealth(h, rank=env.rank, is_main=env.is_main, world_size=env.world_size, events=self.events, monitor=monitor,
-                            reporter=reporter, ledger=ledger, checkpoints=self.checkpointer, heartbeat=self.heartbeat,
-                            controller=connect_controller())
+        health = StepHealth(
+            h,
+            rank=env.rank,
+            is_main=env.is_main,
+            world_size=env.world_size,
+            events=self.events,
+            monitor=monitor,
+            reporter=reporter,
+            ledger=ledger,
+            checkpoints=self.checkpointer,
+            heartbeat=self.heartbeat,
+            controller=connect_controller(),
+        )
         if self.checkpointer is not None:
             self.checkpointer.on_save = health.checkpoint_phase
         return health
 
     def _resume(self) -> None:
-        """Continue from a controller's rollback order, else the newest intact committed step; fresh when there is none."""
+        """Continue from a controller's rollback order, else the newest intact committed step (or start fresh)."""
         order = pending_rollback(self.cfg.run_dir)
         if order is not None:
             try:
-                step = self.checkpointer.rollback(reason=f"controller order: {order.reason}", from_step=None, to=order.step,
-                                                  verified_only=self.cfg.health.verify_checkpoints, rollback_request=order.id)
+                step = self.checkpointer.rollback(
+                    reason=f"controller order: {order.reason}",
+                    from_step=None,
+                    to=order.step,
+                    verified_only=self.cfg.health.verify_checkpoints,
+                    rollback_request=order.id,
+                )
             except NoCheckpointError as e:
-                raise CheckpointError(f"the controller's rollback order to step {order.step} cannot be carried out: {e}; "
-                                      f"delete {self.cfg.run_dir / ROLLBACK_FILE} to resume from the newest step") from None
+                raise CheckpointError(
+                    f"the controller's rollback order to step {order.step} cannot be carried out: {e}; "
+                    f"delete {self.cfg.run_dir / ROLLBACK_FILE} to resume from the newest step"
+                ) from None
             if self.env.is_main:
                 mark_applied(self.cfg.run_dir, order, step)
                 print(f"rolled back to step {step} as the controller ordered ({order.reason})", flush=True)

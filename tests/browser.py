@@ -28,7 +28,9 @@ def ensure_chromium() -> tuple[str, str]:
     if browser and driver:
         return browser, driver
     if not shutil.which("apt-get") or os.geteuid() != 0:
-        pytest.fail(f"headless Chromium is missing: run `apt-get update && apt-get install -y {' '.join(PACKAGES)}` as root")
+        pytest.fail(
+            f"headless Chromium is missing: run `apt-get update && apt-get install -y {' '.join(PACKAGES)}` as root"
+        )
     env = dict(os.environ, DEBIAN_FRONTEND="noninteractive")
     for cmd in (["apt-get", "update", "-q"], ["apt-get", "install", "-y", "-q", "--no-install-recommends", *PACKAGES]):
         done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=900, check=False)
@@ -49,7 +51,13 @@ def chromium() -> Iterator:
     browser, driver_path = ensure_chromium()
     options = webdriver.ChromeOptions()
     options.binary_location = browser
-    for arg in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage", "--window-size=1280,1000"):
+    for arg in (
+        "--headless=new",
+        "--no-sandbox",
+        "--disable-gpu",
+        "--disable-dev-shm-usage",
+        "--window-size=1280,1000",
+    ):
         options.add_argument(arg)
     driver = webdriver.Chrome(service=Service(driver_path), options=options)
     try:

@@ -29,17 +29,47 @@ from stalwart.goodput.accounting import CATEGORIES, PRODUCTIVE, GoodputReport, c
 ROOT = Path(__file__).resolve().parent.parent
 STEPS = 10
 JOB = [
-    "--model.n_layers", "2", "--data.seq_len", "32", "--data.max_tokens", "20000", "--training.steps", str(STEPS),
-    "--training.global_batch_size", "8", "--training.microbatch_size", "4", "--training.threads_per_rank", "1",
-    "--training.warmup_steps", "2", "--checkpoint.interval", "2", "--checkpoint.keep_last", "8",
-    "--health.golden_every", "0", "--health.fingerprint_every", "0",
+    "--model.n_layers",
+    "2",
+    "--data.seq_len",
+    "32",
+    "--data.max_tokens",
+    "20000",
+    "--training.steps",
+    str(STEPS),
+    "--training.global_batch_size",
+    "8",
+    "--training.microbatch_size",
+    "4",
+    "--training.threads_per_rank",
+    "1",
+    "--training.warmup_steps",
+    "2",
+    "--checkpoint.interval",
+    "2",
+    "--checkpoint.keep_last",
+    "8",
+    "--health.golden_every",
+    "0",
+    "--health.fingerprint_every",
+    "0",
 ]
 # tp=2 within a node; replicas across nodes (dp_replicate grows and shrinks with the node count).
 TP2 = ["--parallel.tp", "2", "--parallel.dp_replicate", "-1", "--parallel.dp_shard", "1"]
 # Two replicas on one node: what the cross-replica fingerprints need.
 DDP2 = ["--parallel.dp_replicate", "2", "--parallel.dp_shard", "1", "--health.fingerprint_every", "1"]
-FAST = ["--rdzv-conf", "last_call_timeout=2,keep_alive_interval=1,keep_alive_max_attempt=3,join_timeout=300,read_timeout=20",
-        "--monitor-interval", "0.2", "--peer-timeout", "6", "--max-restarts", "6", "--failure-stop-timeout", "3"]
+FAST = [
+    "--rdzv-conf",
+    "last_call_timeout=2,keep_alive_interval=1,keep_alive_max_attempt=3,join_timeout=300,read_timeout=20",
+    "--monitor-interval",
+    "0.2",
+    "--peer-timeout",
+    "6",
+    "--max-restarts",
+    "6",
+    "--failure-stop-timeout",
+    "3",
+]
 
 
 @dataclass
@@ -64,16 +94,43 @@ class Cluster:
 
     def start(self, node: str) -> subprocess.Popen:
         argv = [
-            sys.executable, "-m", "stalwart", "launch", "--config", "debug", "--nnodes", self.nnodes, "--nproc-per-node", "2",
-            "--rdzv-endpoint", self.rdzv, "--rdzv-id", "chaos", "--node-id", node, "--run-dir", str(self.run_dir),
-            "--healthd", f"127.0.0.1:{free_port()}", "--controller", self.controller, *FAST, *JOB, *self.layout, *self.extra,
+            sys.executable,
+            "-m",
+            "stalwart",
+            "launch",
+            "--config",
+            "debug",
+            "--nnodes",
+            self.nnodes,
+            "--nproc-per-node",
+            "2",
+            "--rdzv-endpoint",
+            self.rdzv,
+            "--rdzv-id",
+            "chaos",
+            "--node-id",
+            node,
+            "--run-dir",
+            str(self.run_dir),
+            "--healthd",
+            f"127.0.0.1:{free_port()}",
+            "--controller",
+            self.controller,
+            *FAST,
+            *JOB,
+            *self.layout,
+            *self.extra,
         ]
         self.run_dir.mkdir(parents=True, exist_ok=True)
         log = open(self.run_dir / f"launch-{node}-{len(self.nodes)}.log", "ab")
-        proc = subprocess.Popen(argv, cwd=ROOT, env=self.env(), stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+        proc = subprocess.Popen(
+            argv, cwd=ROOT, env=self.env(), stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL
+        )
         self.nodes[f"{node}#{len(self.nodes)}"] = proc
         if len(self.nodes) == 1:
-            wait_until_listening(self.rdzv, proc)  # the first node hosts the rendezvous store: the one node a job can't lose
+            wait_until_listening(
+                self.rdzv, proc
+            )  # the first node hosts the rendezvous store: the one node a job can't lose
         return proc
 
     def wait(self, timeout: float = 300) -> dict[str, int]:
@@ -83,7 +140,9 @@ class Cluster:
         return {name: proc.returncode for name, proc in self.nodes.items()}
 
     def logs(self) -> str:
-        return "\n".join(f"--- {p.name}\n{p.read_text(errors='replace')[-3000:]}" for p in sorted(self.run_dir.glob("launch-*.log")))
+        return "\n".join(
+            f"--- {p.name}\n{p.read_text(errors='replace')[-3000:]}" for p in sorted(self.run_dir.glob("launch-*.log"))
+        )
 
     def kill_all(self) -> None:
         """Every launcher and everything it started (elastic puts ranks in sessions of their own)."""
@@ -127,7 +186,11 @@ def faults_detected(run_dir: Path, fault: str | None = None) -> list[dict[str, A
 
 
 def assert_recovered(
-    run_dir: Path, reference: dict[int, float], exact: bool = True, checkpoint_url: str | None = None, options: dict | None = None
+    run_dir: Path,
+    reference: dict[int, float],
+    exact: bool = True,
+    checkpoint_url: str | None = None,
+    options: dict | None = None,
 ) -> GoodputReport:
     """Target reached, checkpoints intact, losses as fault-free, costs accounted; returns the goodput report."""
     got = trajectory(run_dir)
@@ -137,12 +200,18 @@ def assert_recovered(
         if exact:
             assert got[step] == loss, f"step {step}: loss {got[step]!r} after recovery, {loss!r} fault-free"
         else:  # another data-parallel degree after a resize: the same sums in another order
-            assert math.isclose(got[step], loss, rel_tol=1e-4), f"step {step}: loss {got[step]!r} vs fault-free {loss!r}"
+            assert math.isclose(got[step], loss, rel_tol=1e-4), (
+                f"step {step}: loss {got[step]!r} vs fault-free {loss!r}"
+            )
 
     # No committed checkpoint lost or loaded corrupted: the corrupted step (if any) was never loaded,
     # and the newest committed step is the target and passes its checksums.
     evs = events(run_dir)
-    corrupted = {Path(e["target"]).parent.name for e in evs if e["kind"] == "fault_injected" and e.get("fault") == "ckpt_corrupt_file"}
+    corrupted = {
+        Path(e["target"]).parent.name
+        for e in evs
+        if e["kind"] == "fault_injected" and e.get("fault") == "ckpt_corrupt_file"
+    }
     for load in (e for e in evs if e["kind"] == "ckpt_load" and e.get("tier") != "memory"):
         assert f"step-{load['step']:08d}" not in corrupted, f"the corrupted step {load['step']} was loaded"
     manager = CheckpointManager(checkpoint_url or str(run_dir / "checkpoints"), options)

@@ -41,7 +41,13 @@ def save_fsdp(url: str, model_config: dict | None = None) -> dict[str, dict[str,
     for step in (1, 2):
         _train_one_step(model, optimizer)
         model_sd, optim_sd = get_state_dict(model, optimizer)
-        manager.save(step, {"model": model_sd, "optim": optim_sd, "step": step}, layout=layout, async_=step == 2, model=model_config)
+        manager.save(
+            step,
+            {"model": model_sd, "optim": optim_sd, "step": step},
+            layout=layout,
+            async_=step == 2,
+            model=model_config,
+        )
     expected = {
         "model": {k: _full(v) for k, v in model.state_dict().items()},
         "exp_avg": {fqn: _full(st["exp_avg"]) for fqn, st in optim_sd["state"].items()},

@@ -15,7 +15,11 @@ TOKEN = "controller-test-token"
 
 
 def spawn_rank(healthd: str, controller: str, node: int, rank: int, compute_s: float) -> subprocess.Popen:
-    proc = subprocess.Popen([sys.executable, str(CASES), healthd, controller, str(node), str(rank), str(compute_s)], stdout=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(
+        [sys.executable, str(CASES), healthd, controller, str(node), str(rank), str(compute_s)],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
     line = proc.stdout.readline()
     assert line.strip() == "ready", f"rank {rank} did not start (got {line!r}, exit {proc.poll()})"
     return proc

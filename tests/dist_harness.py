@@ -25,7 +25,9 @@ REPO = Path(__file__).resolve().parent.parent
 RANK_MAIN = Path(__file__).resolve().parent / "_rank_main.py"
 
 
-def run_ranks(target: str, world_size: int, timeout: float = 300.0, env: dict[str, str] | None = None, **kwargs: Any) -> list[Any]:
+def run_ranks(
+    target: str, world_size: int, timeout: float = 300.0, env: dict[str, str] | None = None, **kwargs: Any
+) -> list[Any]:
     file, _, func = target.partition(":")
     path = Path(file) if Path(file).is_absolute() else REPO / file
     with tempfile.TemporaryDirectory(prefix="ranks-") as tmp:
@@ -45,7 +47,17 @@ def run_ranks(target: str, world_size: int, timeout: float = 300.0, env: dict[st
                 **(env or {}),
             }
             err = open(Path(tmp) / f"stderr-{rank}.txt", "w")
-            procs.append((subprocess.Popen([sys.executable, str(RANK_MAIN), str(path), func, tmp], env=rank_env, stdout=err, stderr=subprocess.STDOUT), err))
+            procs.append(
+                (
+                    subprocess.Popen(
+                        [sys.executable, str(RANK_MAIN), str(path), func, tmp],
+                        env=rank_env,
+                        stdout=err,
+                        stderr=subprocess.STDOUT,
+                    ),
+                    err,
+                )
+            )
         deadline = time.monotonic() + timeout
         first_failed: list[int] = []  # ranks in the order they were seen failing: the first is the cause
         try:
@@ -73,7 +85,8 @@ def run_ranks(target: str, world_size: int, timeout: float = 300.0, env: dict[st
             failed = first_failed + [r for r, c in enumerate(codes) if c not in (0, -9) and r not in first_failed]
             failed = failed or list(range(world_size))
             logs = "\n".join(
-                f"--- rank {r} (exit {codes[r]}):\n{(Path(tmp) / f'stderr-{r}.txt').read_text()[-4000:]}" for r in failed[:4]
+                f"--- rank {r} (exit {codes[r]}):\n{(Path(tmp) / f'stderr-{r}.txt').read_text()[-4000:]}"
+                for r in failed[:4]
             )
             reason = "timed out" if time.monotonic() > deadline else f"exit codes {codes}"
             raise AssertionError(f"{target} on {world_size} ranks {reason}\n{logs}")

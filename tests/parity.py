@@ -26,7 +26,9 @@ def debug_args(n_layers: int = 2) -> ModelArgs:
     return dataclasses.replace(get_flavor("debug"), n_layers=n_layers)
 
 
-def make_batches(vocab_size: int, steps: int = 5, batch: int = 4, seq_len: int = 32, seed: int = 0) -> list[tuple[torch.Tensor, torch.Tensor]]:
+def make_batches(
+    vocab_size: int, steps: int = 5, batch: int = 4, seq_len: int = 32, seed: int = 0
+) -> list[tuple[torch.Tensor, torch.Tensor]]:
     """``steps`` global batches of (inputs, labels), deterministic."""
     g = torch.Generator().manual_seed(seed)
     out = []
@@ -91,7 +93,9 @@ def assert_close_runs(got: RunResult, ref: RunResult, rtol: float = RTOL, params
             err = torch.linalg.vector_norm(got.params[k] - ref.params[k]) / torch.linalg.vector_norm(ref.params[k])
             assert err <= rtol, f"{k}: relative norm error {err.item():.3g} > {rtol}"
         else:
-            torch.testing.assert_close(got.params[k], ref.params[k], rtol=rtol, atol=rtol * 1e-2, msg=lambda m, k=k: f"{k}: {m}")
+            torch.testing.assert_close(
+                got.params[k], ref.params[k], rtol=rtol, atol=rtol * 1e-2, msg=lambda m, k=k: f"{k}: {m}"
+            )
 
 
 def parallel_run(

@@ -32,7 +32,9 @@ def train_pp(schedule: str, pp: int, dp_shard: int, n_microbatches: int, batch: 
         apply_fsdp(part, mesh["dp_shard_cp"], reshard_after_forward=False)
         return part
 
-    stages, parts = build_pipeline_stages(model, mesh["pp"], schedule, device, parallelize_fn=fsdp if dp_shard > 1 else None)
+    stages, parts = build_pipeline_stages(
+        model, mesh["pp"], schedule, device, parallelize_fn=fsdp if dp_shard > 1 else None
+    )
     del model
     pp_schedule = build_schedule(stages, n_microbatches, cross_entropy_loss, schedule)
     has_first, has_last = stage_roles(stages)
@@ -57,7 +59,9 @@ def train_pp(schedule: str, pp: int, dp_shard: int, n_microbatches: int, batch: 
     state: dict[str, torch.Tensor] = {}
     for part in parts:
         part_state = full_state_dict(part)
-        assert not state.keys() & part_state.keys(), f"stages on one rank share FQNs: {state.keys() & part_state.keys()}"
+        assert not state.keys() & part_state.keys(), (
+            f"stages on one rank share FQNs: {state.keys() & part_state.keys()}"
+        )
         state.update(part_state)
     return {
         "pp_rank": mesh["pp"].get_local_rank(),

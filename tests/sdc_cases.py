@@ -10,8 +10,20 @@ from stalwart.runtime.config import load_config
 from stalwart.runtime.train import Trainer
 
 SMALL = [
-    "--training.warmup_steps", "0", "--training.lr", "1e-3", "--model.n_layers", "2", "--data.seq_len", "32",
-    "--data.max_tokens", "20000", "--training.threads_per_rank", "1", "--training.microbatch_size", "2",
+    "--training.warmup_steps",
+    "0",
+    "--training.lr",
+    "1e-3",
+    "--model.n_layers",
+    "2",
+    "--data.seq_len",
+    "32",
+    "--data.max_tokens",
+    "20000",
+    "--training.threads_per_rank",
+    "1",
+    "--training.microbatch_size",
+    "2",
 ]
 
 

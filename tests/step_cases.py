@@ -8,14 +8,39 @@ from trainer_cases import BASE
 from stalwart.runtime.config import load_config
 from stalwart.runtime.train import Trainer
 
-COLLECTIVES = ("all_reduce", "all_gather", "all_gather_into_tensor", "reduce_scatter_tensor", "broadcast", "all_gather_object",
-               "broadcast_object_list", "barrier", "all_to_all", "reduce", "gather", "scatter")
+COLLECTIVES = (
+    "all_reduce",
+    "all_gather",
+    "all_gather_into_tensor",
+    "reduce_scatter_tensor",
+    "broadcast",
+    "all_gather_object",
+    "broadcast_object_list",
+    "barrier",
+    "all_to_all",
+    "reduce",
+    "gather",
+    "scatter",
+)
 
 
 def job_wide_collectives_per_step(run_dir: str, overrides: list[str], steps: int = 3) -> list[list[str]]:
     """The c10d calls of each training step whose group spans the whole job (not parallelism's sub-groups)."""
-    cfg = load_config("debug", [*BASE, "--job.run_dir", run_dir, "--checkpoint.enabled", "false",
-                                "--health.golden_every", "0", "--health.fingerprint_every", "0", *overrides])
+    cfg = load_config(
+        "debug",
+        [
+            *BASE,
+            "--job.run_dir",
+            run_dir,
+            "--checkpoint.enabled",
+            "false",
+            "--health.golden_every",
+            "0",
+            "--health.fingerprint_every",
+            "0",
+            *overrides,
+        ],
+    )
     trainer = Trainer(cfg)
     world = dist.get_world_size()
     calls: list[str] = []

@@ -66,4 +66,3 @@ def tp_variants_vs_reference(dp_shard: int, tp: int, variants: list[dict]) -> li
             }
         )
     return out
-

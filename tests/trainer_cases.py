@@ -9,9 +9,24 @@ from stalwart.runtime.config import load_config
 from stalwart.runtime.train import Trainer
 
 BASE = [
-    "--training.steps", "5", "--training.global_batch_size", "8", "--training.microbatch_size", "2",
-    "--training.warmup_steps", "0", "--training.lr", "1e-3", "--model.n_layers", "4",
-    "--data.seq_len", "32", "--data.max_tokens", "20000", "--training.threads_per_rank", "1",
+    "--training.steps",
+    "5",
+    "--training.global_batch_size",
+    "8",
+    "--training.microbatch_size",
+    "2",
+    "--training.warmup_steps",
+    "0",
+    "--training.lr",
+    "1e-3",
+    "--model.n_layers",
+    "4",
+    "--data.seq_len",
+    "32",
+    "--data.max_tokens",
+    "20000",
+    "--training.threads_per_rank",
+    "1",
 ]
 
 

@@ -43,7 +43,10 @@ def generate(out_dir: str | Path) -> list[Path]:
         ]
         rc = protoc.main(args)
         if rc != 0:
-            raise RuntimeError(f"protoc failed (exit {rc}) on {[p.name for p in PROTOS]}; run `python -m grpc_tools.protoc --version` to check grpcio-tools")
+            raise RuntimeError(
+                f"protoc failed (exit {rc}) on {[p.name for p in PROTOS]}; run `python -m grpc_tools.protoc "
+                "--version` to check grpcio-tools"
+            )
         written = []
         for name in GENERATED:
             target = out_dir / name

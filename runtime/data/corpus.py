@@ -29,9 +29,32 @@ SOURCES: tuple[str, ...] = ("stdlib", "files")
 # Suffixes picked up when walking a folder. A file passed directly is read whatever its suffix.
 TEXT_SUFFIXES: frozenset[str] = frozenset(
     {
-        ".txt", ".md", ".rst", ".py", ".pyi", ".c", ".h", ".cc", ".cpp", ".hpp", ".rs", ".go",
-        ".java", ".js", ".ts", ".sh", ".html", ".css", ".tex", ".toml", ".yaml", ".yml",
-        ".cfg", ".ini", ".csv", ".jsonl",
+        ".txt",
+        ".md",
+        ".rst",
+        ".py",
+        ".pyi",
+        ".c",
+        ".h",
+        ".cc",
+        ".cpp",
+        ".hpp",
+        ".rs",
+        ".go",
+        ".java",
+        ".js",
+        ".ts",
+        ".sh",
+        ".html",
+        ".css",
+        ".tex",
+        ".toml",
+        ".yaml",
+        ".yml",
+        ".cfg",
+        ".ini",
+        ".csv",
+        ".jsonl",
     }
 )
 _SKIP_DIRS: frozenset[str] = frozenset({"site-packages", "dist-packages", "__pycache__"})
@@ -59,7 +82,7 @@ def stdlib_sources() -> list[Path]:
     if not files:
         raise MissingInputError(
             f"no standard-library .py files under '{root}' (stripped Python install?); "
-            "use source = \"files\" with a path to .txt/.jsonl data instead"
+            'use source = "files" with a path to .txt/.jsonl data instead'
         )
     return files
 
@@ -69,12 +92,10 @@ def corpus_files(source: str, path: str | Path | None = None) -> list[Path]:
     if source == "stdlib":
         return stdlib_sources()
     if source != "files":
-        raise ValueError(
-            f"unknown data source {source!r}; use source = \"stdlib\" or source = \"files\" (with a path)"
-        )
+        raise ValueError(f'unknown data source {source!r}; use source = "stdlib" or source = "files" (with a path)')
     if path is None:
         raise ValueError(
-            "data source \"files\" needs a path; pass a file or folder of .txt/.jsonl, or use source = \"stdlib\""
+            'data source "files" needs a path; pass a file or folder of .txt/.jsonl, or use source = "stdlib"'
         )
     p = Path(path).expanduser()
     if p.is_file():
@@ -87,7 +108,7 @@ def corpus_files(source: str, path: str | Path | None = None) -> list[Path]:
     if not files:
         raise MissingInputError(
             f"data folder '{path}' has no text files (looked for {', '.join(sorted(TEXT_SUFFIXES))}); "
-            "add some, point the path at a file, or use source = \"stdlib\""
+            'add some, point the path at a file, or use source = "stdlib"'
         )
     return files
 

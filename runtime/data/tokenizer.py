@@ -92,7 +92,7 @@ class HFTokenizer:
         if not self.path.is_file():
             raise MissingInputError(
                 f"tokenizer file '{self.path}' does not exist; pass a tokenizer.json "
-                "(or a folder containing one), or use the built-in tokenizer \"byte\""
+                '(or a folder containing one), or use the built-in tokenizer "byte"'
             )
         self._tok = _RustTokenizer.from_file(str(self.path))
         self.vocab_size = self._tok.get_vocab_size(with_added_tokens=True)
@@ -144,7 +144,7 @@ class HFTokenizer:
 
 
 def build_tokenizer(spec: str) -> Tokenizer:
-    """"byte" → ByteTokenizer; otherwise a tokenizer.json path or a folder that contains one."""
+    """ "byte" → ByteTokenizer; otherwise a tokenizer.json path or a folder that contains one."""
     if spec == "byte":
         return ByteTokenizer()
     path = Path(spec).expanduser()

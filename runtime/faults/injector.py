@@ -28,7 +28,9 @@ NODE_KINDS = frozenset({FaultKind.GPU_FAULT, FaultKind.KILL_AGENT})
 
 
 class FaultInjector:
-    def __init__(self, plan: FaultPlan, run_dir: str | Path, rank: int, local_rank: int, node: str, events: EventLog) -> None:
+    def __init__(
+        self, plan: FaultPlan, run_dir: str | Path, rank: int, local_rank: int, node: str, events: EventLog
+    ) -> None:
         self.plan, self.rank, self.local_rank, self.node, self.events = plan, rank, local_rank, node, events
         self.run_dir = Path(run_dir)
         self.ledger = self.run_dir / "faults" / "fired"
@@ -54,7 +56,9 @@ class FaultInjector:
             return False
 
     def _record(self, spec: FaultSpec, step: int) -> None:
-        target = (self.node if spec.node == ANY_NODE else spec.node) if spec.kind in NODE_KINDS else f"rank{spec.rank or 0}"
+        target = (
+            (self.node if spec.node == ANY_NODE else spec.node) if spec.kind in NODE_KINDS else f"rank{spec.rank or 0}"
+        )
         self.events.emit(EventKind.FAULT_INJECTED, fault=spec.kind.value, target=target, step=step, spec=spec.to_dict())
         self.events.flush()
 
@@ -80,7 +84,12 @@ class FaultInjector:
                 if directory is None or not self._claim(spec):
                     continue
                 self._record(spec, step)
-                self.events.emit(EventKind.FAULT_INJECTED, fault="ckpt_corrupt_file", target=str(corrupt_one_shard(directory, spec.step)), step=step)
+                self.events.emit(
+                    EventKind.FAULT_INJECTED,
+                    fault="ckpt_corrupt_file",
+                    target=str(corrupt_one_shard(directory, spec.step)),
+                    step=step,
+                )
                 self.events.flush()
                 continue
             if not self._claim(spec):
@@ -91,7 +100,12 @@ class FaultInjector:
     def after_save_started(self, step: int) -> None:
         """Right after a save began (async: its write is in flight): kill this rank mid-write."""
         for spec in self.plan.faults:
-            if spec.kind == FaultKind.CKPT_KILL_DURING_WRITE and spec.step <= step and self.mine(spec) and self._claim(spec):
+            if (
+                spec.kind == FaultKind.CKPT_KILL_DURING_WRITE
+                and spec.step <= step
+                and self.mine(spec)
+                and self._claim(spec)
+            ):
                 self._record(spec, step)
                 os.kill(os.getpid(), signal.SIGKILL)
 

@@ -35,15 +35,15 @@ class FaultInjectionDisabled(RuntimeError):
 
 
 class FaultKind(str, enum.Enum):
-    KILL_RANK = "kill_rank"          # SIGKILL one rank: the agent restarts the group
-    HANG = "hang"                    # one rank stops making progress (SIGSTOP, or sleep with `seconds`)
-    SLOW = "slow"                    # one rank computes `seconds` longer per step for `steps` steps: a straggler
-    FLIP_BIT = "flip_bit"            # one bit of one parameter element on one rank: silent data corruption
-    GPU_FAULT = "gpu_fault"          # the node's health probe reports a fatal GPU fault (XID 79)
-    KILL_AGENT = "kill_agent"        # SIGKILL one node's launcher agent and its workers: a lost node
+    KILL_RANK = "kill_rank"  # SIGKILL one rank: the agent restarts the group
+    HANG = "hang"  # one rank stops making progress (SIGSTOP, or sleep with `seconds`)
+    SLOW = "slow"  # one rank computes `seconds` longer per step for `steps` steps: a straggler
+    FLIP_BIT = "flip_bit"  # one bit of one parameter element on one rank: silent data corruption
+    GPU_FAULT = "gpu_fault"  # the node's health probe reports a fatal GPU fault (XID 79)
+    KILL_AGENT = "kill_agent"  # SIGKILL one node's launcher agent and its workers: a lost node
     CKPT_KILL_DURING_WRITE = "ckpt_kill_during_write"  # SIGKILL a rank while a save is being written
-    CKPT_CORRUPT = "ckpt_corrupt"    # flip a byte in a committed shard of the newest step
-    SIGTERM = "sigterm"              # preemption: SIGTERM to the launcher (or the rank without one)
+    CKPT_CORRUPT = "ckpt_corrupt"  # flip a byte in a committed shard of the newest step
+    SIGTERM = "sigterm"  # preemption: SIGTERM to the launcher (or the rank without one)
 
 
 @dataclass(frozen=True)

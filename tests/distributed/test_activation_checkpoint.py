@@ -64,7 +64,12 @@ def test_each_mode_trades_kept_activations_for_recomputation_with_the_same_gradi
         grads[mode] = [p.grad.clone() for p in model.parameters()]
     assert saved["full"] == saved["selective-op"] < saved["selective-layer"] < saved["none"], saved
     # Full recomputes every block's matmuls in backward; selective-op saved their outputs.
-    assert backward_matmuls["none"] == backward_matmuls["selective-op"] < backward_matmuls["selective-layer"] < backward_matmuls["full"], backward_matmuls
+    assert (
+        backward_matmuls["none"]
+        == backward_matmuls["selective-op"]
+        < backward_matmuls["selective-layer"]
+        < backward_matmuls["full"]
+    ), backward_matmuls
     for mode in ("selective-layer", "selective-op", "full"):
         for g, ref in zip(grads[mode], grads["none"]):
             torch.testing.assert_close(g, ref, rtol=1e-5, atol=1e-7)

@@ -66,7 +66,12 @@ def test_round_trip_model_optimizer_and_objects(tmp_path: Path) -> None:
     assert ".metadata" in manifest.files and all(len(f.checksum) == 8 for f in manifest.files.values())
 
     fresh_model, fresh_optimizer = _model_and_optimizer(seed=2, train=False)
-    target = _state(fresh_model, fresh_optimizer, loader={"position": 0, "epoch": 0}, **{manager.rank_key("rng"): torch.zeros_like(rng)})
+    target = _state(
+        fresh_model,
+        fresh_optimizer,
+        loader={"position": 0, "epoch": 0},
+        **{manager.rank_key("rng"): torch.zeros_like(rng)},
+    )
     assert manager.load(target) == 5
     set_state_dict(fresh_model, fresh_optimizer, model_state_dict=target["model"], optim_state_dict=target["optim"])
 
@@ -255,7 +260,9 @@ def test_s3_round_trip_and_outage(s3: LocalS3, tmp_path: Path) -> None:
     step4 = next(n for n in manager.storage.list_dir() if n.startswith("step-00000004"))
     with pytest.raises(FileExistsError):  # If-None-Match: a committed marker is never replaced
         manager.storage.write_bytes(f"{step4}/COMMITTED", b"{}", exclusive=True)
-    assert [n for n in manager.storage.list_dir() if ".tmp-" in n and n.startswith(("step-00000002", "step-00000003"))] == []
+    assert [
+        n for n in manager.storage.list_dir() if ".tmp-" in n and n.startswith(("step-00000002", "step-00000003"))
+    ] == []
 
     # An async save that fails is reported by the next save, which still goes ahead.
     manager.save(5, {"bad": lambda: None}, async_=True)

@@ -55,7 +55,15 @@ def reference() -> RunResult:
     ids=["cp2", "cp4", "dp2xcp2", "cp2xtp2"],
 )
 def test_training_matches_single_process(reference, world_size, dp_shard, cp, tp):
-    ranks = run_ranks("tests/cp_cases.py:cp_parity", world_size=world_size, timeout=180, dp_shard=dp_shard, cp=cp, tp=tp, seq_len=SEQ_LEN)
+    ranks = run_ranks(
+        "tests/cp_cases.py:cp_parity",
+        world_size=world_size,
+        timeout=180,
+        dp_shard=dp_shard,
+        cp=cp,
+        tp=tp,
+        seq_len=SEQ_LEN,
+    )
     # Each TP group shares one loss; every (dp, cp) slot holds the same token count, so the
     # global loss is the mean of the local means.
     losses = torch.tensor([r.losses for r in ranks]).mean(0).tolist()

@@ -49,11 +49,19 @@ def test_newest_complete_copy_among_tiers(tmp_path: Path) -> None:
     target = state(0)
     assert manager.load(target) == 3 and manager.last_load_tier == "local" and target["progress"] == {"step": 3}
     memory.save(4, state(4))
-    assert manager.load(target) == 4 and manager.last_load_tier == "memory" and torch.equal(target["w"], torch.full((8,), 4.0))
-    assert sorted(p.name for p in (tmp_path / "shm").iterdir()) == ["rank00000.step00000004.by00000.mem"]  # older copies go
+    assert (
+        manager.load(target) == 4
+        and manager.last_load_tier == "memory"
+        and torch.equal(target["w"], torch.full((8,), 4.0))
+    )
+    assert sorted(p.name for p in (tmp_path / "shm").iterdir()) == [
+        "rank00000.step00000004.by00000.mem"
+    ]  # older copies go
     assert manager.load(target, step=3) == 3 and manager.last_load_tier == "local"
     manager.mark_verified(3)
-    assert manager.load(target, step="latest-verified") == 3 and manager.last_load_tier == "local"  # memory: never verified
+    assert (
+        manager.load(target, step="latest-verified") == 3 and manager.last_load_tier == "local"
+    )  # memory: never verified
     # A torn memory copy is ignored: the persistent step is loaded instead.
     copy = next((tmp_path / "shm").iterdir())
     copy.write_bytes(copy.read_bytes()[:-3])
@@ -87,8 +95,14 @@ def test_rollback_loads_and_records_the_event(tmp_path: Path) -> None:
         manager.rollback(target, to=7, reason="typo", from_step=3)
     manager.close()
     log.flush()
-    rollbacks = [(e["from_step"], e["to_step"], e["reason"], e["tier"]) for e in read_events(run) if e["kind"] == "rollback"]
-    assert rollbacks == [(3, 3, "retry", "memory"), (3, 1, "sdc: replica mismatch", "local"), (3, 2, "loss spike", "local")]
+    rollbacks = [
+        (e["from_step"], e["to_step"], e["reason"], e["tier"]) for e in read_events(run) if e["kind"] == "rollback"
+    ]
+    assert rollbacks == [
+        (3, 3, "retry", "memory"),
+        (3, 1, "sdc: replica mismatch", "local"),
+        (3, 2, "loss spike", "local"),
+    ]
     log.close()
 
 
@@ -122,7 +136,9 @@ def test_retention_spares_the_step_being_read(tmp_path: Path) -> None:
 @pytest.mark.slow
 def test_lost_node_recovers_from_peer_copies(tmp_path: Path) -> None:
     """4 ranks on 2 simulated nodes: node 1's host memory is lost; its ranks' state comes from node 0."""
-    kwargs = dict(url=str(tmp_path / "ckpt"), memory_dir=str(tmp_path / "shm" / "node{node}"), run_dir=str(tmp_path / "run"))
+    kwargs = dict(
+        url=str(tmp_path / "ckpt"), memory_dir=str(tmp_path / "shm" / "node{node}"), run_dir=str(tmp_path / "run")
+    )
     env = {"LOCAL_WORLD_SIZE": "2"}
     saved = run_ranks("tests/memory_tier_cases.py:save", world_size=4, timeout=180, env=env, **kwargs)[0]
     assert len(list((tmp_path / "shm" / "node1").iterdir())) == 4  # own copies of ranks 2, 3 + peers of 0, 1

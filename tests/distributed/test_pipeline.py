@@ -29,7 +29,9 @@ def test_split_balances_cost_with_lighter_ends():
     assert split_stage_layers(3, 1) == [["0", "1", "2"]]
 
 
-@pytest.mark.parametrize("n_layers, n_stages, match", [(2, 3, "pp × stages_per_rank <= 2"), (4, 0, "at least one stage")])
+@pytest.mark.parametrize(
+    "n_layers, n_stages, match", [(2, 3, "pp × stages_per_rank <= 2"), (4, 0, "at least one stage")]
+)
 def test_split_rejects_impossible_layouts(n_layers, n_stages, match):
     with pytest.raises(ValueError, match=match):
         split_stage_layers(n_layers, n_stages)
@@ -75,8 +77,16 @@ PP2_SCHEDULES = ["1F1B", "GPipe", "Interleaved1F1B", "ZBVZeroBubble", "Interleav
 def pp2_results() -> dict[str, list[dict]]:
     """Every pp=2 schedule trained in one 2-rank run; results per schedule, in rank order."""
     per_rank = run_ranks(
-        "tests/pp_cases.py:train_pp_schedules", world_size=2, timeout=TIMEOUT,
-        schedules=PP2_SCHEDULES, pp=2, dp_shard=1, n_microbatches=4, batch=4, steps=STEPS, n_layers=N_LAYERS,
+        "tests/pp_cases.py:train_pp_schedules",
+        world_size=2,
+        timeout=TIMEOUT,
+        schedules=PP2_SCHEDULES,
+        pp=2,
+        dp_shard=1,
+        n_microbatches=4,
+        batch=4,
+        steps=STEPS,
+        n_layers=N_LAYERS,
     )
     return {s: [r[s] for r in per_rank] for s in PP2_SCHEDULES}
 
@@ -94,8 +104,16 @@ def test_pp2_matches_reference(schedule, pp2_results):
 def test_dp2_pp2_fsdp_matches_reference():
     # Local batch 4 per dp rank so that each rank still runs 4 pipeline microbatches.
     results = run_ranks(
-        "tests/pp_cases.py:train_pp", world_size=4, timeout=TIMEOUT,
-        schedule="1F1B", pp=2, dp_shard=2, n_microbatches=4, batch=8, steps=STEPS, n_layers=N_LAYERS,
+        "tests/pp_cases.py:train_pp",
+        world_size=4,
+        timeout=TIMEOUT,
+        schedule="1F1B",
+        pp=2,
+        dp_shard=2,
+        n_microbatches=4,
+        batch=8,
+        steps=STEPS,
+        n_layers=N_LAYERS,
     )
     assert [r["pp_rank"] for r in results] == [0, 0, 1, 1]
     _check_parity(results, pp=2, n_stages=2, batch=8)

@@ -129,16 +129,39 @@ def test_replay_verdict():
 
 
 # 2-rank plain DDP, 14 steps: spike detection needs 10 normal steps of history first.
-SPIKE_RUN = ["--training.steps", "14", "--training.global_batch_size", "4", "--parallel.dp_replicate", "2",
-             "--parallel.dp_shard", "1", "--checkpoint.enabled", "false", "--health.golden_every", "0", "--health.fingerprint_every", "0",
-             "--health.spike_factor", "3"]
+SPIKE_RUN = [
+    "--training.steps",
+    "14",
+    "--training.global_batch_size",
+    "4",
+    "--parallel.dp_replicate",
+    "2",
+    "--parallel.dp_shard",
+    "1",
+    "--checkpoint.enabled",
+    "false",
+    "--health.golden_every",
+    "0",
+    "--health.fingerprint_every",
+    "0",
+    "--health.spike_factor",
+    "3",
+]
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("corrupt", ["data", "hardware"])
 def test_spike_replay_tells_bad_data_from_bad_hardware(tmp_path, corrupt):
     run_dir = tmp_path / corrupt
-    losses = run_ranks(f"{CASES}:train", world_size=2, timeout=420, run_dir=str(run_dir), overrides=SPIKE_RUN, corrupt_step=12, corrupt=corrupt)
+    losses = run_ranks(
+        f"{CASES}:train",
+        world_size=2,
+        timeout=420,
+        run_dir=str(run_dir),
+        overrides=SPIKE_RUN,
+        corrupt_step=12,
+        corrupt=corrupt,
+    )
     faults = events(run_dir, "fault_detected")
     if corrupt == "data":
         assert [(f["fault"], f["target"], f["detector"]) for f in faults] == [("bad_data", "step12", "replay")], faults
@@ -152,8 +175,22 @@ def test_spike_replay_tells_bad_data_from_bad_hardware(tmp_path, corrupt):
 # ------------------------------------------------------------------------------ end to end: rollback
 
 # 3 replicas (plain DDP) so that a majority names the corrupted one; checks and saves every 3 steps.
-E2E = ["--training.steps", "9", "--training.global_batch_size", "6", "--parallel.dp_replicate", "3", "--parallel.dp_shard", "1",
-       "--checkpoint.interval", "3", "--health.fingerprint_every", "3", "--health.golden_every", "3"]
+E2E = [
+    "--training.steps",
+    "9",
+    "--training.global_batch_size",
+    "6",
+    "--parallel.dp_replicate",
+    "3",
+    "--parallel.dp_shard",
+    "1",
+    "--checkpoint.interval",
+    "3",
+    "--health.fingerprint_every",
+    "3",
+    "--health.golden_every",
+    "3",
+]
 
 
 @pytest.mark.slow
@@ -162,7 +199,9 @@ def test_flipped_bit_in_one_replica_is_named_and_rolled_back_to_the_verified_ste
     assert not events(tmp_path / "clean", "fault_detected") and not events(tmp_path / "clean", "rollback")
 
     run_dir = tmp_path / "faulty"
-    plan = json.dumps([{"kind": "flip_bit", "step": 5, "rank": 1, "bit": 3}])  # a low mantissa bit: invisible in the loss
+    plan = json.dumps(
+        [{"kind": "flip_bit", "step": 5, "rank": 1, "bit": 3}]
+    )  # a low mantissa bit: invisible in the loss
     env = {"STALWART_FAULT_INJECTION": "1", "STALWART_FAULT_PLAN": plan}
     faulty = run_ranks(f"{CASES}:train", world_size=3, timeout=420, env=env, run_dir=str(run_dir), overrides=E2E)
 
@@ -204,9 +243,24 @@ def test_trainer_heartbeats_reach_a_real_health_daemon(tmp_path):
     watcher = threading.Thread(target=watch, daemon=True)
     watcher.start()
     try:
-        run_ranks(f"{CASES}:train", world_size=2, timeout=420, run_dir=str(tmp_path),
-                  overrides=["--training.steps", "6", "--training.global_batch_size", "4", "--checkpoint.interval", "3", "--health.healthd", address,
-                             "--health.heartbeat_interval_s", "0.1"])
+        run_ranks(
+            f"{CASES}:train",
+            world_size=2,
+            timeout=420,
+            run_dir=str(tmp_path),
+            overrides=[
+                "--training.steps",
+                "6",
+                "--training.global_batch_size",
+                "4",
+                "--checkpoint.interval",
+                "3",
+                "--health.healthd",
+                address,
+                "--health.heartbeat_interval_s",
+                "0.1",
+            ],
+        )
     finally:
         done.set()
         watcher.join()

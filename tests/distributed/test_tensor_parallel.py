@@ -41,10 +41,14 @@ EXPECTED_PLACEMENTS = {
 @pytest.fixture(scope="module")
 def tp2() -> list[list[dict]]:
     """Per rank, per variant of TP2_VARIANTS: the tp=2 run, the reference and layout facts."""
-    return run_ranks("tests/tp_cases.py:tp_variants_vs_reference", world_size=2, timeout=180, dp_shard=1, tp=2, variants=TP2_VARIANTS)
+    return run_ranks(
+        "tests/tp_cases.py:tp_variants_vs_reference", world_size=2, timeout=180, dp_shard=1, tp=2, variants=TP2_VARIANTS
+    )
 
 
-@pytest.mark.parametrize("variant", range(len(TP2_VARIANTS)), ids=["loss_parallel", "replicated_logits", "tied_embeddings"])
+@pytest.mark.parametrize(
+    "variant", range(len(TP2_VARIANTS)), ids=["loss_parallel", "replicated_logits", "tied_embeddings"]
+)
 def test_tp2_matches_reference(tp2, variant):
     """Losses, clipped-gradient norms (clipping is active: norms ≈ 2 > 1) and final parameters."""
     for rank_results in tp2:
@@ -80,7 +84,12 @@ def test_tied_embeddings_stay_tied(tp2):
 def test_dp2_tp2_fsdp_matches_reference():
     """FSDP over dp on top of TP: each dp rank trains on half of every global batch."""
     results = run_ranks(
-        "tests/tp_cases.py:tp_variants_vs_reference", world_size=4, timeout=180, dp_shard=2, tp=2, variants=[{"loss_parallel": True}]
+        "tests/tp_cases.py:tp_variants_vs_reference",
+        world_size=4,
+        timeout=180,
+        dp_shard=2,
+        tp=2,
+        variants=[{"loss_parallel": True}],
     )
     for rank_results in results:
         assert_close_runs(rank_results[0]["got"], rank_results[0]["ref"], params_normwise=True)
@@ -96,6 +105,6 @@ def test_cross_entropy_loss_on_plain_tensors_is_fp32_token_mean():
     expected = -torch.log_softmax(logits.float(), -1).gather(-1, labels[..., None]).mean()
     torch.testing.assert_close(loss, expected)
     with loss_context(False):
-        torch.testing.assert_close(cross_entropy_loss(logits, labels), F.cross_entropy(logits.float().flatten(0, 1), labels.flatten()))
-
-
+        torch.testing.assert_close(
+            cross_entropy_loss(logits, labels), F.cross_entropy(logits.float().flatten(0, 1), labels.flatten())
+        )

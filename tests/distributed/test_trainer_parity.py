@@ -38,8 +38,16 @@ LAYOUTS = {
     "tp2": (2, ["--parallel.tp", "2"], True),
     "pp2_1f1b": (2, ["--parallel.pp", "2", "--parallel.pp_schedule", "1F1B", "--parallel.pp_microbatches", "4"], True),
     "pp2_gpipe": (2, ["--parallel.pp", "2", "--parallel.pp_schedule", "GPipe"], True),
-    "pp2_interleaved": (2, ["--parallel.pp", "2", "--parallel.pp_schedule", "Interleaved1F1B", "--parallel.pp_microbatches", "4"], True),
-    "pp2_zero_bubble": (2, ["--parallel.pp", "2", "--parallel.pp_schedule", "ZBVZeroBubble", "--parallel.pp_microbatches", "4"], True),
+    "pp2_interleaved": (
+        2,
+        ["--parallel.pp", "2", "--parallel.pp_schedule", "Interleaved1F1B", "--parallel.pp_microbatches", "4"],
+        True,
+    ),
+    "pp2_zero_bubble": (
+        2,
+        ["--parallel.pp", "2", "--parallel.pp_schedule", "ZBVZeroBubble", "--parallel.pp_microbatches", "4"],
+        True,
+    ),
     "pp2_tp2": (4, ["--parallel.pp", "2", "--parallel.tp", "2"], True),
     "cp2": (2, ["--parallel.cp", "2"], True),
     "pp2_cp2": (4, ["--parallel.pp", "2", "--parallel.cp", "2"], True),
@@ -52,7 +60,9 @@ LAYOUTS = {
     # aot_eager captures each block whole (fullgraph) like inductor, without a C++ build per test.
     "compile_fsdp2": (2, ["--training.compile", "true", "--training.compile_backend", "aot_eager"], False),
     "compile_inductor_ac_selective_op": (
-        1, ["--training.compile", "true", "--training.activation_checkpoint", "selective-op"], True,
+        1,
+        ["--training.compile", "true", "--training.activation_checkpoint", "selective-op"],
+        True,
     ),  # inductor fuses and reorders float ops: parameters agree per tensor, not every element
 }
 

@@ -129,9 +129,15 @@ def test_dead_gpu_excludes_its_node_and_the_job_finishes_on_the_rest(tmp_path, t
     excluded = [e for e in events(cluster.run_dir) if e["kind"] == "node_excluded"]
     assert excluded and "node1" in json.dumps(excluded[0])
     assert "node1" in json.loads((cluster.run_dir / "excluded_nodes.json").read_text())
-    worlds = [e["world_size"] for e in events(cluster.run_dir) if e["kind"] == "worker_start" and e.get("role") == "agent" and e.get("node_id") == "node0"]
+    worlds = [
+        e["world_size"]
+        for e in events(cluster.run_dir)
+        if e["kind"] == "worker_start" and e.get("role") == "agent" and e.get("node_id") == "node0"
+    ]
     assert 4 in worlds and worlds[-1] == 2, worlds  # node0 trained with node1, then re-formed alone: dp halved
-    detect = gpu[0]["ts"] - next(e["ts"] for e in events(cluster.run_dir) if e["kind"] == "fault_injected" and e["fault"] == "gpu_fault")
+    detect = gpu[0]["ts"] - next(
+        e["ts"] for e in events(cluster.run_dir) if e["kind"] == "fault_injected" and e["fault"] == "gpu_fault"
+    )
     print(f"dead GPU detected {detect:.2f} s after injection")
     assert detect <= 5.0
     incident(assert_recovered(cluster.run_dir, reference(TP2, tmp_path_factory), exact=False), "gpu")
@@ -140,12 +146,18 @@ def test_dead_gpu_excludes_its_node_and_the_job_finishes_on_the_rest(tmp_path, t
 def test_lost_node_the_rest_reform_and_a_new_node_grows_the_job_back(tmp_path, tmp_path_factory):
     # node1 is lost at step 4; node0 re-forms alone (world 2), and is slowed from step 6 so that the
     # replacement, started only once node0 trains alone, has time to join (world 4 again).
-    plan = [{"kind": "kill_agent", "step": 4, "node": "node1"}, {"kind": "slow", "step": 6, "rank": 0, "seconds": 1.5, "steps": 4}]
+    plan = [
+        {"kind": "kill_agent", "step": 4, "node": "node1"},
+        {"kind": "slow", "step": 6, "rank": 0, "seconds": 1.5, "steps": 4},
+    ]
     cluster = Cluster(tmp_path / "run", TP2, plan, nnodes="1:2")
 
     def node0_worlds() -> list[int]:
-        return [e["world_size"] for e in events(cluster.run_dir)
-                if e["kind"] == "worker_start" and e.get("role") == "agent" and e.get("node_id") == "node0"]
+        return [
+            e["world_size"]
+            for e in events(cluster.run_dir)
+            if e["kind"] == "worker_start" and e.get("role") == "agent" and e.get("node_id") == "node0"
+        ]
 
     try:
         cluster.start("node0")
@@ -174,12 +186,30 @@ def test_slow_rank_is_flagged_as_a_straggler_on_the_controller(tmp_path):
     token.write_text("chaos-token\n")
     token.chmod(0o600)
     grpc_addr, http_addr = f"127.0.0.1:{free_port()}", f"127.0.0.1:{free_port()}"
-    controller = subprocess.Popen([sys.executable, "-m", "stalwart", "controller", "--run-dir", str(run_dir), "--grpc-bind", grpc_addr,
-                                   "--http-bind", http_addr, "--token-file", str(token)], stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)
+    controller = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "stalwart",
+            "controller",
+            "--run-dir",
+            str(run_dir),
+            "--grpc-bind",
+            grpc_addr,
+            "--http-bind",
+            http_addr,
+            "--token-file",
+            str(token),
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.STDOUT,
+    )
     import os
 
     os.environ["STALWART_TOKEN_FILE"] = str(token)
-    cluster = Cluster(run_dir, TP2, [{"kind": "slow", "step": 2, "rank": 1, "seconds": 1.0, "steps": 8}], controller=grpc_addr)
+    cluster = Cluster(
+        run_dir, TP2, [{"kind": "slow", "step": 2, "rank": 1, "seconds": 1.0, "steps": 8}], controller=grpc_addr
+    )
     flagged = []
     try:
         cluster.start("node0")
@@ -218,7 +248,11 @@ def test_s3_outage_training_goes_on_and_nothing_committed_is_lost(tmp_path, tmp_
     s3.start()
     s3.make_bucket("chaos")
     url = "s3://chaos/run"
-    cluster = Cluster(tmp_path / "run", TP2, extra=["--checkpoint.url", url, "--checkpoint.s3_endpoint", s3.endpoint, "--checkpoint.s3_max_attempts", "2"])
+    cluster = Cluster(
+        tmp_path / "run",
+        TP2,
+        extra=["--checkpoint.url", url, "--checkpoint.s3_endpoint", s3.endpoint, "--checkpoint.s3_max_attempts", "2"],
+    )
     try:
         cluster.start("node0")
         while max(trajectory(cluster.run_dir), default=0) < 3:
@@ -229,18 +263,25 @@ def test_s3_outage_training_goes_on_and_nothing_committed_is_lost(tmp_path, tmp_
         before = [e["step"] for e in events(cluster.run_dir) if e["kind"] == "ckpt_commit"]
         # Held down until a save has failed (after botocore's 2 attempts) and training went on.
         deadline = time.monotonic() + 120
-        while not ([e for e in events(cluster.run_dir) if e["kind"] == "ckpt_fail"] and max(trajectory(cluster.run_dir)) >= down_at + 2):
+        while not (
+            [e for e in events(cluster.run_dir) if e["kind"] == "ckpt_fail"]
+            and max(trajectory(cluster.run_dir)) >= down_at + 2
+        ):
             assert cluster.nodes["node0#0"].poll() is None, cluster.logs()
             assert time.monotonic() < deadline, f"no failed save reported within 120 s of the outage:\n{cluster.logs()}"
             time.sleep(0.2)
-        assert max(trajectory(cluster.run_dir)) < STEPS, "the job finished during the outage (its last save is synchronous)"
+        assert max(trajectory(cluster.run_dir)) < STEPS, (
+            "the job finished during the outage (its last save is synchronous)"
+        )
         s3.start()
         assert cluster.wait() == {"node0#0": 0}, cluster.logs()
         fails = [e for e in events(cluster.run_dir) if e["kind"] == "ckpt_fail"]
         assert fails, "the outage was not reported"
         after = CheckpointManager(url, s3.storage_options()).committed_steps()
         assert set(before) <= set(after), (before, after)
-        assert_recovered(cluster.run_dir, reference(TP2, tmp_path_factory), checkpoint_url=url, options=s3.storage_options())
+        assert_recovered(
+            cluster.run_dir, reference(TP2, tmp_path_factory), checkpoint_url=url, options=s3.storage_options()
+        )
     finally:
         cluster.kill_all()
         s3.stop()

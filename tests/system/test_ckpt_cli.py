@@ -18,8 +18,13 @@ from stalwart.model.hf import hf_config_from_args, load_hf_checkpoint
 def run(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict]:
     """A run directory with steps 1 and 2 of a 2-rank FSDP job, and the full weights of step 2."""
     run_dir = tmp_path_factory.mktemp("ckpt-cli") / "run"
-    saved = run_ranks("tests/ckpt_cases.py:save_fsdp", world_size=2, timeout=180, url=str(run_dir / "checkpoints"),
-                      model_config=hf_config_from_args(get_flavor("debug")))[0]
+    saved = run_ranks(
+        "tests/ckpt_cases.py:save_fsdp",
+        world_size=2,
+        timeout=180,
+        url=str(run_dir / "checkpoints"),
+        model_config=hf_config_from_args(get_flavor("debug")),
+    )[0]
     return run_dir, saved
 
 
@@ -51,7 +56,9 @@ def test_ls_inspect_and_verify(run, capsys) -> None:
         code, out, err = ckpt(capsys, "verify", run_dir)
         assert code == 1 and "step 1: ok" in out
         bad = [x for x in err.splitlines() if x.startswith("step 2:")]
-        assert bad == [f"step 2: file {shard.name} fails its crc32 check" + bad[0].split("check", 1)[1]] and len(bad) == 1
+        assert (
+            bad == [f"step 2: file {shard.name} fails its crc32 check" + bad[0].split("check", 1)[1]] and len(bad) == 1
+        )
         code, _, err = ckpt(capsys, "export", run_dir, 2, "--out", run_dir.parent / "bad.pt")
         assert code == 1 and "step 2 is damaged" in err and not (run_dir.parent / "bad.pt").exists()
     finally:

@@ -50,14 +50,25 @@ NO_HANGS = HangConfig(warmup_steps=3, safety_factor=5.0, floor_s=30.0, initial_l
 
 
 def make_controller(run_dir: Path, **overrides) -> JobController:
-    config = ControllerConfig(run_dir, "127.0.0.1:0", "127.0.0.1:0", refresh_interval_s=0.5, evaluate_interval_s=0.2, **overrides)
+    config = ControllerConfig(
+        run_dir, "127.0.0.1:0", "127.0.0.1:0", refresh_interval_s=0.5, evaluate_interval_s=0.2, **overrides
+    )
     controller = JobController(config, TOKEN)
     controller.start()
     return controller
 
 
 def make_daemon(run_dir: Path, node: int, controller: str | None, **kw) -> HealthDaemon:
-    d = HealthDaemon(run_dir, TOKEN, node=node, hang_config=NO_HANGS, probe_interval_s=0.2, controller=controller, report_interval_s=0.3, **kw)
+    d = HealthDaemon(
+        run_dir,
+        TOKEN,
+        node=node,
+        hang_config=NO_HANGS,
+        probe_interval_s=0.2,
+        controller=controller,
+        report_interval_s=0.3,
+        **kw,
+    )
     d.start()
     return d
 
@@ -75,7 +86,9 @@ def excluded_events(run_dir: Path) -> list[dict]:
 def serving(address: str, service: str = "", credentials: grpc.ChannelCredentials | None = None) -> int:
     channel = grpc.secure_channel(address, credentials) if credentials else grpc.insecure_channel(address)
     with channel:
-        return health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(service=service), timeout=5).status
+        return (
+            health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(service=service), timeout=5).status
+        )
 
 
 # ---------------------------------------------------------------- pure parts
@@ -108,7 +121,9 @@ def test_straggler_scores_against_the_other_ranks_median():
 
 def test_exclusion_list_is_atomic_shared_and_strikes_count(tmp_path):
     lists = [ExclusionList(tmp_path) for _ in range(4)]
-    threads = [threading.Thread(target=lambda i=i: [lists[i].add(f"{i}-{k}", "test") for k in range(10)]) for i in range(4)]
+    threads = [
+        threading.Thread(target=lambda i=i: [lists[i].add(f"{i}-{k}", "test") for k in range(10)]) for i in range(4)
+    ]
     for t in threads:
         t.start()
     for t in threads:
@@ -135,7 +150,10 @@ def test_grpc_health_and_auth_for_daemon_and_controller(tmp_path):
     controller = make_controller(tmp_path)
     daemon = make_daemon(tmp_path, 0, None)
     try:
-        for address, service in ((daemon.address, "stalwart.health.NodeHealth"), (controller.grpc_address, "stalwart.health.Controller")):
+        for address, service in (
+            (daemon.address, "stalwart.health.NodeHealth"),
+            (controller.grpc_address, "stalwart.health.Controller"),
+        ):
             for name in ("", service):
                 assert serving(address, name) == health_pb2.HealthCheckResponse.SERVING
         with grpc.insecure_channel(controller.grpc_address) as channel:
@@ -143,15 +161,23 @@ def test_grpc_health_and_auth_for_daemon_and_controller(tmp_path):
             refused = [
                 lambda: api.ExcludeNode(controller_pb2.ExcludeRequest(token="wrong", node="0", reason="x"), timeout=5),
                 lambda: api.RequestRollback(controller_pb2.RollbackRequest(latest_verified=True), timeout=5),
-                lambda: api.ReportNode(healthd_pb2.NodeStatus(node="0", state=healthd_pb2.UNHEALTHY), timeout=5),  # a forged report could exclude
-                lambda: api.ReportRankMetrics(controller_pb2.RankMetricsReport(), timeout=5, metadata=((TOKEN_METADATA, TOKEN[:-1]),)),
+                lambda: api.ReportNode(
+                    healthd_pb2.NodeStatus(node="0", state=healthd_pb2.UNHEALTHY), timeout=5
+                ),  # a forged report could exclude
+                lambda: api.ReportRankMetrics(
+                    controller_pb2.RankMetricsReport(), timeout=5, metadata=((TOKEN_METADATA, TOKEN[:-1]),)
+                ),
             ]
             for call in refused:
                 with pytest.raises(grpc.RpcError) as err:
                     call()
                 assert err.value.code() == grpc.StatusCode.PERMISSION_DENIED
             auth = ((TOKEN_METADATA, TOKEN),)
-            for bad in (healthd_pb2.NodeStatus(node=""), healthd_pb2.NodeStatus(node="x\n"), healthd_pb2.NodeStatus(node="1", state=9)):
+            for bad in (
+                healthd_pb2.NodeStatus(node=""),
+                healthd_pb2.NodeStatus(node="x\n"),
+                healthd_pb2.NodeStatus(node="1", state=9),
+            ):
                 with pytest.raises(grpc.RpcError) as err:
                     api.ReportNode(bad, timeout=5, metadata=auth)
                 assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
@@ -162,19 +188,29 @@ def test_grpc_health_and_auth_for_daemon_and_controller(tmp_path):
             with pytest.raises(grpc.RpcError) as err:  # 5 MiB > the 4 MiB receive limit
                 api.ExcludeNode(controller_pb2.ExcludeRequest(token=TOKEN, node="0", reason="x" * (5 << 20)), timeout=5)
             assert err.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
-            garbage = channel.unary_unary("/stalwart.health.Controller/ReportNode", request_serializer=lambda b: b, response_deserializer=lambda b: b)
+            garbage = channel.unary_unary(
+                "/stalwart.health.Controller/ReportNode",
+                request_serializer=lambda b: b,
+                response_deserializer=lambda b: b,
+            )
             with pytest.raises(grpc.RpcError) as err:
                 garbage(b"\xff\xff\xff\xff\x0f\x01", timeout=5, metadata=auth)
             assert err.value.code() != grpc.StatusCode.OK
             assert json.loads(api.GetState(EMPTY, timeout=5).json)["nodes"] == []  # nothing got through
         with grpc.insecure_channel(daemon.address) as channel:
             with pytest.raises(grpc.RpcError) as err:
-                healthd_pb2_grpc.NodeHealthStub(channel).KillWorkers(healthd_pb2.KillRequest(token="", reason="x"), timeout=5)
+                healthd_pb2_grpc.NodeHealthStub(channel).KillWorkers(
+                    healthd_pb2.KillRequest(token="", reason="x"), timeout=5
+                )
             assert err.value.code() == grpc.StatusCode.PERMISSION_DENIED
         assert not (tmp_path / EXCLUDED_FILE).exists() and excluded_events(tmp_path) == []
         assert serving(controller.grpc_address) == health_pb2.HealthCheckResponse.SERVING  # still up after all that
-        refused_total = {s.labels["reason"]: s.value for f in text_string_to_metric_families(http_get(controller.http_address, "/metrics").decode())
-                         for s in f.samples if s.name == "stalwart_controller_refused_requests_total"}
+        refused_total = {
+            s.labels["reason"]: s.value
+            for f in text_string_to_metric_families(http_get(controller.http_address, "/metrics").decode())
+            for s in f.samples
+            if s.name == "stalwart_controller_refused_requests_total"
+        }
         assert refused_total["unauthenticated"] == 4 and refused_total["invalid"] >= 4
         assert http_get(controller.http_address, "/healthz") == b"ok\n"
         with pytest.raises(urllib.error.HTTPError) as err:
@@ -192,9 +228,12 @@ def test_dead_gpu_node_is_excluded_within_5s_and_the_rest_keeps_going(tmp_path, 
     ranks = []
     try:
         ranks = [spawn_rank(daemons[r // 2].address, controller.grpc_address, r // 2, r, 0.05) for r in range(4)]
+
         def both_nodes_up():
             nodes = api_state(controller.http_address)["nodes"]
-            return [n["node"] for n in nodes] == ["0", "1"] and all(n["state"] == "HEALTHY" and len(n["ranks"]) == 2 for n in nodes)
+            return [n["node"] for n in nodes] == ["0", "1"] and all(
+                n["state"] == "HEALTHY" and len(n["ranks"]) == 2 for n in nodes
+            )
 
         wait_for(both_nodes_up, 20, "both nodes reported with their ranks")
         (tmp_path / "faults").mkdir()
@@ -217,8 +256,14 @@ def test_dead_gpu_node_is_excluded_within_5s_and_the_rest_keeps_going(tmp_path, 
         assert state["step"] > 0 and state["step_rate"] > 0  # the job goes on
         (gpu,) = node_of(state, "1")["gpus"]
         assert gpu["issues"][0]["kind"] == "xid" and gpu["issues"][0]["fatal"]
-        kinds = wait_for(lambda: {i["kind"] for i in api_state(controller.http_address)["incidents"]} >= {"gpu", "node_excluded"} and
-                         api_state(controller.http_address)["incidents"], 10, "gpu fault and exclusion incidents")
+        kinds = wait_for(
+            lambda: (
+                {i["kind"] for i in api_state(controller.http_address)["incidents"]} >= {"gpu", "node_excluded"}
+                and api_state(controller.http_address)["incidents"]
+            ),
+            10,
+            "gpu fault and exclusion incidents",
+        )
         assert any(i["kind"] == "gpu" and i["node"] == "1" for i in kinds)
         assert len(excluded_events(tmp_path)) == 1  # reported every 0.3 s, excluded once
     finally:
@@ -229,12 +274,19 @@ def test_dead_gpu_node_is_excluded_within_5s_and_the_rest_keeps_going(tmp_path, 
 
 
 def test_slowed_rank_is_flagged_then_struck_out(tmp_path, token_file):
-    controller = make_controller(tmp_path, straggler=StragglerConfig(window=10, min_samples=4, threshold=1.5), policy=ExclusionPolicy(straggler_strikes=3))
+    controller = make_controller(
+        tmp_path,
+        straggler=StragglerConfig(window=10, min_samples=4, threshold=1.5),
+        policy=ExclusionPolicy(straggler_strikes=3),
+    )
     daemons = [make_daemon(tmp_path, node, controller.grpc_address) for node in (0, 1)]
     ranks = []
     try:
         # rank 3 sleeps 3x longer per step than the others: the injected straggler
-        ranks = [spawn_rank(daemons[r // 2].address, controller.grpc_address, r // 2, r, 0.15 if r == 3 else 0.05) for r in range(4)]
+        ranks = [
+            spawn_rank(daemons[r // 2].address, controller.grpc_address, r // 2, r, 0.15 if r == 3 else 0.05)
+            for r in range(4)
+        ]
         t0 = time.monotonic()
 
         def flagged():
@@ -247,7 +299,9 @@ def test_slowed_rank_is_flagged_then_struck_out(tmp_path, token_file):
         rs = {r["rank"]: r for n in state["nodes"] for r in n["ranks"]}
         assert 2.0 <= rs[3]["straggler_score"] <= 4.0, rs[3]
         assert all(not rs[r]["straggler"] and rs[r]["straggler_score"] < 1.5 for r in (0, 1, 2)), rs
-        assert rs[3]["step_seconds"] > rs[0]["step_seconds"] and rs[3]["phase"] == "STEP" and rs[3]["heartbeat_age_s"] >= 0
+        assert (
+            rs[3]["step_seconds"] > rs[0]["step_seconds"] and rs[3]["phase"] == "STEP" and rs[3]["heartbeat_age_s"] >= 0
+        )
         assert any(i["kind"] == "straggler" and i["rank"] == 3 and i["node"] == "1" for i in state["incidents"])
         # Still slow for two more windows: the third strike excludes node 1 and its workers are killed.
         wait_for(lambda: "1" in ExclusionList(tmp_path), 30, "node 1 excluded after 3 straggler strikes")
@@ -263,13 +317,34 @@ def test_slowed_rank_is_flagged_then_struck_out(tmp_path, token_file):
         controller.stop()
 
 
-def start_controller_process(run_dir: Path, token_file: Path, grpc_port: int, http_port: int, cli: bool = True) -> subprocess.Popen:
+def start_controller_process(
+    run_dir: Path, token_file: Path, grpc_port: int, http_port: int, cli: bool = True
+) -> subprocess.Popen:
     """``stalwart controller`` as a process; ``cli=False`` skips the CLI's start-up imports (faster)."""
-    entry = ["-m", "stalwart", "controller"] if cli else ["-c", "import sys; from stalwart.cli.main import main; sys.exit(main(['controller', *sys.argv[1:]]))"]
+    entry = (
+        ["-m", "stalwart", "controller"]
+        if cli
+        else ["-c", "import sys; from stalwart.cli.main import main; sys.exit(main(['controller', *sys.argv[1:]]))"]
+    )
     proc = subprocess.Popen(
-        [sys.executable, *entry, "--run-dir", str(run_dir), "--grpc-bind", f"127.0.0.1:{grpc_port}",
-         "--http-bind", f"127.0.0.1:{http_port}", "--token-file", str(token_file), "--refresh-interval-s", "0.5"],
-        stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, cwd=ROOT,
+        [
+            sys.executable,
+            *entry,
+            "--run-dir",
+            str(run_dir),
+            "--grpc-bind",
+            f"127.0.0.1:{grpc_port}",
+            "--http-bind",
+            f"127.0.0.1:{http_port}",
+            "--token-file",
+            str(token_file),
+            "--refresh-interval-s",
+            "0.5",
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
+        text=True,
+        cwd=ROOT,
     )
     line = proc.stdout.readline()
     assert "controller listening on" in line, f"controller did not start (got {line!r}, exit {proc.poll()})"
@@ -297,15 +372,24 @@ def test_controller_down_training_side_keeps_going_and_catches_up(tmp_path, toke
         def caught_up():
             state = api_state(http)
             n0, n7 = node_of(state, "0"), node_of(state, "7")
-            # Node 0 appears with the rank's own metrics first; its healthd's report (heartbeat age >= 0) may come later.
-            return (n0 and n7 and n0["heartbeat_age_s"] >= 0 and [r["rank"] for r in n0["ranks"]] == [0]
-                    and n0["ranks"][0]["step_seconds"] > 0 and n7["ranks"][0]["step"] == 5)
+            # Node 0 appears with the rank's own metrics first; its healthd's report (heartbeat age >= 0)
+            # may come later.
+            return (
+                n0
+                and n7
+                and n0["heartbeat_age_s"] >= 0
+                and [r["rank"] for r in n0["ranks"]] == [0]
+                and n0["ranks"][0]["step_seconds"] > 0
+                and n7["ranks"][0]["step"] == 5
+            )
 
         wait_for(caught_up, 20, "the returned controller to see node 0's healthd, rank 0 and the queued metrics")
         print(f"\ncontroller back -> caught up in {time.monotonic() - t0:.2f}s")
         assert node_of(api_state(http), "0")["state"] == "HEALTHY"
         with grpc.insecure_channel(address) as channel:
-            reply = controller_pb2_grpc.ControllerStub(channel).ExcludeNode(controller_pb2.ExcludeRequest(token=TOKEN, node="7", reason="bad NIC"), timeout=5)
+            reply = controller_pb2_grpc.ControllerStub(channel).ExcludeNode(
+                controller_pb2.ExcludeRequest(token=TOKEN, node="7", reason="bad NIC"), timeout=5
+            )
         assert reply.newly_excluded
 
         controller.kill()  # down again, hard
@@ -314,8 +398,12 @@ def test_controller_down_training_side_keeps_going_and_catches_up(tmp_path, toke
         time.sleep(1.0)
         assert rank.poll() is None and daemon.status().ranks[0].step > step_before  # training does not notice
         controller = start_controller_process(tmp_path, token_file, grpc_port, http_port, cli=False)
-        state = wait_for(lambda: (s := api_state(http)) and node_of(s, "0") and node_of(s, "0")["ranks"] and s, 20, "node 0 again")
-        assert node_of(state, "7")["state"] == "EXCLUDED" and "bad NIC" in node_of(state, "7")["reasons"][0]  # reloaded from disk
+        state = wait_for(
+            lambda: (s := api_state(http)) and node_of(s, "0") and node_of(s, "0")["ranks"] and s, 20, "node 0 again"
+        )
+        assert (
+            node_of(state, "7")["state"] == "EXCLUDED" and "bad NIC" in node_of(state, "7")["reasons"][0]
+        )  # reloaded from disk
     finally:
         metrics.close()
         stop_all([rank] + ([controller] if controller else []))
@@ -334,7 +422,9 @@ def test_state_metrics_checkpoints_and_rollback(tmp_path):
     for step in (1, 2):
         trainer.emit(EventKind.STEP_BEGIN, step=step)
         time.sleep(0.05)
-        trainer.emit(EventKind.STEP_END, step=step, step_seconds=0.05, tokens_per_second=1234.5, mfu=0.42, tokens=step * 64)
+        trainer.emit(
+            EventKind.STEP_END, step=step, step_seconds=0.05, tokens_per_second=1234.5, mfu=0.42, tokens=step * 64
+        )
     trainer.close()
     manager = CheckpointManager(str(tmp_path / "checkpoints"))
     manager.save(1, {"w": torch.ones(8)}, verified=True)
@@ -343,13 +433,21 @@ def test_state_metrics_checkpoints_and_rollback(tmp_path):
 
     controller = make_controller(tmp_path)
     try:
-        state = wait_for(lambda: (s := api_state(controller.http_address))["checkpoints"] and s, 60, "the checkpoint listing")
+        state = wait_for(
+            lambda: (s := api_state(controller.http_address))["checkpoints"] and s, 60, "the checkpoint listing"
+        )
         assert [(c["step"], c["verified"]) for c in state["checkpoints"]] == [(1, True), (2, False)]
         assert all(c["bytes"] > 0 and c["ts"] > 0 for c in state["checkpoints"])
-        assert state["step"] == 2 and 0 < state["goodput"]["ratio"] <= 1 and set(state["goodput"]["badput_s"]) == set(CATEGORIES)
+        assert (
+            state["step"] == 2
+            and 0 < state["goodput"]["ratio"] <= 1
+            and set(state["goodput"]["badput_s"]) == set(CATEGORIES)
+        )
         assert set(state) == {"job", "updated", "step", "step_rate", "nodes", "incidents", "checkpoints", "goodput"}
 
-        families = {f.name: f for f in text_string_to_metric_families(http_get(controller.http_address, "/metrics").decode())}
+        families = {
+            f.name: f for f in text_string_to_metric_families(http_get(controller.http_address, "/metrics").decode())
+        }
         value = {name: f.samples[0].value for name, f in families.items() if len(f.samples) == 1}
         assert value["stalwart_tokens_per_second"] == 1234.5 and value["stalwart_mfu_ratio"] == 0.42
         assert value["stalwart_goodput_ratio"] == pytest.approx(state["goodput"]["ratio"], abs=0.2)
@@ -359,7 +457,9 @@ def test_state_metrics_checkpoints_and_rollback(tmp_path):
 
         with grpc.insecure_channel(controller.grpc_address) as channel:
             api = controller_pb2_grpc.ControllerStub(channel)
-            reply = api.RequestRollback(controller_pb2.RollbackRequest(token=TOKEN, latest_verified=True, reason="sdc on rank 3"), timeout=60)
+            reply = api.RequestRollback(
+                controller_pb2.RollbackRequest(token=TOKEN, latest_verified=True, reason="sdc on rank 3"), timeout=60
+            )
             assert reply.step == 1
             order = read_rollback_order(tmp_path)
             assert order.step == 1 and order.reason == "sdc on rank 3"
@@ -370,7 +470,9 @@ def test_state_metrics_checkpoints_and_rollback(tmp_path):
                 api.RequestRollback(controller_pb2.RollbackRequest(token=TOKEN, step=2), timeout=30)
             assert err.value.code() == grpc.StatusCode.FAILED_PRECONDITION and "not verified" in err.value.details()
             assert json.loads(api.GetState(EMPTY, timeout=5).json)["incidents"][-1]["kind"] == "rollback_requested"
-        families = {f.name: f for f in text_string_to_metric_families(http_get(controller.http_address, "/metrics").decode())}
+        families = {
+            f.name: f for f in text_string_to_metric_families(http_get(controller.http_address, "/metrics").decode())
+        }
         assert {s.labels["kind"]: s.value for s in families["stalwart_incidents"].samples}["rollback_requested"] == 1
     finally:
         controller.stop()
@@ -389,10 +491,16 @@ def make_pki(d: Path) -> dict[str, Path]:
     now = datetime.datetime.now(datetime.UTC)
 
     def issue(name, issuer_name, issuer_key, key, *, ca=False, san=None):
-        b = (x509.CertificateBuilder().subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name)]))
-             .issuer_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, issuer_name)])).public_key(key.public_key())
-             .serial_number(x509.random_serial_number()).not_valid_before(now - datetime.timedelta(minutes=5))
-             .not_valid_after(now + datetime.timedelta(days=1)).add_extension(x509.BasicConstraints(ca=ca, path_length=None), critical=True))
+        b = (
+            x509.CertificateBuilder()
+            .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name)]))
+            .issuer_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, issuer_name)]))
+            .public_key(key.public_key())
+            .serial_number(x509.random_serial_number())
+            .not_valid_before(now - datetime.timedelta(minutes=5))
+            .not_valid_after(now + datetime.timedelta(days=1))
+            .add_extension(x509.BasicConstraints(ca=ca, path_length=None), critical=True)
+        )
         if san:
             b = b.add_extension(x509.SubjectAlternativeName(san), critical=False)
         return b.sign(issuer_key, hashes.SHA256())
@@ -403,7 +511,11 @@ def make_pki(d: Path) -> dict[str, Path]:
         paths[stem] = d / f"{stem}.pem"
         paths[stem].write_bytes(cert.public_bytes(serialization.Encoding.PEM))
         paths[f"{stem}-key"] = d / f"{stem}-key.pem"
-        paths[f"{stem}-key"].write_bytes(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()))
+        paths[f"{stem}-key"].write_bytes(
+            key.private_bytes(
+                serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+            )
+        )
 
     ca_key, server_key, client_key = (ec.generate_private_key(ec.SECP256R1()) for _ in range(3))
     write("ca", issue("stalwart test CA", "stalwart test CA", ca_key, ca_key, ca=True), ca_key)
@@ -419,7 +531,10 @@ def test_mutual_tls_round_trip(tmp_path):
     client_tls = TlsConfig(pki["client"], pki["client-key"], pki["ca"])
     daemon = make_daemon(tmp_path / "run", 4, controller.grpc_address, controller_tls=client_tls)
     try:
-        assert serving(controller.grpc_address, credentials=client_tls.channel_credentials()) == health_pb2.HealthCheckResponse.SERVING
+        assert (
+            serving(controller.grpc_address, credentials=client_tls.channel_credentials())
+            == health_pb2.HealthCheckResponse.SERVING
+        )
         for credentials in (TlsConfig(ca=pki["ca"]).channel_credentials(), None):  # no client certificate; plain text
             with pytest.raises(grpc.RpcError) as err:
                 serving(controller.grpc_address, credentials=credentials)
@@ -427,9 +542,13 @@ def test_mutual_tls_round_trip(tmp_path):
         context = ssl.create_default_context(cafile=pki["ca"])
         context.load_cert_chain(pki["client"], pki["client-key"])
         assert http_get(controller.http_address, "/healthz", context) == b"ok\n"
-        wait_for(lambda: node_of(api_state(controller.http_address, context), "4"), 10, "healthd's report over mutual TLS")
+        wait_for(
+            lambda: node_of(api_state(controller.http_address, context), "4"), 10, "healthd's report over mutual TLS"
+        )
         with pytest.raises((ssl.SSLError, urllib.error.URLError, ConnectionError)):
-            http_get(controller.http_address, "/healthz", ssl.create_default_context(cafile=pki["ca"]))  # no client certificate
+            http_get(
+                controller.http_address, "/healthz", ssl.create_default_context(cafile=pki["ca"])
+            )  # no client certificate
         with pytest.raises((urllib.error.URLError, ConnectionError)):
             http_get(controller.http_address, "/healthz")  # plain HTTP to a TLS port
         assert http_get(controller.http_address, "/healthz", context) == b"ok\n"  # still serving
@@ -461,9 +580,19 @@ def test_controller_cli_errors_are_one_line(tmp_path, monkeypatch, capsys):
 
 def test_incident_list_names_the_hung_rank_not_the_ranks_blocked_on_other_nodes():
     def hang(ts: float, node: str, rank: int, found_here: bool) -> dict:
-        return {"ts": ts, "kind": "fault_detected", "role": "healthd", "node": node, "fault": "hang", "target": f"rank{rank}",
-                "detector": "healthd", "detail": {"culprit_found_here": found_here}}
+        return {
+            "ts": ts,
+            "kind": "fault_detected",
+            "role": "healthd",
+            "node": node,
+            "fault": "hang",
+            "target": f"rank{rank}",
+            "detector": "healthd",
+            "detail": {"culprit_found_here": found_here},
+        }
 
-    incidents, counts = _incidents_from_events([hang(100.0, "a", 0, False), hang(101.0, "b", 2, True), {"ts": 102.0, "kind": "step_end"}])
+    incidents, counts = _incidents_from_events(
+        [hang(100.0, "a", 0, False), hang(101.0, "b", 2, True), {"ts": 102.0, "kind": "step_end"}]
+    )
     assert [(i["rank"], i["kind"]) for i in incidents] == [(0, "hang_blocked"), (2, "hang")]
     assert counts == {"hang_blocked": 1, "hang": 1}

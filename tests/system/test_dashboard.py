@@ -25,8 +25,14 @@ from stalwart.health.probes import FAULT_INJECTION_ENV
 
 def start(cmd: list[str], expect: str, env: dict | None = None) -> tuple[subprocess.Popen, str]:
     """Start a ``stalwart`` subcommand; return it and the first line of its output (which names its address)."""
-    proc = subprocess.Popen([sys.executable, "-m", "stalwart", *cmd], stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
-                            text=True, cwd=ROOT, env=env)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "stalwart", *cmd],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
+        text=True,
+        cwd=ROOT,
+        env=env,
+    )
     line = proc.stdout.readline()
     assert expect in line, f"{cmd[0]} did not start (got {line!r}, exit {proc.poll()})"
     return proc, line
@@ -62,7 +68,8 @@ return {
   step: document.getElementById("step").textContent,
   runDir: document.getElementById("job-run-dir").textContent,
   goodputRatio: document.getElementById("goodput-ratio").textContent,
-  badput: Object.fromEntries(all("#badput-body tr[data-category]").map((r) => [r.dataset.category, text(r, "seconds")])),
+  badput: Object.fromEntries(
+    all("#badput-body tr[data-category]").map((r) => [r.dataset.category, text(r, "seconds")])),
   checkpoints: all("#checkpoints-body tr[data-step]").map((r) => [Number(r.dataset.step), r.dataset.verified]),
   incidents: all("#incidents-body tr[data-incident]").map((r) => r.dataset.incident),
   nodes: Object.fromEntries(all(".node[data-node]").map((n) => [n.dataset.node, {
@@ -91,20 +98,60 @@ def test_dashboard_follows_the_controller_live(chromium, tmp_path, token_file): 
     grpc_addr, http_addr = f"127.0.0.1:{free_port()}", f"127.0.0.1:{free_port()}"
     procs = []
     try:
-        controller, _ = start(["controller", "--run-dir", str(tmp_path), "--grpc-bind", grpc_addr, "--http-bind", http_addr,
-                               "--token-file", str(token_file), "--refresh-interval-s", "0.5"], "controller listening on")
+        controller, _ = start(
+            [
+                "controller",
+                "--run-dir",
+                str(tmp_path),
+                "--grpc-bind",
+                grpc_addr,
+                "--http-bind",
+                http_addr,
+                "--token-file",
+                str(token_file),
+                "--refresh-interval-s",
+                "0.5",
+            ],
+            "controller listening on",
+        )
         procs.append(controller)
         env = dict(os.environ, **{FAULT_INJECTION_ENV: "1"})
-        healthd, line = start(["healthd", "--run-dir", str(tmp_path), "--token-file", str(token_file), "--node", "0",
-                               "--controller", grpc_addr, "--probe-interval-s", "0.2", "--report-interval-s", "0.3",
-                               "--floor-s", "30"], "listening on", env)
+        healthd, line = start(
+            [
+                "healthd",
+                "--run-dir",
+                str(tmp_path),
+                "--token-file",
+                str(token_file),
+                "--node",
+                "0",
+                "--controller",
+                grpc_addr,
+                "--probe-interval-s",
+                "0.2",
+                "--report-interval-s",
+                "0.3",
+                "--floor-s",
+                "30",
+            ],
+            "listening on",
+            env,
+        )
         procs.append(healthd)
         procs.append(spawn_rank(line.split("listening on", 1)[1].strip(), grpc_addr, 0, 0, 0.05))
 
         chromium.get(f"http://{http_addr}/")
         chromium.execute_script("window.__sameDocument = true")
-        wait_for(lambda: (n := page(chromium)["nodes"].get("0")) and n["state"] == "HEALTHY" and "0" in n["ranks"]
-                 and page(chromium)["checkpoints"], 30, "node 0 HEALTHY with rank 0 on the page")
+        wait_for(
+            lambda: (
+                (n := page(chromium)["nodes"].get("0"))
+                and n["state"] == "HEALTHY"
+                and "0" in n["ranks"]
+                and page(chromium)["checkpoints"]
+            ),
+            30,
+            "node 0 HEALTHY with rank 0 on the page",
+        )
         wait_for(lambda: page(chromium)["step"].isdigit() and int(page(chromium)["step"]) > 0, 10, "a step count")
 
         # Slow-moving numbers: the page shows what /api/state says now.
@@ -112,8 +159,11 @@ def test_dashboard_follows_the_controller_live(chromium, tmp_path, token_file): 
         assert shown["runDir"] == state["job"]["run_dir"]
         assert shown["goodputRatio"] == f"{100 * state['goodput']['ratio']:.2f} %"
         assert shown["badput"] == {c: f"{state['goodput']['badput_s'][c]:.2f}" for c in CATEGORIES}
-        assert sorted(map(tuple, shown["checkpoints"])) == [(c["step"], str(c["verified"]).lower()) for c in state["checkpoints"]] \
+        assert (
+            sorted(map(tuple, shown["checkpoints"]))
+            == [(c["step"], str(c["verified"]).lower()) for c in state["checkpoints"]]
             == [(1, "true"), (2, "false")]
+        )
         assert shown["nodes"]["0"]["state"] == node_of(state, "0")["state"] == "HEALTHY"
         # Fast-moving numbers (ages, step, rate): the page shows exactly the state it last fetched.
         rank = node_of(shown["lastState"], "0")["ranks"][0]
@@ -128,8 +178,15 @@ def test_dashboard_follows_the_controller_live(chromium, tmp_path, token_file): 
         (tmp_path / "faults").mkdir(exist_ok=True)
         (tmp_path / "faults" / "gpu-0.json").write_text(json.dumps({"gpu": 0, "fault": "xid", "code": 79}))
         t0 = time.monotonic()
-        wait_for(lambda: node_state(chromium, "0") in ("UNHEALTHY", "EXCLUDED"), 20, "node 0 UNHEALTHY or EXCLUDED on the page")
-        print(f"\ninjected XID 79 -> dashboard shows node 0 {node_state(chromium, '0')} after {time.monotonic() - t0:.2f}s")
+        wait_for(
+            lambda: node_state(chromium, "0") in ("UNHEALTHY", "EXCLUDED"),
+            20,
+            "node 0 UNHEALTHY or EXCLUDED on the page",
+        )
+        print(
+            f"\ninjected XID 79 -> dashboard shows node 0 {node_state(chromium, '0')} after "
+            f"{time.monotonic() - t0:.2f}s"
+        )
         shown = page(chromium)
         assert shown["sameDocument"], "the page reloaded"
         assert shown["polls"] > polls

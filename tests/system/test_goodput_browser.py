@@ -36,7 +36,8 @@ def test_html_report_shows_the_json_numbers(chromium, tmp_path):  # noqa: F811
 
     # Self-contained: three matplotlib plots decoded from data URIs, nothing fetched from anywhere.
     images = chromium.execute_script(
-        "return Array.from(document.images).map(i => [i.src.slice(0, 22), i.complete, i.naturalWidth])")
+        "return Array.from(document.images).map(i => [i.src.slice(0, 22), i.complete, i.naturalWidth])"
+    )
     assert len(images) == 3 and all(src == "data:image/png;base64," and ok and w > 300 for src, ok, w in images), images
     fetched = chromium.execute_script("return performance.getEntriesByType('resource').map(e => e.name)")
     assert all(name.startswith("data:") for name in fetched), fetched

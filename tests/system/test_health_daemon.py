@@ -27,11 +27,18 @@ from stalwart.health.proto import healthd_pb2, healthd_pb2_grpc
 CASES = Path(__file__).resolve().parents[1] / "health_cases.py"
 TOKEN = "s3cret-job-token"
 # Floor 3 s: beats every 0.2 s on a loaded 2-core CI box can stall past 2 s without a real hang.
-FAST = HangConfig(warmup_steps=3, safety_factor=5.0, floor_s=3.0, initial_limits={Phase.INIT: 30, Phase.STEP: 30, Phase.CHECKPOINT: 30, Phase.EVAL: 30})
+FAST = HangConfig(
+    warmup_steps=3,
+    safety_factor=5.0,
+    floor_s=3.0,
+    initial_limits={Phase.INIT: 30, Phase.STEP: 30, Phase.CHECKPOINT: 30, Phase.EVAL: 30},
+)
 
 
 def spawn_beater(address: str, run_dir: Path, rank: int, mode: str = "beat") -> subprocess.Popen:
-    proc = subprocess.Popen([sys.executable, str(CASES), mode, address, str(run_dir), str(rank)], stdout=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(
+        [sys.executable, str(CASES), mode, address, str(run_dir), str(rank)], stdout=subprocess.PIPE, text=True
+    )
     line = proc.stdout.readline()
     assert line.strip() == "ready", f"heartbeat child did not start (got {line!r}, exit {proc.poll()})"
     return proc
@@ -56,7 +63,15 @@ def stub(address: str) -> healthd_pb2_grpc.NodeHealthStub:
 def test_sigstopped_rank_is_detected_dumped_and_killed(daemon, tmp_path):
     proc = spawn_beater(daemon.address, tmp_path, rank=0)
     try:
-        wait_for(lambda: [r for r in stub(daemon.address).GetStatus(healthd_pb2.google_dot_protobuf_dot_empty__pb2.Empty()).ranks if r.step >= 3], 10, "3 steps")
+        wait_for(
+            lambda: [
+                r
+                for r in stub(daemon.address).GetStatus(healthd_pb2.google_dot_protobuf_dot_empty__pb2.Empty()).ranks
+                if r.step >= 3
+            ],
+            10,
+            "3 steps",
+        )
         proc.send_signal(signal.SIGSTOP)
         stopped_at = time.time()
         last_beat = float((tmp_path / "beat-rank0").read_text())
@@ -70,8 +85,11 @@ def test_sigstopped_rank_is_detected_dumped_and_killed(daemon, tmp_path):
         proc.kill()
         proc.wait()
     latency = event["ts"] - event["last_progress_ts"]
-    print(f"\nhang detection: {latency:.2f}s from the last heartbeat progress to the fault event "
-          f"(limit {event['detail']['limit_s']}s; child's last beat {event['ts'] - last_beat:.2f}s before; observed by the test {detected_after_stop:.2f}s after SIGSTOP)")
+    print(
+        f"\nhang detection: {latency:.2f}s from the last heartbeat progress to the fault event "
+        f"(limit {event['detail']['limit_s']}s; child's last beat {event['ts'] - last_beat:.2f}s before; observed by "
+        f"the test {detected_after_stop:.2f}s after SIGSTOP)"
+    )
     assert event["target"] == "rank0" and event["detector"] == "healthd" and event["role"] == "healthd"
     assert event["last_progress_ts"] <= last_beat + 0.01
     assert event["detail"]["limit_s"] == FAST.floor_s  # 5 x ~0.2 s steps is below the floor
@@ -109,7 +127,10 @@ def test_grpc_health_auth_and_malformed_requests(daemon, tmp_path):
     channel = grpc.insecure_channel(daemon.address)
     health = health_pb2_grpc.HealthStub(channel)
     for service in ("", "stalwart.health.NodeHealth"):
-        assert health.Check(health_pb2.HealthCheckRequest(service=service), timeout=5).status == health_pb2.HealthCheckResponse.SERVING
+        assert (
+            health.Check(health_pb2.HealthCheckRequest(service=service), timeout=5).status
+            == health_pb2.HealthCheckResponse.SERVING
+        )
     api = healthd_pb2_grpc.NodeHealthStub(channel)
     proc = spawn_beater(daemon.address, tmp_path, rank=1)
     try:
@@ -122,7 +143,9 @@ def test_grpc_health_auth_and_malformed_requests(daemon, tmp_path):
             api.KillWorkers(healthd_pb2.KillRequest(token=TOKEN, reason="x" * (2 * MAX_MESSAGE_BYTES)), timeout=5)
         assert err.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
         assert proc.poll() is None
-        garbage = channel.unary_unary("/stalwart.health.NodeHealth/Heartbeat", request_serializer=lambda b: b, response_deserializer=lambda b: b)
+        garbage = channel.unary_unary(
+            "/stalwart.health.NodeHealth/Heartbeat", request_serializer=lambda b: b, response_deserializer=lambda b: b
+        )
         with pytest.raises(grpc.RpcError) as err:
             garbage(b"\xff\xff\xff\xff\x0f\x01", timeout=5)
         assert err.value.code() != grpc.StatusCode.OK
@@ -232,8 +255,25 @@ def test_healthd_serves_on_unix_socket_until_sigterm(tmp_path):
     token_file.write_text(TOKEN + "\n")
     token_file.chmod(0o600)
     sock = tmp_path / "healthd.sock"
-    proc = subprocess.Popen([sys.executable, "-m", "stalwart", "healthd", "--run-dir", str(tmp_path), "--bind", f"unix:{sock}", "--token-file", str(token_file), "--node", "5"],
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "stalwart",
+            "healthd",
+            "--run-dir",
+            str(tmp_path),
+            "--bind",
+            f"unix:{sock}",
+            "--token-file",
+            str(token_file),
+            "--node",
+            "5",
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
     try:
         lines = [proc.stdout.readline() for _ in range(2)]  # a log line (stderr) and the address line, in either order
         assert any(f"listening on unix:{sock}" in line for line in lines), lines

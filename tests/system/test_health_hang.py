@@ -4,7 +4,12 @@ import pytest
 
 from stalwart.health.hang import Hang, HangConfig, HangDetector, Phase
 
-CFG = HangConfig(warmup_steps=3, safety_factor=5.0, floor_s=2.0, initial_limits={Phase.INIT: 300, Phase.STEP: 60, Phase.CHECKPOINT: 600, Phase.EVAL: 100})
+CFG = HangConfig(
+    warmup_steps=3,
+    safety_factor=5.0,
+    floor_s=2.0,
+    initial_limits={Phase.INIT: 300, Phase.STEP: 60, Phase.CHECKPOINT: 600, Phase.EVAL: 100},
+)
 
 
 def beats(det: HangDetector, rank: int, phase: Phase, times: list[float]) -> None:

@@ -30,11 +30,40 @@ from stalwart.runtime.config import load_config
 ROOT = Path(__file__).resolve().parents[2]
 LAUNCH = [sys.executable, "-m", "stalwart", "launch", "--config", "debug"]
 # 2 ranks per node with tp=2: dp = nodes; global batch 8 / microbatch 4 fits dp 1 and 2.
-TINY = ["--parallel.tp", "2", "--model.n_layers", "2", "--data.seq_len", "32", "--data.max_tokens", "20000",
-        "--training.global_batch_size", "8", "--training.microbatch_size", "4", "--training.threads_per_rank", "1",
-        "--health.golden_every", "0", "--health.fingerprint_every", "0", "--checkpoint.interval", "2"]
-FAST_RDZV = ["--rdzv-conf", "last_call_timeout=2,keep_alive_interval=1,keep_alive_max_attempt=3,join_timeout=300,read_timeout=20",
-             "--monitor-interval", "0.2", "--peer-timeout", "6", "--healthd", "off", "--controller", "off"]
+TINY = [
+    "--parallel.tp",
+    "2",
+    "--model.n_layers",
+    "2",
+    "--data.seq_len",
+    "32",
+    "--data.max_tokens",
+    "20000",
+    "--training.global_batch_size",
+    "8",
+    "--training.microbatch_size",
+    "4",
+    "--training.threads_per_rank",
+    "1",
+    "--health.golden_every",
+    "0",
+    "--health.fingerprint_every",
+    "0",
+    "--checkpoint.interval",
+    "2",
+]
+FAST_RDZV = [
+    "--rdzv-conf",
+    "last_call_timeout=2,keep_alive_interval=1,keep_alive_max_attempt=3,join_timeout=300,read_timeout=20",
+    "--monitor-interval",
+    "0.2",
+    "--peer-timeout",
+    "6",
+    "--healthd",
+    "off",
+    "--controller",
+    "off",
+]
 
 
 def run_launch(*args: str, timeout: float = 120) -> subprocess.CompletedProcess:
@@ -73,7 +102,9 @@ def test_rdzv_conf_parsing():
 
 
 def test_layout_not_fitting_the_node_count_fails_in_one_line(tmp_path):
-    done = run_launch("--nnodes", "1:2", "--nproc-per-node", "2", "--parallel.tp", "4", "--run-dir", str(tmp_path), "--healthd", "off")
+    done = run_launch(
+        "--nnodes", "1:2", "--nproc-per-node", "2", "--parallel.tp", "4", "--run-dir", str(tmp_path), "--healthd", "off"
+    )
     assert done.returncode == 2
     line = error_line(done)
     assert "starts with 2 ranks" in line and "tp×pp = 1×1×4×1 = 4" in line and "--nnodes 2:2" in line, line
@@ -81,8 +112,18 @@ def test_layout_not_fitting_the_node_count_fails_in_one_line(tmp_path):
 
 def test_unreachable_rendezvous_endpoint_fails_within_the_connect_timeout(tmp_path):
     t0 = time.monotonic()
-    done = run_launch("--nnodes", "1", "--rdzv-endpoint", "198.18.255.254:29400", "--rdzv-connect-timeout", "2",
-                      "--run-dir", str(tmp_path), "--healthd", "off")
+    done = run_launch(
+        "--nnodes",
+        "1",
+        "--rdzv-endpoint",
+        "198.18.255.254:29400",
+        "--rdzv-connect-timeout",
+        "2",
+        "--run-dir",
+        str(tmp_path),
+        "--healthd",
+        "off",
+    )
     assert done.returncode == 2
     line = error_line(done)
     assert "198.18.255.254:29400" in line and "--rdzv-endpoint" in line, line
@@ -114,9 +155,21 @@ def test_excluded_node_exits_93_before_joining(tmp_path):
 
 def test_spare_rank_idles_until_sigterm_then_exits_0(tmp_path):
     """A rank past the narrowed WORLD_SIZE joins no process group and leaves cleanly when stopped."""
-    env = {**os.environ, "STALWART_LAUNCHER": "1", "RANK": "5", "WORLD_SIZE": "4", "LOCAL_RANK": "1", "TORCHELASTIC_RUN_ID": "x"}
-    proc = subprocess.Popen([sys.executable, "-m", "stalwart", "train", "--config", "debug", "--job.run_dir", str(tmp_path)],
-                            stdout=subprocess.PIPE, text=True, env=env, cwd=ROOT)
+    env = {
+        **os.environ,
+        "STALWART_LAUNCHER": "1",
+        "RANK": "5",
+        "WORLD_SIZE": "4",
+        "LOCAL_RANK": "1",
+        "TORCHELASTIC_RUN_ID": "x",
+    }
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "stalwart", "train", "--config", "debug", "--job.run_dir", str(tmp_path)],
+        stdout=subprocess.PIPE,
+        text=True,
+        env=env,
+        cwd=ROOT,
+    )
     try:
         assert "hot spare" in proc.stdout.readline()
         proc.send_signal(signal.SIGTERM)
@@ -132,7 +185,10 @@ def test_peer_watch_reports_a_silent_peer():
     from stalwart.launcher.agent import PeerWatch
 
     store = HashStore()
-    me, peer = PeerWatch(store, 0, 2, timeout_s=1.0, interval_s=0.1), PeerWatch(store, 1, 2, timeout_s=1.0, interval_s=0.1)
+    me, peer = (
+        PeerWatch(store, 0, 2, timeout_s=1.0, interval_s=0.1),
+        PeerWatch(store, 1, 2, timeout_s=1.0, interval_s=0.1),
+    )
     try:
         time.sleep(0.5)
         me.silent_for()
@@ -186,7 +242,9 @@ class Node:
             if m:
                 return m
             if self.proc.poll() is not None:
-                raise AssertionError(f"{self.name} exited {self.proc.returncode} before /{pattern}/:\n{self.text()[-4000:]}")
+                raise AssertionError(
+                    f"{self.name} exited {self.proc.returncode} before /{pattern}/:\n{self.text()[-4000:]}"
+                )
             time.sleep(0.3)
         raise AssertionError(f"{self.name}: no /{pattern}/ within {timeout}s:\n{self.text()[-4000:]}")
 
@@ -202,7 +260,9 @@ class Node:
             kill_tree(self.proc)
 
 
-def wait_any(nodes: list[Node], pattern: str, timeout: float, after: dict[str, int] | None = None) -> tuple[Node, re.Match]:
+def wait_any(
+    nodes: list[Node], pattern: str, timeout: float, after: dict[str, int] | None = None
+) -> tuple[Node, re.Match]:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         for n in nodes:
@@ -210,13 +270,21 @@ def wait_any(nodes: list[Node], pattern: str, timeout: float, after: dict[str, i
             if m:
                 return n, m
         time.sleep(0.3)
-    raise AssertionError(f"no /{pattern}/ within {timeout}s:\n" + "\n".join(f"--- {n.name}\n{n.text()[-3000:]}" for n in nodes))
+    raise AssertionError(
+        f"no /{pattern}/ within {timeout}s:\n" + "\n".join(f"--- {n.name}\n{n.text()[-3000:]}" for n in nodes)
+    )
 
 
 def world_sizes(run_dir: Path) -> list[int]:
     """The world size of each worker group in time order (rank 0's worker_start events)."""
-    starts = sorted((e for e in read_events(run_dir) if e["kind"] == "worker_start" and e.get("role") == "trainer" and e["rank"] == 0),
-                    key=lambda e: e["ts"])
+    starts = sorted(
+        (
+            e
+            for e in read_events(run_dir)
+            if e["kind"] == "worker_start" and e.get("role") == "trainer" and e["rank"] == 0
+        ),
+        key=lambda e: e["ts"],
+    )
     return [e["world_size"] for e in starts]
 
 
@@ -229,8 +297,25 @@ def test_kill_a_node_shrink_then_grow_then_preempt_and_relaunch(tmp_path):
     run_dir, port = tmp_path / "run", free_port()
 
     def argv(node_id: str, steps: int = 100000) -> list[str]:
-        return [*LAUNCH, "--nnodes", "1:2", "--nproc-per-node", "2", "--rdzv-endpoint", f"127.0.0.1:{port}", "--rdzv-id", "t",
-                *FAST_RDZV, "--node-id", node_id, "--run-dir", str(run_dir), *TINY, "--training.steps", str(steps)]
+        return [
+            *LAUNCH,
+            "--nnodes",
+            "1:2",
+            "--nproc-per-node",
+            "2",
+            "--rdzv-endpoint",
+            f"127.0.0.1:{port}",
+            "--rdzv-id",
+            "t",
+            *FAST_RDZV,
+            "--node-id",
+            node_id,
+            "--run-dir",
+            str(run_dir),
+            *TINY,
+            "--training.steps",
+            str(steps),
+        ]
 
     nodes = [Node("A", argv("A"), tmp_path), Node("B", argv("B"), tmp_path)]
     try:
@@ -258,7 +343,11 @@ def test_kill_a_node_shrink_then_grow_then_preempt_and_relaunch(tmp_path):
             n.proc.send_signal(signal.SIGTERM)
         assert host.exit_code(120) == 0, host.text()[-3000:]
         assert joiner.exit_code(120) == 0, joiner.text()[-3000:]
-        saved = [int(s) for n in (host, joiner) for s in re.findall(r"^preempted: committed step (\d+)", n.text()[marks[n.name]:], re.MULTILINE)]
+        saved = [
+            int(s)
+            for n in (host, joiner)
+            for s in re.findall(r"^preempted: committed step (\d+)", n.text()[marks[n.name] :], re.MULTILINE)
+        ]
         assert len(saved) == 1, saved  # rank 0 reports the emergency checkpoint of the whole job
         last = saved[0]
         assert last in committed(run_dir)
@@ -280,9 +369,27 @@ def test_kill_a_node_shrink_then_grow_then_preempt_and_relaunch(tmp_path):
 def test_third_node_idles_as_hot_spare_and_ends_with_the_job(tmp_path):
     """1 rank per node, dp must divide 4: of 3 nodes 2 train, the third waits and exits 0 with them."""
     run_dir, port = tmp_path / "run", free_port()
-    argv = [*LAUNCH, "--nnodes", "1:4", "--nproc-per-node", "1", "--rdzv-endpoint", f"127.0.0.1:{port}", "--rdzv-id", "s",
-            *FAST_RDZV, "--run-dir", str(run_dir), *TINY, "--parallel.tp", "1", "--training.global_batch_size", "16",
-            "--training.steps", "6"]
+    argv = [
+        *LAUNCH,
+        "--nnodes",
+        "1:4",
+        "--nproc-per-node",
+        "1",
+        "--rdzv-endpoint",
+        f"127.0.0.1:{port}",
+        "--rdzv-id",
+        "s",
+        *FAST_RDZV,
+        "--run-dir",
+        str(run_dir),
+        *TINY,
+        "--parallel.tp",
+        "1",
+        "--training.global_batch_size",
+        "16",
+        "--training.steps",
+        "6",
+    ]
     nodes = [Node(name, [*argv, "--node-id", name], tmp_path) for name in "ABC"]
     try:
         for n in nodes:
@@ -332,9 +439,31 @@ def test_two_hosts_one_cut_off_the_other_continues_alone(tmp_path, two_hosts):
     run_dir, ns, dev, addr = tmp_path / "run", two_hosts["ns"], two_hosts["dev"], two_hosts["addr"]
 
     def node(name: str) -> Node:
-        argv = ["ip", "netns", "exec", ns[name], *LAUNCH, "--nnodes", "1:2", "--nproc-per-node", "2",
-                "--rdzv-endpoint", f"{addr['A']}:29400", "--rdzv-id", "netns", "--local-addr", addr[name], *FAST_RDZV,
-                "--node-id", name, "--run-dir", str(run_dir), *TINY, "--training.steps", "100000"]
+        argv = [
+            "ip",
+            "netns",
+            "exec",
+            ns[name],
+            *LAUNCH,
+            "--nnodes",
+            "1:2",
+            "--nproc-per-node",
+            "2",
+            "--rdzv-endpoint",
+            f"{addr['A']}:29400",
+            "--rdzv-id",
+            "netns",
+            "--local-addr",
+            addr[name],
+            *FAST_RDZV,
+            "--node-id",
+            name,
+            "--run-dir",
+            str(run_dir),
+            *TINY,
+            "--training.steps",
+            "100000",
+        ]
         return Node(name, argv, tmp_path, env={**os.environ, "GLOO_SOCKET_IFNAME": dev[name]})
 
     a = node("A")

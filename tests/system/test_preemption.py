@@ -17,8 +17,22 @@ from stalwart.checkpoint.manager import CheckpointManager
 from stalwart.events import read_events
 
 STEPS = 8
-TRAIN = [sys.executable, "-m", "stalwart", "train", "--config", "debug", "--nproc-per-node", "2",
-         "--training.steps", str(STEPS), "--checkpoint.interval", "100", "--data.max_tokens", "200000"]
+TRAIN = [
+    sys.executable,
+    "-m",
+    "stalwart",
+    "train",
+    "--config",
+    "debug",
+    "--nproc-per-node",
+    "2",
+    "--training.steps",
+    str(STEPS),
+    "--checkpoint.interval",
+    "100",
+    "--data.max_tokens",
+    "200000",
+]
 
 
 def _sigterm_after(step: int, args: list[str]) -> tuple[subprocess.CompletedProcess, str]:

@@ -46,21 +46,42 @@ def test_controller_ordered_rollback_is_carried_out_once(tmp_path, monkeypatch):
     monkeypatch.setenv("STALWART_TOKEN_FILE", str(token))
     grpc_addr, http_addr = f"127.0.0.1:{free_port()}", f"127.0.0.1:{free_port()}"
     controller = subprocess.Popen(
-        [sys.executable, "-m", "stalwart", "controller", "--run-dir", str(run_dir), "--grpc-bind", grpc_addr,
-         "--http-bind", http_addr, "--token-file", str(token), "--refresh-interval-s", "0.5"],
-        stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT,
+        [
+            sys.executable,
+            "-m",
+            "stalwart",
+            "controller",
+            "--run-dir",
+            str(run_dir),
+            "--grpc-bind",
+            grpc_addr,
+            "--http-bind",
+            http_addr,
+            "--token-file",
+            str(token),
+            "--refresh-interval-s",
+            "0.5",
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.STDOUT,
     )
     # A window to order the rollback in (the first incarnation stays below step 12), then a later fault
     # after the rollback: the old order must not be applied again.
-    plan = [{"kind": "slow", "step": 5, "rank": 0, "seconds": 2.0, "steps": 7}, {"kind": "kill_rank", "step": 12, "rank": 1}]
+    plan = [
+        {"kind": "slow", "step": 5, "rank": 0, "seconds": 2.0, "steps": 7},
+        {"kind": "kill_rank", "step": 12, "rank": 1},
+    ]
     cluster = Cluster(run_dir, TP2, plan, extra=EXTRA, controller=grpc_addr)
     try:
         cluster.start("node0")
         # Step 6 committed: the rollback to 4 must then flag it rolled back.
-        wait_for(lambda: any(e["kind"] == "ckpt_commit" and e["step"] == 6 for e in events(run_dir)), 180, "step 6's commit")
+        wait_for(
+            lambda: any(e["kind"] == "ckpt_commit" and e["step"] == 6 for e in events(run_dir)), 180, "step 6's commit"
+        )
         with grpc.insecure_channel(grpc_addr) as channel:
             reply = controller_pb2_grpc.ControllerStub(channel).RequestRollback(
-                controller_pb2.RollbackRequest(token=TOKEN, step=4, reason="operator: bad data after step 4"), timeout=60
+                controller_pb2.RollbackRequest(token=TOKEN, step=4, reason="operator: bad data after step 4"),
+                timeout=60,
             )
         assert reply.step == 4
         order = read_rollback_order(run_dir)
@@ -76,7 +97,9 @@ def test_controller_ordered_rollback_is_carried_out_once(tmp_path, monkeypatch):
     seen = [(e["step"], e.get("rollback_request")) for e in loads]
     assert [e["step"] for e in ordered] == [4], seen  # carried out, exactly once
     later = [e for e in loads if e["ts"] > ordered[0]["ts"]]
-    assert later and all(e["step"] > 4 and "rollback_request" not in e for e in later), seen  # the kill resumed from the newest step
+    assert later and all(e["step"] > 4 and "rollback_request" not in e for e in later), (
+        seen
+    )  # the kill resumed from the newest step
     (rollback,) = [e for e in evs if e["kind"] == "rollback"]
     assert rollback["to_step"] == 4 and rollback["rollback_request"] == order.id and rollback["superseded"], rollback
     assert (run_dir / APPLIED_FILE).is_file()

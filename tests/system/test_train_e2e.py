@@ -10,15 +10,33 @@ from stalwart.cli.main import main as stalwart_main
 from stalwart.events import read_events
 from stalwart.goodput import compute_goodput
 
-STEP_LINE = re.compile(r"^step\s+(\d+)/(\d+) \| loss\s+([\d.]+) \| grad_norm\s+([\d.]+) \| lr ([\d.e+-]+) \| tok/s\s+([\d,]+) \| mfu .* \| mem\s+[\d,]+ MiB$")
+STEP_LINE = re.compile(
+    r"^step\s+(\d+)/(\d+) \| loss\s+([\d.]+) \| grad_norm\s+([\d.]+) \| lr ([\d.e+-]+) \| tok/s\s+([\d,]+) \| mfu .* "
+    r"\| mem\s+[\d,]+ MiB$"
+)
 
 
 def test_four_rank_debug_run_learns(tmp_path):
     run_dir = tmp_path / "run"
     out = subprocess.run(
-        [sys.executable, "-m", "stalwart", "train", "--config", "debug", "--nproc-per-node", "4",
-         "--training.steps", "40", "--job.run_dir", str(run_dir)],
-        capture_output=True, text=True, timeout=600, cwd=tmp_path,
+        [
+            sys.executable,
+            "-m",
+            "stalwart",
+            "train",
+            "--config",
+            "debug",
+            "--nproc-per-node",
+            "4",
+            "--training.steps",
+            "40",
+            "--job.run_dir",
+            str(run_dir),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        cwd=tmp_path,
     )
     assert out.returncode == 0, out.stderr[-3000:]
     steps = [STEP_LINE.match(line) for line in out.stdout.splitlines() if line.startswith("step ")]
@@ -54,7 +72,21 @@ COMMON_3D = ["train", "--config", "debug-3d", "--training.steps", "12", "--data.
 @pytest.fixture(scope="module")
 def single_process_3d(tmp_path_factory) -> list[float]:
     tmp = tmp_path_factory.mktemp("single")
-    out = run_cli([sys.executable, "-m", "stalwart", *COMMON_3D, "--parallel.tp", "1", "--parallel.pp", "1", "--job.run_dir", str(tmp / "run")], tmp)
+    out = run_cli(
+        [
+            sys.executable,
+            "-m",
+            "stalwart",
+            *COMMON_3D,
+            "--parallel.tp",
+            "1",
+            "--parallel.pp",
+            "1",
+            "--job.run_dir",
+            str(tmp / "run"),
+        ],
+        tmp,
+    )
     return step_losses(out.stdout)
 
 
@@ -62,9 +94,20 @@ def single_process_3d(tmp_path_factory) -> list[float]:
 def test_3d_config_under_torchrun_trains_like_the_single_process_run(single_process_3d, tmp_path):
     """The shipped tp2 × pp2 × dp2 config on 8 ranks under plain torchrun follows the single-process loss curve.
 
-    (`stalwart train --nproc-per-node` is the four-rank run above; `stalwart launch` is in test_launcher and test_chaos.)
+    (`stalwart train --nproc-per-node` is the four-rank run above; `stalwart launch` is in test_launcher and
+    test_chaos.)
     """
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "8", "-m", "stalwart", *COMMON_3D]
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc-per-node",
+        "8",
+        "-m",
+        "stalwart",
+        *COMMON_3D,
+    ]
     parallel = run_cli([*cmd, "--job.run_dir", str(tmp_path / "parallel")], tmp_path)
     ref, got = single_process_3d, step_losses(parallel.stdout)
     assert len(ref) == len(got) == 12
@@ -77,8 +120,22 @@ def test_a_single_process_run_gives_a_consistent_goodput_report(tmp_path):
     """A real single-process debug run: its own events give a consistent report."""
     run = tmp_path / "run"
     out = subprocess.run(
-        [sys.executable, "-m", "stalwart", "train", "--config", "debug", "--training.steps", "4", "--job.run_dir", str(run)],
-        capture_output=True, text=True, timeout=600, check=False,
+        [
+            sys.executable,
+            "-m",
+            "stalwart",
+            "train",
+            "--config",
+            "debug",
+            "--training.steps",
+            "4",
+            "--job.run_dir",
+            str(run),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        check=False,
     )
     assert out.returncode == 0, out.stderr[-2000:]
     report = compute_goodput(read_events(run))

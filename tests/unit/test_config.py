@@ -34,12 +34,24 @@ def test_shipped_config_by_name():
     [
         ("[training]\nlrr = 1\n", [], "unknown key 'training.lrr'.*did you mean 'lr'.*valid keys in \\[training\\]"),
         ("[trainning]\nlr = 1\n", [], "unknown section \\[trainning\\].*did you mean 'training'"),
-        ("", ["--training.decay", "exp"], "training.decay = 'exp' is not allowed; choose one of 'cosine', 'linear', 'constant'"),
+        (
+            "",
+            ["--training.decay", "exp"],
+            "training.decay = 'exp' is not allowed; choose one of 'cosine', 'linear', 'constant'",
+        ),
         ("", ["--training.steps", "ten"], "training.steps = 'ten' is not an integer"),
         ("[training]\nsteps = 0\n", [], "training.steps = 0 must be at least 1"),
-        ("", ["--checkpoint.s3_max_attempts", "-1"], "checkpoint.s3_max_attempts = -1 must be 0 \\(botocore's default\\) or a number"),
+        (
+            "",
+            ["--checkpoint.s3_max_attempts", "-1"],
+            "checkpoint.s3_max_attempts = -1 must be 0 \\(botocore's default\\) or a number",
+        ),
         ("", ["--data.source", "files"], 'data.source = "files" needs data.path'),
-        ("", ["--data.source", "files", "--data.path", "/nonexistent/corpus"], "data.path '/nonexistent/corpus' does not exist"),
+        (
+            "",
+            ["--data.source", "files", "--data.path", "/nonexistent/corpus"],
+            "data.path '/nonexistent/corpus' does not exist",
+        ),
         ("", ["--training.lr"], "override '--training.lr' has no value"),
         ("", ["stray"], "unexpected argument 'stray'"),
         ("steps = 3\n", [], "top-level key 'steps'.*must be a \\[section\\] table"),

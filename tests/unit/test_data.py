@@ -272,7 +272,12 @@ def test_resume_same_dp_is_identical() -> None:
     resumed_run = [_step(first) for _ in range(4)]
     state = first[0].state_dict()
     assert state == {
-        "position": 32, "seed": 7, "shuffle": True, "global_batch_size": 8, "dataset_len": 30, "version": 1
+        "position": 32,
+        "seed": 7,
+        "shuffle": True,
+        "global_batch_size": 8,
+        "dataset_len": 30,
+        "version": 1,
     }
     fresh = _loaders(ds, gbs=8, mbs=2, dp=2)
     for loader in fresh:

@@ -26,7 +26,6 @@ SBATCH = DEPLOY / "slurm" / "stalwart.sbatch"
 CONTAINERFILE = DEPLOY / "Containerfile"
 
 
-
 def cli_flags(command: str) -> set[str]:
     """Every option string ``stalwart COMMAND`` accepts, read off the real parser."""
     from stalwart.cli.main import build_parser
@@ -104,8 +103,12 @@ def pods_of(doc: dict) -> list[Pod]:
         ]
     if kind == "PyTorchJob":
         return [
-            Pod(f"PyTorchJob/{name}/{rtype}", rs["template"].get("metadata", {}), rs["template"]["spec"],
-                {"training.kubeflow.org/job-name": name})
+            Pod(
+                f"PyTorchJob/{name}/{rtype}",
+                rs["template"].get("metadata", {}),
+                rs["template"]["spec"],
+                {"training.kubeflow.org/job-name": name},
+            )
             for rtype, rs in doc["spec"]["pytorchReplicaSpecs"].items()
         ]
     return []
@@ -126,7 +129,9 @@ def resolve_env(container: dict, pod: Pod) -> dict[str, str]:
         label = re.fullmatch(r"metadata\.labels\['(.+)'\]", path)
         if label:
             key = label.group(1)
-            assert key in pod.injected_labels, f"{pod.where}: env {e['name']} reads label {key!r}, which the controller never sets"
+            assert key in pod.injected_labels, (
+                f"{pod.where}: env {e['name']} reads label {key!r}, which the controller never sets"
+            )
             env[e["name"]] = pod.injected_labels[key]
         elif path == "status.hostIP":
             env[e["name"]] = NODE_IP
@@ -254,7 +259,9 @@ def check_required_fields(manifests: dict[str, list[dict]]) -> None:
             if d["kind"] in ("Deployment", "DaemonSet"):
                 selector = d["spec"]["selector"]["matchLabels"]
                 labels = d["spec"]["template"]["metadata"]["labels"]
-                assert selector.items() <= labels.items(), f"{name}: selector {selector} does not match template labels {labels}"
+                assert selector.items() <= labels.items(), (
+                    f"{name}: selector {selector} does not match template labels {labels}"
+                )
     for pod in all_pods(manifests):
         volumes = {v["name"] for v in pod.spec.get("volumes", [])}
         for c in pod.spec["containers"]:
@@ -270,25 +277,33 @@ def check_kustomization(manifests: dict[str, list[dict]]) -> None:
     listed = list(kust["resources"])
     present = set(manifests) - {"kustomization.yaml"}
     assert len(listed) == len(set(listed)), f"kustomization.yaml lists a file twice: {listed}"
-    assert not set(listed) & set(NOT_IN_KUSTOMIZATION), f"kustomization.yaml must not list {set(listed) & set(NOT_IN_KUSTOMIZATION)}"
+    assert not set(listed) & set(NOT_IN_KUSTOMIZATION), (
+        f"kustomization.yaml must not list {set(listed) & set(NOT_IN_KUSTOMIZATION)}"
+    )
     assert set(listed) | set(NOT_IN_KUSTOMIZATION) == present, (
         f"deploy/k8s has {sorted(present)}; kustomization.yaml lists {sorted(listed)}; "
         f"unlisted on purpose: {sorted(NOT_IN_KUSTOMIZATION)}"
     )
     image_names = {c["image"].rsplit(":", 1)[0] for p in all_pods(manifests) for c in p.spec["containers"]}
-    assert image_names == {i["name"] for i in kust["images"]}, f"containers use {image_names}; kustomization rewrites {kust['images']}"
+    assert image_names == {i["name"] for i in kust["images"]}, (
+        f"containers use {image_names}; kustomization rewrites {kust['images']}"
+    )
 
 
 def check_flags(invocations: list[Invocation]) -> None:
     for inv in invocations:
         assert inv.sub in ALLOWED_FLAGS, f"{inv.where}: unknown subcommand {inv.sub!r}"
         unknown = set(inv.flags) - ALLOWED_FLAGS[inv.sub]
-        assert not unknown, f"{inv.where}: `stalwart {inv.sub}` has no flag {sorted(unknown)}; valid: {sorted(ALLOWED_FLAGS[inv.sub])}"
+        assert not unknown, (
+            f"{inv.where}: `stalwart {inv.sub}` has no flag {sorted(unknown)}; valid: {sorted(ALLOWED_FLAGS[inv.sub])}"
+        )
         missing = REQUIRED_FLAGS[inv.sub] - set(inv.flags)
         assert not missing, f"{inv.where}: `stalwart {inv.sub}` misses {sorted(missing)}"
         if inv.sub == "launch":
             assert port_of(inv.flags["--rdzv-endpoint"]) == RDZV_PORT, f"{inv.where}: rendezvous is on port {RDZV_PORT}"
-            assert re.fullmatch(r"(\d+|\$\w+|\$\{\w+\})(:\d+)?", inv.flags["--nnodes"].strip('"')), f"{inv.where}: --nnodes N or MIN:MAX"
+            assert re.fullmatch(r"(\d+|\$\w+|\$\{\w+\})(:\d+)?", inv.flags["--nnodes"].strip('"')), (
+                f"{inv.where}: --nnodes N or MIN:MAX"
+            )
         if inv.sub == "healthd":
             assert port_of(inv.flags["--bind"]) == HEALTHD_PORT
         if inv.sub == "controller":
@@ -304,9 +319,13 @@ def check_healthd(manifests: dict[str, list[dict]]) -> None:
     assert inv.sub == "healthd"
     port = port_of(inv.flags["--bind"])
     (p,) = [p for p in c["ports"] if p["containerPort"] == port]
-    assert p.get("hostPort") == port, f"healthd: hostPort {p.get('hostPort')} != bind port {port} (ranks dial <node IP>:{port})"
+    assert p.get("hostPort") == port, (
+        f"healthd: hostPort {p.get('hostPort')} != bind port {port} (ranks dial <node IP>:{port})"
+    )
     assert "grpc" in c["livenessProbe"] and "grpc" in c["readinessProbe"], "healthd probes must be kubelet gRPC probes"
-    assert container_port(c, c["livenessProbe"]["grpc"]["port"]) == port, "healthd liveness must be grpc.health.v1 on the bind port"
+    assert container_port(c, c["livenessProbe"]["grpc"]["port"]) == port, (
+        "healthd liveness must be grpc.health.v1 on the bind port"
+    )
     assert container_port(c, c["readinessProbe"]["grpc"]["port"]) == port
     assert pod_spec.get("hostPID") is True, "healthd needs hostPID to see (and py-spy) the ranks"
     env = {e["name"]: e.get("value") for e in c["env"]}
@@ -325,16 +344,22 @@ def check_controller(manifests: dict[str, list[dict]]) -> None:
     inv = invocation_of(manifests, dep)
     assert inv.sub == "controller"
     grpc, http = port_of(inv.flags["--grpc-bind"]), port_of(inv.flags["--http-bind"])
-    assert {p["containerPort"] for p in c["ports"]} == {grpc, http}, f"controller ports {c['ports']} vs binds {grpc}, {http}"
+    assert {p["containerPort"] for p in c["ports"]} == {grpc, http}, (
+        f"controller ports {c['ports']} vs binds {grpc}, {http}"
+    )
     assert "grpc" in c["livenessProbe"], "controller liveness must be a kubelet gRPC probe"
-    assert container_port(c, c["livenessProbe"]["grpc"]["port"]) == grpc, "controller liveness must be grpc.health.v1 on --grpc-bind"
+    assert container_port(c, c["livenessProbe"]["grpc"]["port"]) == grpc, (
+        "controller liveness must be grpc.health.v1 on --grpc-bind"
+    )
     ready = c["readinessProbe"]["httpGet"]
     assert ready["path"] == "/healthz" and container_port(c, ready["port"]) == http
     labels = dep["spec"]["template"]["metadata"]["labels"]
     assert svc["spec"]["selector"].items() <= labels.items(), "the Service does not select the controller pods"
     for pod in all_pods(manifests):
         if pod.where != f"Deployment/{dep['metadata']['name']}":
-            assert not svc["spec"]["selector"].items() <= pod.metadata.get("labels", {}).items(), f"the controller Service also selects {pod.where}"
+            assert not svc["spec"]["selector"].items() <= pod.metadata.get("labels", {}).items(), (
+                f"the controller Service also selects {pod.where}"
+            )
     targets = {container_port(c, p["targetPort"]): p for p in svc["spec"]["ports"]}
     assert set(targets) == {grpc, http}, f"Service targets {sorted(targets)}, controller listens on {grpc}, {http}"
     assert targets[http]["name"] == "http-metrics"
@@ -350,7 +375,10 @@ def controller_address(manifests) -> set[str]:
     grpc = port_of(invocation_of(manifests, find(manifests, "Deployment")).flags["--grpc-bind"])
     (port,) = [p["port"] for p in svc["spec"]["ports"] if container_port(c, p["targetPort"]) == grpc]
     name = svc["metadata"]["name"]
-    return {f"{host}:{port}" for host in (name, f"{name}.stalwart", f"{name}.stalwart.svc", f"{name}.stalwart.svc.cluster.local")}
+    return {
+        f"{host}:{port}"
+        for host in (name, f"{name}.stalwart", f"{name}.stalwart.svc", f"{name}.stalwart.svc.cluster.local")
+    }
 
 
 def check_trainer(manifests: dict[str, list[dict]], file: str) -> None:
@@ -364,8 +392,12 @@ def check_trainer(manifests: dict[str, list[dict]], file: str) -> None:
     f = inv.flags
     healthd_ds = find(manifests, "DaemonSet")
     healthd_port = port_of(invocation_of(manifests, healthd_ds).flags["--bind"])
-    assert f["--healthd"] == f"{NODE_IP}:{healthd_port}", f"{file}: --healthd resolves to {f['--healthd']}, healthd listens on <node IP>:{healthd_port}"
-    assert f["--controller"] in controller_address(manifests), f"{file}: --controller {f['--controller']} is not the controller Service's gRPC port"
+    assert f["--healthd"] == f"{NODE_IP}:{healthd_port}", (
+        f"{file}: --healthd resolves to {f['--healthd']}, healthd listens on <node IP>:{healthd_port}"
+    )
+    assert f["--controller"] in controller_address(manifests), (
+        f"{file}: --controller {f['--controller']} is not the controller Service's gRPC port"
+    )
     assert f["--rdzv-id"] == name, f"{file}: --rdzv-id resolves to {f['--rdzv-id']!r}, not the job name {name!r}"
     lo, _, hi = f["--nnodes"].partition(":")
     lo, hi = int(lo), int(hi or lo)
@@ -376,7 +408,9 @@ def check_trainer(manifests: dict[str, list[dict]], file: str) -> None:
     assert run_dirs == {f["--run-dir"]}, f"{file}: run dirs differ: trainer {f['--run-dir']}, others {run_dirs}"
     vols = {v["name"]: v for v in pod.spec["volumes"]}
     mounts = {m["mountPath"]: vols[m["name"]] for m in c["volumeMounts"]}
-    assert mounts["/dev/shm"].get("emptyDir", {}).get("medium") == "Memory", f"{file}: /dev/shm must be an in-memory emptyDir"
+    assert mounts["/dev/shm"].get("emptyDir", {}).get("medium") == "Memory", (
+        f"{file}: /dev/shm must be an in-memory emptyDir"
+    )
     pvc = find(manifests, "PersistentVolumeClaim")
     assert "ReadWriteMany" in pvc["spec"]["accessModes"], "every node writes the run dir: the PVC must be ReadWriteMany"
     for d in (doc, healthd_ds, find(manifests, "Deployment")):
@@ -384,8 +418,12 @@ def check_trainer(manifests: dict[str, list[dict]], file: str) -> None:
         (cc,) = p.spec["containers"]
         run_dir = invocation_of(manifests, d).flags["--run-dir"]
         pv = {v["name"]: v for v in p.spec["volumes"]}
-        on_pvc = [m for m in cc["volumeMounts"] if run_dir.startswith(m["mountPath"].rstrip("/") + "/")
-                  and pv[m["name"]].get("persistentVolumeClaim", {}).get("claimName") == pvc["metadata"]["name"]]
+        on_pvc = [
+            m
+            for m in cc["volumeMounts"]
+            if run_dir.startswith(m["mountPath"].rstrip("/") + "/")
+            and pv[m["name"]].get("persistentVolumeClaim", {}).get("claimName") == pvc["metadata"]["name"]
+        ]
         assert on_pvc, f"{p.where}: run dir {run_dir} is not on the shared PVC {pvc['metadata']['name']}"
     ports = {p["containerPort"] for p in c.get("ports", [])}
     assert RDZV_PORT in ports
@@ -394,13 +432,18 @@ def check_trainer(manifests: dict[str, list[dict]], file: str) -> None:
         job = rj["template"]["spec"]
         subdomain = doc["spec"]["network"].get("subdomain", name)
         assert doc["spec"]["network"]["enableDNSHostnames"] is True
-        assert f["--rdzv-endpoint"] == f"{name}-{rj['name']}-0-0.{subdomain}:{RDZV_PORT}", f"{file}: rendezvous on {f['--rdzv-endpoint']}"
-        assert job["completionMode"] == "Indexed" and job["parallelism"] == job["completions"] == hi, f"{file}: Job size != MAX of --nnodes"
+        assert f["--rdzv-endpoint"] == f"{name}-{rj['name']}-0-0.{subdomain}:{RDZV_PORT}", (
+            f"{file}: rendezvous on {f['--rdzv-endpoint']}"
+        )
+        assert job["completionMode"] == "Indexed" and job["parallelism"] == job["completions"] == hi, (
+            f"{file}: Job size != MAX of --nnodes"
+        )
         assert pod.spec["restartPolicy"] == "Never"
         ignored = [r for r in job["podFailurePolicy"]["rules"] if r["action"] == "Ignore" and "onExitCodes" in r]
-        assert any(r["onExitCodes"]["containerName"] == c["name"] and EXIT_NODE_EXCLUDED in r["onExitCodes"]["values"] for r in ignored), (
-            f"{file}: exit {EXIT_NODE_EXCLUDED} (node excluded) must replace the pod without counting as a failure"
-        )
+        assert any(
+            r["onExitCodes"]["containerName"] == c["name"] and EXIT_NODE_EXCLUDED in r["onExitCodes"]["values"]
+            for r in ignored
+        ), f"{file}: exit {EXIT_NODE_EXCLUDED} (node excluded) must replace the pod without counting as a failure"
         assert doc["spec"]["failurePolicy"]["maxRestarts"] >= 1
         targets = set(doc["spec"]["successPolicy"]["targetReplicatedJobs"])
         assert targets <= {r["name"] for r in doc["spec"]["replicatedJobs"]}
@@ -424,13 +467,19 @@ def check_token(manifests: dict[str, list[dict]]) -> None:
             s = vols[m["name"]].get("secret")
             if s is None:
                 continue
-            assert s["secretName"] == TOKEN_SECRET, f"{pod.where}: mounts secret {s['secretName']!r}, the job token is {TOKEN_SECRET!r}"
+            assert s["secretName"] == TOKEN_SECRET, (
+                f"{pod.where}: mounts secret {s['secretName']!r}, the job token is {TOKEN_SECRET!r}"
+            )
             assert m.get("readOnly") is True
             for item in s["items"]:
-                assert item["key"] in keys, f"{pod.where}: key {item['key']!r} is not in {TOKEN_SECRET} (has {sorted(keys)})"
+                assert item["key"] in keys, (
+                    f"{pod.where}: key {item['key']!r} is not in {TOKEN_SECRET} (has {sorted(keys)})"
+                )
                 token_paths.add(f"{m['mountPath'].rstrip('/')}/{item['path']}")
         token_file = inv.flags.get("--token-file", resolve_env(c, pod).get(TOKEN_ENV))
-        assert token_file in token_paths, f"{inv.where}: token file {token_file} is not where {TOKEN_SECRET} is mounted ({token_paths})"
+        assert token_file in token_paths, (
+            f"{inv.where}: token file {token_file} is not where {TOKEN_SECRET} is mounted ({token_paths})"
+        )
         seen += 1
     assert seen == len(all_pods(manifests))
 
@@ -455,8 +504,14 @@ def manifests() -> dict[str, list[dict]]:
 
 
 def test_expected_files_exist(manifests):
-    assert set(manifests) >= {"jobset.yaml", "pytorchjob.yaml", "healthd-daemonset.yaml", "controller.yaml",
-                              "secret.example.yaml", "kustomization.yaml"}
+    assert set(manifests) >= {
+        "jobset.yaml",
+        "pytorchjob.yaml",
+        "healthd-daemonset.yaml",
+        "controller.yaml",
+        "secret.example.yaml",
+        "kustomization.yaml",
+    }
     for path in (SBATCH, CONTAINERFILE, DEPLOY / "README.md"):
         assert path.is_file(), path
 
@@ -521,27 +576,43 @@ def _launcher(m):
 MUTATIONS = {
     "healthd hostPort": lambda m: only_container(find(m, "DaemonSet"))["ports"][0].update(hostPort=50061),
     "healthd bind": _set_args(lambda m: only_container(find(m, "DaemonSet")), "--bind", "0.0.0.0:50061"),
-    "healthd liveness not grpc": lambda m: only_container(find(m, "DaemonSet")).update(livenessProbe={"tcpSocket": {"port": 50051}}),
+    "healthd liveness not grpc": lambda m: only_container(find(m, "DaemonSet")).update(
+        livenessProbe={"tcpSocket": {"port": 50051}}
+    ),
     "controller Service port": lambda m: find(m, "Service")["spec"]["ports"][0].update(port=50053),
-    "controller liveness port": lambda m: only_container(find(m, "Deployment"))["livenessProbe"]["grpc"].update(port=8080),
+    "controller liveness port": lambda m: only_container(find(m, "Deployment"))["livenessProbe"]["grpc"].update(
+        port=8080
+    ),
     "controller Service name": lambda m: find(m, "Service")["metadata"].update(name="controller"),
-    "Service selects healthd": lambda m: find(m, "Service")["spec"].update(selector={"app.kubernetes.io/component": "healthd"}),
+    "Service selects healthd": lambda m: find(m, "Service")["spec"].update(
+        selector={"app.kubernetes.io/component": "healthd"}
+    ),
     "jobset --controller": _set_args(_launcher, "--controller", "stalwart-controller:8080"),
     "jobset --healthd": _set_args(_launcher, "--healthd", "$(NODE_IP):50052"),
-    "jobset rdzv port": _set_args(_launcher, "--rdzv-endpoint", "$(JOBSET_NAME)-$(REPLICATED_JOB)-0-0.$(JOBSET_NAME):29500"),
+    "jobset rdzv port": _set_args(
+        _launcher, "--rdzv-endpoint", "$(JOBSET_NAME)-$(REPLICATED_JOB)-0-0.$(JOBSET_NAME):29500"
+    ),
     "jobset rdzv host": _set_args(_launcher, "--rdzv-endpoint", "$(JOBSET_NAME)-workers-1-0.$(JOBSET_NAME):29400"),
     "jobset unknown flag": lambda m: _launcher(m)["args"].extend(["--standalone", "true"]),
     "jobset undefined env": _set_args(_launcher, "--rdzv-id", "$(JOB_ID)"),
     "jobset nproc != gpus": _set_args(_launcher, "--nproc-per-node", "4"),
     "jobset run dir": _set_args(_launcher, "--run-dir", "/workspace/runs/other"),
-    "jobset parallelism": lambda m: find(m, "JobSet")["spec"]["replicatedJobs"][0]["template"]["spec"].update(parallelism=8),
+    "jobset parallelism": lambda m: find(m, "JobSet")["spec"]["replicatedJobs"][0]["template"]["spec"].update(
+        parallelism=8
+    ),
     "pytorchjob maxReplicas": lambda m: find(m, "PyTorchJob")["spec"]["elasticPolicy"].update(maxReplicas=8),
-    "secret name in controller": lambda m: find(m, "Deployment")["spec"]["template"]["spec"]["volumes"][1]["secret"].update(secretName="token"),
+    "secret name in controller": lambda m: find(m, "Deployment")["spec"]["template"]["spec"]["volumes"][1][
+        "secret"
+    ].update(secretName="token"),
     "token file path": _set_args(lambda m: only_container(find(m, "Deployment")), "--token-file", "/etc/token"),
     "kustomization misses a file": lambda m: m["kustomization.yaml"][0]["resources"].remove("controller.yaml"),
-    "kustomization lists the example secret": lambda m: m["kustomization.yaml"][0]["resources"].append("secret.example.yaml"),
+    "kustomization lists the example secret": lambda m: m["kustomization.yaml"][0]["resources"].append(
+        "secret.example.yaml"
+    ),
     "selector mismatch": lambda m: find(m, "DaemonSet")["spec"]["selector"]["matchLabels"].update(app="x"),
-    "shm not memory": lambda m: find(m, "JobSet")["spec"]["replicatedJobs"][0]["template"]["spec"]["template"]["spec"]["volumes"][0].update(emptyDir={}),
+    "shm not memory": lambda m: find(m, "JobSet")["spec"]["replicatedJobs"][0]["template"]["spec"]["template"]["spec"][
+        "volumes"
+    ][0].update(emptyDir={}),
 }
 
 
@@ -607,7 +678,9 @@ exec sleep 30
 """
 
 
-def run_sbatch(tmp_path: Path, rcs: dict[str, int], restart_count: int | None = None) -> tuple[int, list[str], list[str], Path]:
+def run_sbatch(
+    tmp_path: Path, rcs: dict[str, int], restart_count: int | None = None
+) -> tuple[int, list[str], list[str], Path]:
     bin_dir, log = tmp_path / "bin", tmp_path / "log"
     bin_dir.mkdir(exist_ok=True)
     log.mkdir(exist_ok=True)
@@ -617,15 +690,22 @@ def run_sbatch(tmp_path: Path, rcs: dict[str, int], restart_count: int | None = 
     (log / "scontrol.log").write_text("")
     env = {
         "PATH": f"{bin_dir}:{Path(sys.executable).parent}:{os.environ['PATH']}",
-        "FAKE_NODES": " ".join(rcs), "FAKE_LOG": str(log),
-        "SLURM_JOB_ID": "4242", "SLURM_JOB_NODELIST": "gpu[1-3]", "SLURM_NNODES": str(len(rcs)),
-        "SLURM_JOB_NAME": "stalwart", "SLURM_SUBMIT_DIR": str(tmp_path), "STALWART_RUN_DIR": str(tmp_path / "run"),
+        "FAKE_NODES": " ".join(rcs),
+        "FAKE_LOG": str(log),
+        "SLURM_JOB_ID": "4242",
+        "SLURM_JOB_NODELIST": "gpu[1-3]",
+        "SLURM_NNODES": str(len(rcs)),
+        "SLURM_JOB_NAME": "stalwart",
+        "SLURM_SUBMIT_DIR": str(tmp_path),
+        "STALWART_RUN_DIR": str(tmp_path / "run"),
         "STALWART_MAX_REQUEUES": "5",
         **{f"FAKE_RC_{n}": str(rc) for n, rc in rcs.items()},
     }
     if restart_count is not None:
         env["SLURM_RESTART_COUNT"] = str(restart_count)
-    proc = subprocess.run(["bash", str(SBATCH), "debug"], env=env, capture_output=True, text=True, timeout=60, check=False)
+    proc = subprocess.run(
+        ["bash", str(SBATCH), "debug"], env=env, capture_output=True, text=True, timeout=60, check=False
+    )
     print(proc.stdout, proc.stderr)  # pytest shows it when an assertion below fails
     scontrol = (log / "scontrol.log").read_text().splitlines()
     stalwart = (log / "stalwart.log").read_text().splitlines()
@@ -703,12 +783,17 @@ def test_containerfile():
     base = re.sub(r"\$\{(\w+)\}", lambda m: args[m.group(1)], base)
     m = re.fullmatch(r"pytorch/pytorch:(\d+)\.(\d+)\.\d+-cuda(\d+)\.\d+-cudnn\d+-(runtime|devel)", base)
     assert m, f"base image {base} is not a pytorch/pytorch:<torch>-cuda<x.y>-cudnn<n>-runtime tag"
-    assert (int(m.group(1)), int(m.group(2))) >= (2, 11) and int(m.group(3)) >= 12, "needs torch >= 2.11 built for CUDA >= 12"
+    assert (int(m.group(1)), int(m.group(2))) >= (2, 11) and int(m.group(3)) >= 12, (
+        "needs torch >= 2.11 built for CUDA >= 12"
+    )
     runs = [(i, a) for i, (n, a) in enumerate(instrs) if n == "RUN"]
     (pin,) = [i for i, a in runs if "torch==" in a and "constraint" in a]
     (install,) = [(i, a) for i, a in runs if re.search(r"pip install .*/opt/stalwart/src", a)]
     assert pin < install[0], "torch must be pinned before the project is installed"
-    assert "--constraint /etc/stalwart-torch-constraint.txt" in install[1] and "/etc/stalwart-torch-constraint.txt" in instrs[pin][1]
+    assert (
+        "--constraint /etc/stalwart-torch-constraint.txt" in install[1]
+        and "/etc/stalwart-torch-constraint.txt" in instrs[pin][1]
+    )
     copy_src = [i for i, (n, a) in enumerate(instrs) if n == "COPY" and a.split()[0] == "."]
     assert copy_src and copy_src[0] < install[0]
     users = [(i, a) for i, (n, a) in enumerate(instrs) if n == "USER"]

@@ -118,7 +118,8 @@ import torch
 from stalwart.events import EventLog
 from stalwart.runtime.faults import FaultPlan
 from stalwart.runtime.faults.injector import FaultInjector
-inj = FaultInjector(FaultPlan.parse('[{{"kind": "kill_rank", "step": 4, "rank": 0}}]'), {str(tmp_path)!r}, 0, 0, "node0", EventLog({str(tmp_path)!r}, "trainer", 0))
+plan = FaultPlan.parse('[{{"kind": "kill_rank", "step": 4, "rank": 0}}]')
+inj = FaultInjector(plan, {str(tmp_path)!r}, 0, 0, "node0", EventLog({str(tmp_path)!r}, "trainer", 0))
 for step in range(1, 10):
     inj.before_step(step, list)
     print(step, flush=True)

@@ -50,8 +50,12 @@ def test_clock_skew_of_one_host_is_corrected(host, shift):
 def test_skew_estimate_is_robust_to_jitter():
     """Ranks finish a synchronous step within milliseconds: the median over steps absorbs that."""
     rng = random.Random(1)
-    log = [dict(e, ts=e["ts"] + 30.0 + (rng.uniform(-0.002, 0.002) if e["kind"] == "step_end" else 0.0))
-           if e["host"] == "b" else e for e in hand_log()]
+    log = [
+        dict(e, ts=e["ts"] + 30.0 + (rng.uniform(-0.002, 0.002) if e["kind"] == "step_end" else 0.0))
+        if e["host"] == "b"
+        else e
+        for e in hand_log()
+    ]
     assert compute_goodput(log).clock_offsets["b"] == pytest.approx(-30.0, abs=0.002)
 
 
@@ -96,13 +100,27 @@ def test_unexplained_restart_and_rollback():
 
 def test_hang_seen_from_two_nodes_is_charged_to_the_node_that_found_the_culprit():
     """Rank 2 on host b is SIGSTOPped: b names it (and its node mate 3 blocked); a sees 0 and 1 stall, no culprit."""
+
     def hang(t, host, rank, fault, found_here):
-        return ev(t, "fault_detected", host, role="healthd", fault=fault, target=f"rank{rank}", detector="healthd",
-                  last_progress_ts=T0 + 10, detail={"culprit_found_here": found_here})
+        return ev(
+            t,
+            "fault_detected",
+            host,
+            role="healthd",
+            fault=fault,
+            target=f"rank{rank}",
+            detector="healthd",
+            last_progress_ts=T0 + 10,
+            detail={"culprit_found_here": found_here},
+        )
 
     base = [ev(0, "clock", mono=0.0), ev(0, "init_done", seconds=0.0)] + steps(1, 5, 0.0, "a", 0, 0, data_s=0.0)
-    log = base + [hang(14, "a", 0, "hang", False), hang(14, "a", 1, "hang", False),
-                  hang(15, "b", 2, "hang", True), hang(15, "b", 3, "hang_blocked", True)]
+    log = base + [
+        hang(14, "a", 0, "hang", False),
+        hang(14, "a", 1, "hang", False),
+        hang(15, "b", 2, "hang", True),
+        hang(15, "b", 3, "hang_blocked", True),
+    ]
     faults = {i.target: i.fault for i in compute_goodput(log).incidents}
     assert faults == {"rank0": "hang_blocked", "rank1": "hang_blocked", "rank2": "hang", "rank3": "hang_blocked"}
     # One node alone, no culprit (a wedged thread, not a stopped process): its ranks stay the hang.
@@ -117,8 +135,21 @@ def test_ranks_of_one_group_on_agents_with_different_restart_counts_are_one_inca
     """Host a's agent restarted twice before host c's replacement node joined: one group, attempts 2 and 0."""
     log = [ev(0, "clock", mono=0.0), ev(0, "init_done", seconds=0.0)] + steps(1, 5, 0.0, "a", 0, 0, data_s=0.0)
     log += steps(1, 5, 0.0, "b", 1, 0, data_s=0.0)
-    log.append(ev(11, "fault_detected", role="agent", fault="rank_exit", target="rank1", detector="agent", last_progress_ts=T0 + 10))
-    log += [ev(20, "init_done", "a", 0, attempt=2, seconds=0.0), ev(20, "init_done", "c", 1, attempt=0, pid=300, seconds=0.0)]
+    log.append(
+        ev(
+            11,
+            "fault_detected",
+            role="agent",
+            fault="rank_exit",
+            target="rank1",
+            detector="agent",
+            last_progress_ts=T0 + 10,
+        )
+    )
+    log += [
+        ev(20, "init_done", "a", 0, attempt=2, seconds=0.0),
+        ev(20, "init_done", "c", 1, attempt=0, pid=300, seconds=0.0),
+    ]
     log += steps(6, 10, 20.0, "a", 0, 2, data_s=0.0) + steps(6, 10, 20.0, "c", 1, 0, data_s=0.0)
     for e in log:
         if e["host"] == "c":
@@ -186,7 +217,9 @@ def test_cli_formats_and_errors(tmp_path, capsys):
     assert json.loads((tmp_path / "g.json").read_text())["goodput"] == pytest.approx(0.4375)
     assert stalwart_main(["goodput", "report", str(run), "--format", "html", "-o", str(tmp_path / "g.html")]) == 0
     assert "data:image/png;base64," in (tmp_path / "g.html").read_text()
-    assert stalwart_main(["goodput", "report", str(run), "--since", str(T0 + 60), "--until", "2027-01-15T08:01:40Z"]) == 0
+    assert (
+        stalwart_main(["goodput", "report", str(run), "--since", str(T0 + 60), "--until", "2027-01-15T08:01:40Z"]) == 0
+    )
     assert "wall time   40.00 s" in capsys.readouterr().out
     assert stalwart_main(["goodput", "report", str(tmp_path / "nope")]) == 2
     assert stalwart_main(["goodput", "report", str(run), "--since", "yesterday"]) == 2
@@ -196,4 +229,8 @@ def test_cli_formats_and_errors(tmp_path, capsys):
 
 def test_parse_time():
     assert parse_time("1795426595.5") == 1795426595.5
-    assert parse_time("2026-11-23T09:30:00Z") == parse_time("2026-11-23T09:30:00") == parse_time("2026-11-23T10:30:00+01:00")
+    assert (
+        parse_time("2026-11-23T09:30:00Z")
+        == parse_time("2026-11-23T09:30:00")
+        == parse_time("2026-11-23T10:30:00+01:00")
+    )

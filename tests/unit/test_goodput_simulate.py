@@ -19,12 +19,20 @@ from stalwart.goodput.simulate import (
 
 HOUR = 3600.0
 # One failure type, one per hour on 1,000 GPUs, nothing planned: the textbook exponential model.
-SIMPLE = FailureModel("simple", (FailureType("any", 24, "crash", True, False),), window_days=1.0, reference_gpus=1000, planned=0)
+SIMPLE = FailureModel(
+    "simple", (FailureType("any", 24, "crash", True, False),), window_days=1.0, reference_gpus=1000, planned=0
+)
 
 
 def simple_costs(**kw) -> CostProfile:
-    base = {"name": "t", "detection_s": {"gpu": 0.0, "crash": 60.0, "hang": 0.0, "host": 0.0, "sdc": 0.0},
-            "restart_s": 120.0, "load_s": 30.0, "ckpt_blocking_s": 10.0, "interval_s": 600.0}
+    base = {
+        "name": "t",
+        "detection_s": {"gpu": 0.0, "crash": 60.0, "hang": 0.0, "host": 0.0, "sdc": 0.0},
+        "restart_s": 120.0,
+        "load_s": 30.0,
+        "ckpt_blocking_s": 10.0,
+        "interval_s": 600.0,
+    }
     return CostProfile(**{**base, **kw})
 
 
@@ -104,11 +112,32 @@ def test_measured_profile_reads_a_run_directory(tmp_path):
 
 def test_cli_text_json_and_errors(tmp_path, capsys):
     out = tmp_path / "sim.json"
-    assert stalwart_main(["goodput", "simulate", "--gpus", "2048", "--replicas", "20", "--days", "5", "--format", "json", "-o", str(out)]) == 0
+    assert (
+        stalwart_main(
+            [
+                "goodput",
+                "simulate",
+                "--gpus",
+                "2048",
+                "--replicas",
+                "20",
+                "--days",
+                "5",
+                "--format",
+                "json",
+                "-o",
+                str(out),
+            ]
+        )
+        == 0
+    )
     data = json.loads(out.read_text())
     (r,) = data["results"]
     assert r["gpus"] == 2048 and 0 < r["at_best"]["mean"] <= 1 and r["young_daly_s"] > 0
-    assert stalwart_main(["goodput", "simulate", "--gpus", "2048", "--replicas", "20", "--days", "5", "--costs", "llama3"]) == 0
+    assert (
+        stalwart_main(["goodput", "simulate", "--gpus", "2048", "--replicas", "20", "--days", "5", "--costs", "llama3"])
+        == 0
+    )
     text = capsys.readouterr().out
     assert "Young/Daly" in text and "2,048 GPUs" in text and "where the costs come from" in text
     assert stalwart_main(["goodput", "simulate", "--costs", "nope"]) == 2

@@ -122,7 +122,9 @@ def params() -> list[tuple[str, torch.Tensor]]:
 
 
 def monitor(comm: FakeCollectives, fingerprint_every: int = 5, golden_every: int = 0, named=params) -> SdcMonitor:
-    return SdcMonitor(lambda: named(), comm, CPU, replicas=True, fingerprint_every=fingerprint_every, golden_every=golden_every)
+    return SdcMonitor(
+        lambda: named(), comm, CPU, replicas=True, fingerprint_every=fingerprint_every, golden_every=golden_every
+    )
 
 
 def test_fingerprints_that_agree_pass_and_the_odd_replica_is_named_by_majority():
@@ -221,8 +223,12 @@ class FakeEvents:
 
 def test_a_faulty_rank_reports_itself_and_asks_for_quarantine_suspects_are_reported_once():
     events, asked = FakeEvents(), []
-    FindingReporter(events, 2, {"node": "n1"}, is_main=False, quarantine=asked.append).report(7, SdcFinding("golden", faulty=(2,)), "x")
-    assert events.emitted[0][0] == "fault_detected" and events.emitted[0][1]["target"] == "rank2" and events.flushes == 1
+    FindingReporter(events, 2, {"node": "n1"}, is_main=False, quarantine=asked.append).report(
+        7, SdcFinding("golden", faulty=(2,)), "x"
+    )
+    assert (
+        events.emitted[0][0] == "fault_detected" and events.emitted[0][1]["target"] == "rank2" and events.flushes == 1
+    )
     assert asked == ["sdc: x"]
     elsewhere = FakeEvents()
     FindingReporter(elsewhere, 1, {}, is_main=False).report(7, SdcFinding("golden", faulty=(2,)), "x")
@@ -261,8 +267,16 @@ class FakeMonitor:
 def step_health(finding: SdcFinding | None, **cfg) -> tuple[StepHealth, FakeCheckpoints, VerificationLedger]:
     checkpoints, store = FakeCheckpoints(), FakeStore(committed=[4])
     ledger = VerificationLedger(store)
-    health = StepHealth(HealthConfig(**cfg), rank=0, is_main=True, events=FakeEvents(), monitor=FakeMonitor(finding),
-                        reporter=FindingReporter(FakeEvents(), 0, {}, is_main=True), ledger=ledger, checkpoints=checkpoints)
+    health = StepHealth(
+        HealthConfig(**cfg),
+        rank=0,
+        is_main=True,
+        events=FakeEvents(),
+        monitor=FakeMonitor(finding),
+        reporter=FindingReporter(FakeEvents(), 0, {}, is_main=True),
+        ledger=ledger,
+        checkpoints=checkpoints,
+    )
     return health, checkpoints, ledger
 
 

@@ -1,4 +1,4 @@
-"""The committed stubs are exactly what the generator makes from healthd.proto and controller.proto, and import as stalwart.*."""
+"""The committed stubs are exactly what the generator makes from the .proto files, and import as stalwart.*."""
 
 import filecmp
 from pathlib import Path

@@ -74,7 +74,10 @@ def imports_of(module: str, path: Path, known: frozenset[str] = frozenset()) -> 
                 else:
                     origin = child.module or ""
                 # `from stalwart.model import llama` imports the submodule stalwart.model.llama
-                names = [f"{origin}.{a.name}" if f"{origin}.{a.name}".removeprefix("stalwart.") in known else origin for a in child.names]
+                names = [
+                    f"{origin}.{a.name}" if f"{origin}.{a.name}".removeprefix("stalwart.") in known else origin
+                    for a in child.names
+                ]
             for name in names:
                 if name == "stalwart" or name.startswith("stalwart."):
                     found.append(Import(module, name.removeprefix("stalwart").lstrip("."), child.lineno, module_level))
@@ -100,7 +103,9 @@ def layer_violations(root: Path = ROOT) -> list[str]:
                 continue  # `import stalwart` / `from stalwart import __version__`
             theirs = layers.get(top)
             if theirs is None or theirs > own:
-                problems.append(f"{path.relative_to(root)}:{imp.line}: {module} imports stalwart.{imp.target}, which is above it")
+                problems.append(
+                    f"{path.relative_to(root)}:{imp.line}: {module} imports stalwart.{imp.target}, which is above it"
+                )
     return problems
 
 
@@ -118,7 +123,7 @@ def import_cycles(root: Path = ROOT) -> list[list[str]]:
         stack.append(node)
         for nxt in sorted(graph[node]):
             if state.get(nxt) == 1:
-                cycles.append(stack[stack.index(nxt):] + [nxt])
+                cycles.append(stack[stack.index(nxt) :] + [nxt])
             elif nxt not in state:
                 dfs(nxt, stack)
         stack.pop()
@@ -150,7 +155,14 @@ def test_nothing_outside_cli_imports_cli():
 def planted(tmp_path: Path) -> Path:
     """A copy of the package's shape: pyproject's layers plus two small modules."""
     (tmp_path / "pyproject.toml").write_text((ROOT / "pyproject.toml").read_text())
-    for rel in ("errors.py", "model/__init__.py", "model/a.py", "model/b.py", "runtime/__init__.py", "runtime/train.py"):
+    for rel in (
+        "errors.py",
+        "model/__init__.py",
+        "model/a.py",
+        "model/b.py",
+        "runtime/__init__.py",
+        "runtime/train.py",
+    ):
         (tmp_path / rel).parent.mkdir(parents=True, exist_ok=True)
         (tmp_path / rel).write_text("")
     return tmp_path
@@ -158,7 +170,9 @@ def planted(tmp_path: Path) -> Path:
 
 def test_a_planted_upward_import_is_caught(planted: Path):
     assert layer_violations(planted) == []
-    (planted / "model" / "a.py").write_text("def f():\n    from stalwart.runtime.train import x\n")  # lazy, still upward
+    (planted / "model" / "a.py").write_text(
+        "def f():\n    from stalwart.runtime.train import x\n"
+    )  # lazy, still upward
     (planted / "errors.py").write_text("from stalwart.model import a\n")
     problems = layer_violations(planted)
     assert len(problems) == 2 and any("model.a imports stalwart.runtime.train" in p for p in problems), problems
@@ -167,7 +181,9 @@ def test_a_planted_upward_import_is_caught(planted: Path):
 
 def test_a_planted_cycle_and_an_undeclared_folder_are_caught(planted: Path):
     (planted / "model" / "a.py").write_text("from stalwart.model import b\n")
-    (planted / "model" / "b.py").write_text("from typing import TYPE_CHECKING\nif TYPE_CHECKING:\n    from stalwart.model import a\n")
+    (planted / "model" / "b.py").write_text(
+        "from typing import TYPE_CHECKING\nif TYPE_CHECKING:\n    from stalwart.model import a\n"
+    )
     assert import_cycles(planted) == []  # a type-only import is no cycle
     (planted / "model" / "b.py").write_text("import stalwart.model.a\n")
     assert import_cycles(planted) == [["model.a", "model.b", "model.a"]]

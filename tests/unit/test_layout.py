@@ -33,7 +33,9 @@ def test_model_shape_constraints_name_the_valid_choices():
         ParallelDims.resolve(1, 1, 1, 3, 1, world_size=3).validate_model(args, seq_len=8192)
     with pytest.raises(ParallelLayoutError, match=r"tp=16 does not divide n_kv_heads=8; choose tp in \{1, 2, 4, 8\}"):
         ParallelDims.resolve(1, 1, 1, 16, 1, world_size=16).validate_model(args, seq_len=8192)
-    with pytest.raises(ParallelLayoutError, match=r"2·cp = 6 does not divide seq_len=128.*choose cp in \{1, 2, 4, 8, 16, 32, 64\}"):
+    with pytest.raises(
+        ParallelLayoutError, match=r"2·cp = 6 does not divide seq_len=128.*choose cp in \{1, 2, 4, 8, 16, 32, 64\}"
+    ):
         ParallelDims.resolve(1, 1, 3, 1, 1, world_size=3).validate_model(get_flavor("debug"), seq_len=128)
     debug = get_flavor("debug")
     with pytest.raises(ParallelLayoutError, match=f"pp=8 is larger than the model's n_layers={debug.n_layers}"):
@@ -42,10 +44,16 @@ def test_model_shape_constraints_name_the_valid_choices():
 
 def test_batch_constraints():
     dims = ParallelDims.resolve(1, -1, 1, 1, 1, world_size=4)
-    with pytest.raises(ParallelLayoutError, match="global_batch_size=30 is not divisible by dp×microbatch_size = 4×2 = 8"):
+    with pytest.raises(
+        ParallelLayoutError, match="global_batch_size=30 is not divisible by dp×microbatch_size = 4×2 = 8"
+    ):
         dims.validate_batch(30, 2, 0)
     pp = ParallelDims.resolve(1, -1, 1, 1, 2, world_size=4)
-    with pytest.raises(ParallelLayoutError, match=r"3 pipeline microbatches .* do not divide the local batch global_batch_size/dp = 32/2 = 16; choose pp_microbatches in \{1, 2, 4, 8, 16\}"):
+    with pytest.raises(
+        ParallelLayoutError,
+        match=r"3 pipeline microbatches .* do not divide the local batch global_batch_size/dp = 32/2 = 16; choose "
+        r"pp_microbatches in \{1, 2, 4, 8, 16\}",
+    ):
         pp.validate_batch(32, 8, 3)
     dims.validate_batch(32, 8, 0)
 

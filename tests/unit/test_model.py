@@ -150,16 +150,19 @@ def test_load_sharded_transformers_export(tmp_path: Path) -> None:
 
     args, state = load_hf_checkpoint(tmp_path)
     tokens = _tokens(args.vocab_size, 32)
-    torch.testing.assert_close(
-        _logits(_ours(args, state), tokens), _hf_logits(hf_model, tokens), atol=1e-5, rtol=1e-5
-    )
+    torch.testing.assert_close(_logits(_ours(args, state), tokens), _hf_logits(hf_model, tokens), atol=1e-5, rtol=1e-5)
 
 
 def test_load_hf_checkpoint_errors_say_what_to_fix(tmp_path: Path) -> None:
     with pytest.raises(FileNotFoundError, match="no config.json"):
         load_hf_checkpoint(tmp_path)
-    config = {"hidden_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4, "vocab_size": 128,
-              "intermediate_size": 160}
+    config = {
+        "hidden_size": 64,
+        "num_hidden_layers": 2,
+        "num_attention_heads": 4,
+        "vocab_size": 128,
+        "intermediate_size": 160,
+    }
     (tmp_path / "config.json").write_text(json.dumps(config))
     with pytest.raises(FileNotFoundError, match=r"no \*\.safetensors in .*Hugging Face Llama checkpoint folder"):
         load_hf_checkpoint(tmp_path)
