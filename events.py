@@ -34,6 +34,16 @@ Kind-specific keys (all optional unless noted):
 - ``fault_injected``: ``fault``, ``target`` — ground truth for chaos tests.
 - ``rollback``: ``from_step``, ``to_step``, ``reason``.
 - ``node_excluded`` / ``node_joined``: ``node``, ``reason``.
+- ``reform_begin`` (every surviving rank, in-process recovery): ``step`` (the last completed step, which
+  training returns to), ``generation`` (the one that failed), ``reason``.
+- ``reform_end``: ``step`` (where training continues), ``generation`` (the new one), ``seconds`` (from
+  ``reform_begin``), ``phases`` (seconds per phase: ``release``, ``form``, ``state``), ``source`` (where the
+  replacements' state came from: ``peer``, ``memory``, storage scheme, or ``none``), ``bytes``,
+  ``replaced`` (the global ranks that joined new), ``newcomer`` (true on a replacement rank).
+- ``rank_replaced`` (agent): ``rank``, ``local_rank``, ``exit_code``, ``old_pid``, ``pid``, ``generation``
+  (the one the lost rank trained in), ``spare`` (true when a warm spare took over).
+- ``reform_failed`` (rank): ``generation``, ``reason``: the in-process recovery gave up and the rank
+  exits for a whole-world restart.
 - ``clock``: ``mono`` (``time.monotonic()`` at ``ts``) for skew estimation.
 """
 
@@ -71,6 +81,10 @@ class EventKind(str, enum.Enum):
     ROLLBACK = "rollback"
     NODE_EXCLUDED = "node_excluded"
     NODE_JOINED = "node_joined"
+    REFORM_BEGIN = "reform_begin"
+    REFORM_END = "reform_end"
+    REFORM_FAILED = "reform_failed"
+    RANK_REPLACED = "rank_replaced"
     CLOCK = "clock"
 
 

@@ -105,6 +105,10 @@ class Checkpointer:
         except CheckpointError as e:
             logger.warning("in-flight checkpoint did not commit (%s); going on", e)
 
+    def abandon(self) -> None:
+        """Give up in-flight saves after a peer was lost (in-process recovery); local."""
+        self.manager.abandon()
+
     def rollback(
         self,
         *,

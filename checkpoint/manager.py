@@ -178,6 +178,11 @@ class CheckpointManager:
             error = self._commit_on_rank0(step, tmp, meta, started)
             self._raise_if_failed(step, self._broadcast(error))
 
+    @property
+    def is_loading(self) -> bool:
+        """A load is writing into the live state right now (it is half old, half new until it returns)."""
+        return bool(self._loading)
+
     def poll(self) -> bool:
         """True when no save is in flight on this rank (local, non-blocking)."""
         return self._pending is None or self._pending.future.done()
@@ -193,6 +198,22 @@ class CheckpointManager:
         error = pending.future.result()
         self._raise_if_failed(pending.step, self._broadcast(error))
         return pending.step
+
+    def abandon(self, timeout_s: float = 10.0) -> None:
+        """Give up the in-flight save after a peer was lost; local, never raises.
+
+        Its collectives fail with the lost peer, so its commit never happens; the previous committed
+        step is intact. The memory tier's in-flight copy is given up the same way.
+        """
+        pending, self._pending = self._pending, None
+        if pending is not None:
+            try:
+                error = pending.future.result(timeout=timeout_s)
+            except BaseException as e:  # noqa: BLE001 (DCP's CheckpointException is a BaseException)
+                error = str(e)
+            self._fail(pending.step, f"abandoned: a peer rank was lost during the save ({error or 'in flight'})")
+        if self.memory is not None:
+            self.memory.abandon(timeout_s)
 
     def _finish_async(self, upload: Future, step: int, tmp: str, meta: dict[str, Any], started: float) -> str | None:
         try:

@@ -189,6 +189,11 @@ def _restore(target: Any, saved: Any, path: str) -> Any:
     return saved
 
 
+def stage_tree(tree: Any) -> Any:
+    """A CPU copy of every tensor in ``tree`` (DTensors as their local shards), for sending or saving."""
+    return _HostStager().stage(tree)
+
+
 class _HostStager:
     """Copies a state tree to host memory; on CUDA into pinned buffers allocated once and reused."""
 
@@ -280,6 +285,15 @@ class MemoryTier:
             return None
         pending.future.result()
         return pending.step
+
+    def abandon(self, timeout_s: float = 10.0) -> None:
+        """Give up the in-flight save after a peer was lost (its exchange fails with the peer); never raises."""
+        pending, self._pending = self._pending, None
+        if pending is not None:
+            try:
+                pending.future.result(timeout=timeout_s)
+            except Exception as e:
+                logger.warning("memory-tier save of step %d abandoned: %s", pending.step, e)
 
     def _write_and_replicate(self, step: int, staged: Any, started: float) -> None:
         payload, ok = b"", True

@@ -1,4 +1,4 @@
-"""Data parallelism: FSDP2 / HSDP through ``fully_shard``, plain replication through ``replicate``."""
+"""Data parallelism: FSDP2 through ``fully_shard``; replicas are HSDP (replicate × shard), with a shard group of one for plain DP."""
 
 from __future__ import annotations
 
@@ -26,10 +26,3 @@ def apply_fsdp(
         fully_shard(block, mesh=mesh, mp_policy=mp, reshard_after_forward=reshard_after_forward)
     # The root keeps its parameters gathered after forward: backward needs them right away.
     fully_shard(model, mesh=mesh, mp_policy=mp, reshard_after_forward=False)
-
-
-def apply_ddp(model: nn.Module, mesh: DeviceMesh) -> None:
-    """Replicate parameters and all-reduce (average) gradients over ``mesh``."""
-    from torch.distributed._composable.replicate import replicate
-
-    replicate(model, device_mesh=mesh)

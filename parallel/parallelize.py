@@ -8,7 +8,7 @@ from torch import nn
 from stalwart.parallel.activation_checkpoint import ActivationCheckpointMode, apply_ac
 from stalwart.parallel.compile import apply_compile
 from stalwart.parallel.context_parallel import apply_cp
-from stalwart.parallel.data_parallel import apply_ddp, apply_fsdp
+from stalwart.parallel.data_parallel import apply_fsdp
 from stalwart.parallel.dims import MeshRegistry, ParallelDims
 from stalwart.parallel.tensor_parallel import apply_tp
 
@@ -46,12 +46,11 @@ def parallelize_model(
         apply_compile(model, compile_backend)
     if not distributed:
         return model
-    pure_replication = dims.dp_replicate > 1 and dims.dp_shard * dims.cp == 1
-    if pure_replication and dims.tp == 1 and not for_pipeline:
-        apply_ddp(model, mesh["dp_replicate"])
-    elif dims.dp_shard * dims.cp > 1 or pure_replication:
-        # Replicas next to TP or PP go through HSDP with a shard group of one: DDP's hooks do not
-        # see DTensor parameters (TP) and miss gradients produced inside a pipeline schedule.
+    if dims.dp_shard * dims.cp > 1 or dims.dp_replicate > 1:
+        # Replicas go through HSDP with a shard group of one, never DDP: DDP's hooks do not see
+        # DTensor parameters (TP) and miss gradients produced inside a pipeline schedule, and its C++
+        # reducer keeps its process group and broadcasts the parameters on its first forward, so it
+        # could not take part in an in-process re-formation (parallel/reform.py).
         fsdp_mesh = mesh["dp_replicate", "dp_shard_cp"] if dims.dp_replicate > 1 else mesh["dp_shard_cp"]
         apply_fsdp(
             model,

@@ -173,6 +173,23 @@ def stage_roles(stages: list[PipelineStage]) -> tuple[bool, bool]:
     return any(s.is_first for s in stages), any(s.is_last for s in stages)
 
 
+def reset_pipeline(schedule: _PipelineSchedule) -> None:
+    """Forget a failed run's buffers and make the next run set its stages up again (shape inference).
+
+    After an in-process re-formation every rank calls this, so that a replacement's fresh stages and
+    its neighbours' existing ones exchange their shapes in the same first step.
+    """
+    stages = getattr(schedule, "_stages", None) or [schedule._stage]
+    for stage in stages:
+        stage.clear_runtime_states()
+        stage.fwd_cache.clear()
+        if hasattr(stage, "bwd_cache"):
+            stage.bwd_cache.clear()
+    for name, value in vars(schedule).items():
+        if name.endswith("_initialized") and isinstance(value, bool):
+            setattr(schedule, name, False)
+
+
 def build_schedule(
     stages: list[PipelineStage],
     n_microbatches: int,

@@ -33,12 +33,20 @@ def pick_device(requested: str, local_rank: int) -> torch.device:
     return torch.device("cpu")
 
 
-def init_distributed(requested_device: str = "auto", timeout_s: float = 300.0) -> DistEnv:
+def backend_for(device: torch.device) -> str:
+    """CPU ranks use gloo; CUDA ranks get NCCL for tensors plus gloo for CPU-side collectives
+    (async checkpointing and the step's flags need a CPU-capable group)."""
+    return "cpu:gloo,cuda:nccl" if device.type == "cuda" else "gloo"
+
+
+def init_distributed(
+    requested_device: str = "auto", timeout_s: float = 300.0, store: dist.Store | None = None
+) -> DistEnv:
     """Join the job's process group when launched by torchrun or the elastic agent.
 
     One process without the launcher's environment is a world of one and creates no group.
-    CPU ranks use gloo; CUDA ranks get NCCL for tensors plus gloo for CPU-side collectives
-    (async checkpointing needs a CPU-capable group).
+    ``store`` (a prefix of the launcher's job store) replaces the ``env://`` rendezvous, whose store
+    lives in rank 0 and would die with it.
     """
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
@@ -46,8 +54,8 @@ def init_distributed(requested_device: str = "auto", timeout_s: float = 300.0) -
     local_world_size = int(os.environ.get("LOCAL_WORLD_SIZE", str(world_size)))
     device = pick_device(requested_device, local_rank)
     if world_size > 1 and not dist.is_initialized():
-        backend = "cpu:gloo,cuda:nccl" if device.type == "cuda" else "gloo"
-        dist.init_process_group(backend=backend, timeout=timedelta(seconds=timeout_s))
+        where = {} if store is None else {"store": store, "rank": rank, "world_size": world_size}
+        dist.init_process_group(backend=backend_for(device), timeout=timedelta(seconds=timeout_s), **where)
     return DistEnv(rank, world_size, local_rank, local_world_size, device)
 
 

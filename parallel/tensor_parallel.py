@@ -49,7 +49,9 @@ def apply_tp(model: Transformer, tp_mesh: DeviceMesh, loss_parallel: bool = True
             output_layouts=Shard(-1) if loss_parallel else Replicate(),
             use_local_output=not loss_parallel,
         )
-    parallelize_module(model, tp_mesh, top_plan)
+    # src_data_rank=None: every rank holds the same initial weights (same seed), so each takes its own
+    # shard without a broadcast; a replacement rank can then build its model while its peers are busy.
+    parallelize_module(model, tp_mesh, top_plan, src_data_rank=None)
 
     for block in model.layers.values():
         block_plan = {
@@ -66,7 +68,7 @@ def apply_tp(model: Transformer, tp_mesh: DeviceMesh, loss_parallel: bool = True
             "feed_forward.w3": ColwiseParallel(),
             "feed_forward.w2": RowwiseParallel(output_layouts=Shard(1), use_local_output=True),
         }
-        parallelize_module(block, tp_mesh, block_plan)
+        parallelize_module(block, tp_mesh, block_plan, src_data_rank=None)
 
     if tied:
         # parallelize_module replaced each module's weight with its own DTensor copy; share one again.

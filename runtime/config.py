@@ -142,6 +142,18 @@ class HealthConfig:
 
 
 @dataclass
+class RecoveryConfig:
+    in_process: bool = True
+    """Under `stalwart launch`: when a peer rank dies, the survivors re-form the world in their own
+    processes (model, optimizer and loader kept) and only the lost rank is replaced; off restarts
+    every rank of the job."""
+    max_reformations: int = 10
+    """More in-process recoveries than this in one incarnation hand over to a whole-world restart."""
+    reform_timeout_s: float = 60.0
+    """A re-formation (the replacement included) that takes longer falls back to a whole-world restart."""
+
+
+@dataclass
 class LoggingConfig:
     log_every: int = 1
     peak_tflops: float = 0.0
@@ -157,6 +169,7 @@ class Config:
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     health: HealthConfig = field(default_factory=HealthConfig)
+    recovery: RecoveryConfig = field(default_factory=RecoveryConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
 
     @property

@@ -137,9 +137,12 @@ class StepHealth:
     def stop_requested(self) -> bool:
         return self.heartbeat is not None and self.heartbeat.stop_requested
 
-    def start(self, step: int) -> None:
-        """After the model is built and resumed: the start-up golden check, then the first beat."""
-        if self.monitor.golden_every:
+    def start(self, step: int, startup_check: bool = True) -> None:
+        """After the model is built and resumed: the start-up golden check, then the first beat.
+
+        A replacement rank skips the check: the survivors it joins are not running it.
+        """
+        if self.monitor.golden_every and startup_check:
             finding = self.monitor.golden_check()
             if finding is not None:
                 self.reporter.report(step, finding, "golden workload at start-up")

@@ -21,7 +21,8 @@ from stalwart.health.sdc import all_gather_rows
 from stalwart.parallel.context_parallel import cp_shard
 from stalwart.parallel.dims import ParallelDims
 from stalwart.parallel.loss import cross_entropy_loss, loss_context
-from stalwart.parallel.pipeline import clip_grad_norm_pp, pipeline_step
+from stalwart.parallel.pipeline import clip_grad_norm_pp, pipeline_step, reset_pipeline
+from stalwart.parallel.reform import reset_fsdp
 
 Batch = list[tuple[torch.Tensor, torch.Tensor]]
 
@@ -76,6 +77,17 @@ class ModelStep:
     def zero_grad(self) -> None:
         for part in self.parts:
             part.zero_grad(set_to_none=True)
+
+    def abandon(self) -> None:
+        """Drop a step that failed half way: gradients, FSDP's unsharded buffers, the pipeline's caches.
+
+        After a re-formation the pipeline also infers its stages' shapes again, on every rank alike
+        (a replacement's fresh stages must, and its neighbours must meet it there).
+        """
+        self.zero_grad()
+        reset_fsdp(self.parts)
+        if self.schedule is not None:
+            reset_pipeline(self.schedule)
 
     def neighbour_batch(self, batch: Batch) -> tuple[Batch, int] | None:
         """The next data-parallel rank's batch and its global rank (None without DP, or with PP)."""

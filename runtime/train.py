@@ -18,6 +18,7 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
+import torch.distributed as dist
 
 from stalwart.checkpoint.checkpointer import Checkpointer, SaveCadence, SaveMeta
 from stalwart.checkpoint.manager import CheckpointError, CheckpointManager, NoCheckpointError
@@ -36,7 +37,8 @@ from stalwart.model.llama import Transformer
 from stalwart.parallel.loss import cross_entropy_loss
 from stalwart.parallel.parallelize import parallelize_model
 from stalwart.parallel.pipeline import build_pipeline_stages, build_schedule, stage_roles
-from stalwart.parallel.process_group import destroy_distributed, init_distributed
+from stalwart.parallel.process_group import backend_for, destroy_distributed, init_distributed
+from stalwart.parallel.reform import JobStore, group_roots
 from stalwart.runtime.config import Config
 from stalwart.runtime.data.dataset import PackedDataset
 from stalwart.runtime.data.loader import GlobalBatchLoader
@@ -53,6 +55,14 @@ from stalwart.runtime.health import (
 from stalwart.runtime.metrics import StepMetrics, memory_bytes, peak_flops
 from stalwart.runtime.optim import OptimizersContainer
 from stalwart.runtime.plan import plan_job
+from stalwart.runtime.recovery import (
+    EXIT_WORLD_RESTART,
+    Completed,
+    InProcessRecovery,
+    ReformError,
+    is_peer_failure,
+    replaced_generation,
+)
 from stalwart.runtime.step import Batch, ModelStep, sync_job
 from stalwart.runtime.train_state import StepCounter, train_state
 
@@ -105,13 +115,19 @@ class Trainer:
     def __init__(self, cfg: Config) -> None:
         self.cfg = cfg
         t0 = time.time()
-        self.env = init_distributed(cfg.training.device)
+        # Under a launcher with a job store, the world forms on a store prefix that outlives every
+        # rank, so that survivors can re-form in place; a replacement joins the survivors' generation.
+        self.job_store = JobStore.from_env(cfg.recovery.reform_timeout_s) if cfg.recovery.in_process else None
+        replacing = replaced_generation() if self.job_store is not None else None
+        generation = 0 if replacing is None else self.job_store.wait_past(replacing, cfg.recovery.reform_timeout_s)
+        store = self.job_store.prefix(generation) if self.job_store is not None else None
+        self.env = init_distributed(cfg.training.device, store=store)
         plan = plan_job(cfg, self.env.world_size)
         self.dims, self.tokenizer, self.model_args = plan.dims, plan.tokenizer, plan.model_args
         self.events = EventLog(cfg.run_dir, role="trainer", rank=self.env.rank)
         self.faults = FaultInjector.from_env(cfg.run_dir, self.env.rank, self.env.local_rank, self.events)
         self.heartbeat = connect_healthd(cfg.health, cfg.run_dir, self.env.rank, self.env.local_rank)  # covers start-up
-        if self.env.is_main:
+        if self.env.is_main and replacing is None:
             self.events.emit(EventKind.JOB_START, config=cfg.to_dict(), steps=cfg.training.steps)
         self._set_threads()
         seed_everything(cfg.job.seed)
@@ -134,10 +150,14 @@ class Trainer:
         self.preempted = False
         self.history: list[StepResult] = []
         self.peak_flops = peak_flops(self.env.device, cfg.logging.peak_tflops)
-        if self.checkpointer is not None and cfg.checkpoint.resume != "none":
+        self.recovery = self._build_recovery(generation, collectives)
+        if replacing is not None and self.recovery is not None:
+            self.recovery.join_as_replacement()  # the state of a peer holding the same shard
+        elif self.checkpointer is not None and cfg.checkpoint.resume != "none":
             self._resume()
-        self.health.start(self.step)
-        self.events.emit(EventKind.INIT_DONE, seconds=time.time() - t0)
+        self.health.start(self.step, startup_check=replacing is None)
+        self._completed()
+        self.events.emit(EventKind.INIT_DONE, seconds=time.time() - t0, replacement=replacing is not None)
 
     @property
     def step(self) -> int:
@@ -153,33 +173,15 @@ class Trainer:
         cfg, status, preemption = self.cfg, "failed", PreemptionFlag()
         try:
             while self.step < cfg.training.steps:
-                self.step += 1
-                t0 = time.perf_counter()
-                self.events.emit(EventKind.STEP_BEGIN, step=self.step)
-                if self.faults:
-                    self.faults.before_step(self.step, self.model_step.parameters, self._newest_local_checkpoint)
-                batch = self.loader.next_step()
-                data_seconds, lr = time.perf_counter() - t0, self.optimizers.lr
-                result = self.train_step(batch, stop=self.health.stop_requested, preempted=preemption.raised)
-                step_seconds = time.perf_counter() - t0
-                self._log_step(result, lr, step_seconds, data_seconds)
-                if result.preempted:
-                    self._save_on_preemption(preemption.at or time.monotonic())
-                    status = "preempted"
-                    return
-                if result.stop:
+                try:
+                    if self._one_step(preemption):
+                        status = "preempted"
+                        return
+                except NodeUnhealthy:
                     status = "stopped_by_healthd"
-                    raise NodeUnhealthy(
-                        f"healthd marked this job's node unhealthy; stopped after step {self.step} (see RUN/health/)"
-                    )
-                if self.health.after_step(self.step, step_seconds, result.anomaly) == StepAction.ROLLED_BACK:
-                    continue
-                if (
-                    self.checkpointer
-                    and self.checkpointer.maybe_save(self.step, last=self.step == cfg.training.steps)
-                    and self.faults
-                ):
-                    self.faults.after_save_started(self.step)
+                    raise
+                except Exception as error:  # a lost peer: re-form in place, or re-raise
+                    self._recover(error)
             if self.checkpointer:
                 self.checkpointer.finished()
             status = "ok"
@@ -188,6 +190,38 @@ class Trainer:
             if self.env.is_main:
                 self.events.emit(EventKind.JOB_END, status=status, steps=self.step)
             self.events.close()
+
+    def _one_step(self, preemption: PreemptionFlag) -> bool:
+        """One optimizer step and what follows it; True when the job was preempted and must stop."""
+        cfg = self.cfg
+        self.step += 1
+        t0 = time.perf_counter()
+        self.events.emit(EventKind.STEP_BEGIN, step=self.step)
+        if self.faults:
+            self.faults.before_step(self.step, self.model_step.parameters, self._newest_local_checkpoint)
+        batch = self.loader.next_step()
+        data_seconds, lr = time.perf_counter() - t0, self.optimizers.lr
+        result = self.train_step(batch, stop=self.health.stop_requested, preempted=preemption.raised)
+        self._completed()
+        step_seconds = time.perf_counter() - t0
+        self._log_step(result, lr, step_seconds, data_seconds)
+        if result.preempted:
+            self._save_on_preemption(preemption.at or time.monotonic())
+            return True
+        if result.stop:
+            raise NodeUnhealthy(
+                f"healthd marked this job's node unhealthy; stopped after step {self.step} (see RUN/health/)"
+            )
+        if self.health.after_step(self.step, step_seconds, result.anomaly) == StepAction.ROLLED_BACK:
+            self._completed()
+            return False
+        if (
+            self.checkpointer
+            and self.checkpointer.maybe_save(self.step, last=self.step == cfg.training.steps)
+            and self.faults
+        ):
+            self.faults.after_save_started(self.step)
+        return False
 
     def train_step(self, batch: Batch, *, stop: bool = False, preempted: bool = False) -> StepResult:
         """Forward/backward, clip, one job-wide sync, the anomaly guard, the update (loss: the job's token mean)."""
@@ -368,6 +402,85 @@ class Trainer:
         if step is not None and self.env.is_main:
             source = "host-memory tier" if self.checkpointer.last_load_tier == "memory" else self.cfg.checkpoint_url
             print(f"resumed from step {step} ({source})", flush=True)
+
+    # ------------------------------------------------------------------ in-process recovery
+
+    def _build_recovery(self, generation: int, collectives: ProcessGroupCollectives) -> InProcessRecovery | None:
+        if self.job_store is None or self.env.world_size == 1:
+            return None
+        r = self.cfg.recovery
+        extra = [self.mesh, self.model_step, self.checkpointer, collectives]
+        return InProcessRecovery(
+            self.job_store,
+            rank=self.env.rank,
+            world_size=self.env.world_size,
+            backend=backend_for(self.env.device),
+            generation=generation,
+            state=self.state,
+            events=self.events,
+            create_groups=self._create_groups,
+            group_roots=lambda: group_roots(self.model_parts, extra),
+            shard=self._shard,
+            abandon_step=self._abandon_step,
+            restore_completed=self._restore_completed,
+            checkpointer=self.checkpointer,
+            heartbeat=self.heartbeat,
+            max_reformations=r.max_reformations,
+            timeout_s=r.reform_timeout_s,
+        )
+
+    def _create_groups(self) -> None:
+        """Every group beyond the default one, in start-up order (mesh, memory tier, checkpoints): same names."""
+        if self.env.world_size > 1:
+            self.dims.build_mesh(self.env.device.type)
+        if self.checkpointer is not None:
+            if self.checkpointer.manager.memory is not None:
+                dist.new_group(backend="gloo")
+            dist.new_group(backend="gloo")
+
+    def _shard(self) -> tuple[int, ...]:
+        """This rank's place in the layout without the replica dimension: equal values hold equal state."""
+        if self.mesh is None:
+            return ()
+        coords = self.mesh.world.get_coordinate() or []
+        return tuple(c for dim, c in zip(self.mesh.world.mesh_dim_names, coords, strict=True) if dim != "dp_replicate")
+
+    def _completed(self) -> None:
+        """The live state is a completed step: what a recovery returns to."""
+        if self.recovery is not None:
+            self.recovery.completed = Completed(self.step, self.loader.state_dict())
+
+    def _abandon_step(self) -> None:
+        self.model_step.abandon()
+        if os.environ.get("STALWART_DEBUG_REFORM"):
+            print(
+                "DEBUG after abandon:",
+                [
+                    (n, type(p).__name__, None if p.grad is None else type(p.grad).__name__)
+                    for n, p in self.model_step.named_parameters()
+                ][:6],
+                flush=True,
+            )
+
+    def _restore_completed(self, completed: Completed) -> None:
+        self.step = completed.step
+        if completed.loader:
+            self.loader.load_state_dict(completed.loader)
+
+    def _recover(self, error: Exception) -> None:
+        """Re-form in place after a lost peer; anything else, or a recovery that fails, propagates."""
+        loading = self.checkpointer is not None and self.checkpointer.manager.is_loading
+        if self.recovery is None or loading or not is_peer_failure(error):
+            raise error
+        try:
+            self.recovery.recover(error, self.step)
+        except ReformError as e:
+            self.events.emit(EventKind.REFORM_FAILED, generation=self.recovery.generation, reason=str(e))
+            self.events.close()
+            print(
+                f"rank {self.env.rank}: in-process recovery failed ({e}); the launcher restarts the world", flush=True
+            )
+            os._exit(EXIT_WORLD_RESTART)  # the old groups may be half torn down: no collective on the way out
 
     # ----------------------------------------------------------------------------- helpers
 
