@@ -1,4 +1,4 @@
-"""Data parallelism: FSDP2 through ``fully_shard``; replicas are HSDP (replicate × shard), with a shard group of one for plain DP."""
+"""Data parallelism: FSDP2 through ``fully_shard``; replicas are HSDP (a shard group of one for plain DP)."""
 
 from __future__ import annotations
 

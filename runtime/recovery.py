@@ -140,10 +140,7 @@ class InProcessRecovery:
         if self.heartbeat is not None:
             self.heartbeat.beat(self.completed.step, Phase.INIT)  # the recovery's own, longer hang limit
         log.warning("rank %d: step %d failed (%s); re-forming in place", self.rank, step, reason)
-        if os.environ.get("STALWART_DEBUG_REFORM"):
-            import traceback
-
-            traceback.print_exception(error)
+        log.debug("the failure", exc_info=error)
         slots = GroupSlots(self.group_roots())
         self.abandon_step()
         self.restore_completed(self.completed)

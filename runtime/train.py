@@ -452,15 +452,6 @@ class Trainer:
 
     def _abandon_step(self) -> None:
         self.model_step.abandon()
-        if os.environ.get("STALWART_DEBUG_REFORM"):
-            print(
-                "DEBUG after abandon:",
-                [
-                    (n, type(p).__name__, None if p.grad is None else type(p.grad).__name__)
-                    for n, p in self.model_step.named_parameters()
-                ][:6],
-                flush=True,
-            )
 
     def _restore_completed(self, completed: Completed) -> None:
         self.step = completed.step

@@ -68,7 +68,6 @@ class Job:
             "STALWART_JOB_STORE": f"127.0.0.1:{self.store.port}",
             "OMP_NUM_THREADS": "1",
             "PYTHONWARNINGS": "ignore",
-            "STALWART_DEBUG_REFORM": "1",
         }
         env.pop("STALWART_FAULT_PLAN", None)
         if self.plan:
