@@ -53,13 +53,20 @@ class ReformError(RuntimeError):
 
 
 def is_peer_failure(error: BaseException) -> bool:
-    """Whether ``error`` is how a collective fails when another rank died or was killed."""
-    if isinstance(error, (dist.DistBackendError, dist.DistNetworkError, dist.DistStoreError)):
-        return True
-    if not isinstance(error, RuntimeError):
-        return False
-    text = str(error).lower()
-    return any(hint in text for hint in PEER_FAILURE_HINTS)
+    """Whether ``error`` is how a collective fails when another rank died or was killed.
+
+    Wrappers count too: a pipeline stage re-raises its peer's failure as "failed to run forward"
+    with the original as the cause.
+    """
+    seen: set[int] = set()
+    while error is not None and id(error) not in seen:
+        seen.add(id(error))
+        if isinstance(error, (dist.DistBackendError, dist.DistNetworkError, dist.DistStoreError)):
+            return True
+        if isinstance(error, RuntimeError) and any(hint in str(error).lower() for hint in PEER_FAILURE_HINTS):
+            return True
+        error = error.__cause__ or error.__context__
+    return False
 
 
 class JobStore:
@@ -149,6 +156,19 @@ class GroupSlots:
                 self.slots.append(_Slot(obj, key, value.group_name))
             elif _walkable(value):
                 self._walk(value, seen, depth + 1)
+
+    def release(self) -> None:
+        """Drop every cached reference to the old groups, so that they are destroyed now.
+
+        A group's sockets close only when the group object goes away; peers still blocked in a
+        collective with this rank (alive, but not yet aware of the failure) then fail at once
+        instead of waiting out the group's timeout: the failure spreads in milliseconds.
+        """
+        for slot in self.slots:
+            if isinstance(slot.owner, (dict, list)):
+                slot.owner[slot.key] = None
+            else:
+                object.__setattr__(slot.owner, slot.key, None)
 
     def rebind(self) -> int:
         """Point every slot at the live group of its name; returns how many were rebound."""

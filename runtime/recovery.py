@@ -24,10 +24,12 @@ cannot complete raises :class:`~stalwart.parallel.reform.ReformError` and the ra
 
 from __future__ import annotations
 
+import gc
 import io
 import logging
 import os
 import time
+import traceback
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from datetime import timedelta
@@ -146,7 +148,10 @@ class InProcessRecovery:
         self.restore_completed(self.completed)
         if self.checkpointer is not None:
             self.checkpointer.abandon()
+        traceback.clear_frames(error.__traceback__)  # the failed step's frames hold groups and work too
+        slots.release()
         dist.destroy_process_group()
+        gc.collect()  # the old groups close their sockets: peers still waiting on this rank fail now
         released = time.monotonic()
         self._form(self.store.advance(failed))
         rebound = slots.rebind()
