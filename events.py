@@ -40,8 +40,9 @@ Kind-specific keys (all optional unless noted):
   ``reform_begin``), ``phases`` (seconds per phase: ``release``, ``form``, ``state``), ``source`` (where the
   replacements' state came from: ``peer``, ``memory``, storage scheme, or ``none``), ``bytes``,
   ``replaced`` (the global ranks that joined new), ``newcomer`` (true on a replacement rank).
-- ``rank_replaced`` (agent): ``rank``, ``local_rank``, ``exit_code``, ``old_pid``, ``pid``, ``generation``
-  (the one the lost rank trained in), ``spare`` (true when a warm spare took over).
+- ``rank_replaced`` (agent): ``replaced_rank``, ``local_rank``, ``exit_code``, ``old_pid``, ``new_pid``,
+  ``generation`` (the one the lost rank trained in), ``spare`` (true when a warm spare took over),
+  ``seconds`` (the agent's own share: from noticing the loss to the new process started).
 - ``reform_failed`` (rank): ``generation``, ``reason``: the in-process recovery gave up and the rank
   exits for a whole-world restart.
 - ``clock``: ``mono`` (``time.monotonic()`` at ``ts``) for skew estimation.

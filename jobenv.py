@@ -15,6 +15,7 @@ CONTROLLER_ENV = "STALWART_CONTROLLER"  # the job controller's gRPC address
 TOKEN_FILE_ENV = "STALWART_TOKEN_FILE"  # the job token that mutating RPCs present
 JOB_STORE_ENV = "STALWART_JOB_STORE"  # host:port of a c10d store that outlives every rank (in-process recovery)
 REPLACEMENT_ENV = "STALWART_REPLACEMENT"  # set on a rank started to replace a lost one: the generation it replaces
+WARM_SPARE_ENV = "STALWART_WARM_SPARE"  # set on a node's warm spare: it imports the trainer, then waits on stdin
 
 
 def node_name() -> str:

@@ -43,6 +43,13 @@ def register(sub: Subparsers) -> None:
             default=HangConfig().initial_limits[phase],
             help=f"warm-up limit for {phase.value}",
         )
+    p.add_argument(
+        "--hang-kill",
+        choices=("group", "culprit"),
+        default="group",
+        help="on a hang, kill the node's whole worker group (default) or only the stopped rank "
+        "(under in-process recovery the others re-form and the rank is replaced)",
+    )
     p.add_argument("--probe-interval-s", type=float, default=1.0)
     p.add_argument("--expected-gpus", type=int, default=None, help="fewer GPUs than this marks the node unhealthy")
     p.add_argument(
@@ -89,6 +96,7 @@ def run(args: argparse.Namespace, extra: list[str]) -> int:
         hang_config=config,
         probe_interval_s=args.probe_interval_s,
         expected_gpus=args.expected_gpus,
+        hang_kill=args.hang_kill,
         worker_ancestor=args.worker_ancestor,
         controller=args.controller,
         controller_tls=controller_tls,

@@ -15,7 +15,7 @@ import time
 from typing import TYPE_CHECKING
 
 from stalwart.cli.command import Subparsers, subcommand
-from stalwart.jobenv import LAUNCHER_ENV
+from stalwart.jobenv import LAUNCHER_ENV, WARM_SPARE_ENV
 
 if TYPE_CHECKING:
     from stalwart.runtime.config import Config
@@ -54,6 +54,10 @@ def run(args: argparse.Namespace, overrides: list[str]) -> int:
     from stalwart.runtime.plan import plan_job
 
     cfg = load_config(args.config, overrides)
+    if os.environ.get(WARM_SPARE_ENV):
+        from stalwart.launcher.worker import warm_spare_main
+
+        return warm_spare_main(cfg)
     if os.environ.get(LAUNCHER_ENV):
         from stalwart.launcher.worker import worker_main
 

@@ -91,7 +91,10 @@ class HealthDaemon:
         controller: str | None = None,
         controller_tls: TlsConfig | None = None,
         report_interval_s: float = 1.0,
+        hang_kill: str = "group",
     ) -> None:
+        if hang_kill not in ("group", "culprit"):
+            raise ValueError(f"hang_kill={hang_kill!r}: use 'group' or 'culprit'")
         if not token:
             raise ValueError(
                 "healthd needs a non-empty job token (KillWorkers is refused without one); pass --token-file with a "
@@ -118,6 +121,10 @@ class HealthDaemon:
         self.controller_tls = controller_tls
         self.report_interval_s = report_interval_s
         self.reporter: ControllerClient | None = None
+        # "culprit": kill only the stopped rank (in-process recovery re-forms the rest); a hang without
+        # a culprit on this node is given one more limit before the whole group is killed after all.
+        self.hang_kill = hang_kill
+        self._escalate_at: float | None = None
 
         self._lock = threading.RLock()
         self._ranks: dict[int, _Rank] = {}
@@ -232,6 +239,7 @@ class HealthDaemon:
                 age = min(max(now - request.ts, 0.0), MAX_BEAT_AGE_S)
                 progress = max(now_mono - age, entry.progress_mono + 1e-6)
                 self.detector.observe(request.rank, phase, progress)
+                self._escalate_at = None  # progress again: the ranks recovered without the group kill
                 entry.beat_ts, entry.progress_mono = request.ts, progress
                 entry.step, entry.phase, entry.step_seconds = request.step, phase, request.step_seconds
             entry.heard_mono = now_mono
@@ -322,8 +330,13 @@ class HealthDaemon:
                     del self._ranks[rank]
                     self.detector.forget(rank)
             hangs = self.detector.check(time.monotonic())
+            escalate = self._escalate_at is not None and time.monotonic() >= self._escalate_at and bool(self._ranks)
         if hangs:
             self._on_hangs(hangs)
+        elif escalate:
+            self._escalate_at = None
+            killed = self.kill_workers("hang without a culprit on this node outlived the recovery window")
+            log.error("no progress since the hang was declared and no culprit found here: killed the group %s", killed)
 
     def _on_hangs(self, hangs: list) -> None:
         with self._lock:
@@ -349,7 +362,13 @@ class HealthDaemon:
                     continue
                 phase, last = self.detector.last_progress(rank)
                 found[rank] = (phase, last, self.detector.limit(rank), now - last)
-        killed = self.kill_workers(f"hang: {names}")
+        if self.hang_kill == "group":
+            killed = self.kill_workers(f"hang: {names}")
+        elif culprits:
+            killed = self.kill_ranks(sorted(culprits), f"hang: {names}")  # the survivors re-form in place
+        else:
+            killed = []  # blocked on a culprit elsewhere: its node kills it, these ranks then re-form
+            self._escalate_at = time.monotonic() + max(h.limit_s for h in hangs)
         for rank, (phase, last, limit, waited) in sorted(found.items()):
             # Without a culprit on this node every hung rank is reported as ``hang``; the goodput
             # accounting reads them as blocked when another node found the culprit (attribute_hangs).
@@ -434,8 +453,13 @@ class HealthDaemon:
     def kill_workers(self, reason: str) -> list[int]:
         """SIGKILL every known rank process (verified against pid reuse); returns the pids killed."""
         with self._lock:
-            entries = list(self._ranks.values())
-            self._ranks.clear()
+            ranks = list(self._ranks)
+        return self.kill_ranks(ranks, reason)
+
+    def kill_ranks(self, ranks: list[int], reason: str) -> list[int]:
+        """SIGKILL these local ranks' processes (verified against pid reuse); returns the pids killed."""
+        with self._lock:
+            entries = [self._ranks.pop(rank) for rank in ranks if rank in self._ranks]
             for entry in entries:
                 self.detector.forget(entry.rank)
         killed = []

@@ -14,30 +14,46 @@ What it adds, each on one of the agent's documented extension points:
   store every second and watches the next node's; a silent peer marks the group UNHEALTHY.
 - **Stops**: a failed group is stopped within ``failure_stop_s`` (its ranks are likely stuck in a
   collective); a healthy one (a node joins) gets the preemption grace to checkpoint first.
+- **Replacing a lost rank** (in-process recovery, ``replace_lost_ranks``): a rank killed by a signal
+  is not a reason to stop the group. The agent starts one process with the same global rank and
+  ``$STALWART_REPLACEMENT`` (the generation the lost rank trained in, read from the job store); the
+  survivors re-form around it in their own processes (runtime/recovery.py). A rank that exits with
+  an error, or more losses than ``max_replacements``, still restart the whole group. The new process
+  comes from the node's **warm spare** when there is one: a process that has already imported torch
+  and the trainer and waits on stdin for a lost rank's environment (launcher/worker.py); the agent
+  then starts the next spare.
 """
 
 from __future__ import annotations
 
+import json
 import logging
+import os
 import signal
+import subprocess
 import threading
 import time
 from dataclasses import dataclass
+from datetime import timedelta
 from typing import Any
 
+from torch.distributed import TCPStore
 from torch.distributed.elastic.agent.server.api import RunResult, Worker, WorkerGroup, WorkerSpec, WorkerState
 from torch.distributed.elastic.agent.server.local_elastic_agent import LocalElasticAgent
 from torch.distributed.elastic.multiprocessing import LogsSpecs
 
 from stalwart.events import EventKind, EventLog
+from stalwart.jobenv import REPLACEMENT_ENV, WARM_SPARE_ENV
 from stalwart.launcher.exclusion import ExclusionWatch, exclude_node
 from stalwart.launcher.plan import NodePlan
 from stalwart.launcher.services import HealthWatch
 from stalwart.launcher.worker import EXIT_REJOIN
+from stalwart.parallel.reform import JobStore
 
 log = logging.getLogger(__name__)
 
 DONE_KEY = "stalwart/job_done"
+SPARE_RESTOCK_S = 10.0  # the next warm spare starts this long after one was used (its import would slow the recovery)
 
 
 class NodeExcluded(Exception):
@@ -52,6 +68,9 @@ class AgentOptions:
     failure_stop_s: float = 5.0
     peer_timeout_s: float = 30.0
     health_poll_s: float = 2.0
+    replace_lost_ranks: bool = False
+    max_replacements: int = 10
+    job_store: str = ""  # host:port of the store the ranks form their world on
 
 
 class PeerWatch:
@@ -92,6 +111,20 @@ class PeerWatch:
         self._stop.set()
 
 
+class AdoptedProcess:
+    """A warm spare turned worker, in the shape torch's process context expects of its handlers."""
+
+    def __init__(self, proc: subprocess.Popen, local_rank: int) -> None:
+        self.proc = proc
+        self.local_rank_id = local_rank
+
+    def close(self, death_sig: signal.Signals | None = None) -> None:
+        try:
+            os.killpg(self.proc.pid, death_sig or signal.SIGTERM)
+        except ProcessLookupError:
+            pass
+
+
 class StalwartAgent(LocalElasticAgent):
     def __init__(
         self,
@@ -112,6 +145,10 @@ class StalwartAgent(LocalElasticAgent):
         self._peers: PeerWatch | None = None
         self._next_health = 0.0
         self._next_peer_check = 0.0
+        self.replacements = 0
+        self._job_store: JobStore | None = None
+        self._spare: subprocess.Popen | None = None
+        self._next_spare_at: float | None = None  # after a replacement: the next spare, once the new rank is in
 
     # ------------------------------------------------------------ membership
 
@@ -165,11 +202,21 @@ class StalwartAgent(LocalElasticAgent):
             nodes=worker_group.group_world_size,
             spare=self.spare,
         )
-        return super()._start_workers(worker_group)
+        pids = super()._start_workers(worker_group)
+        if self.opts.replace_lost_ranks and not self.spare:
+            self._ensure_spare()
+        return pids
 
     def _monitor_workers(self, worker_group: WorkerGroup) -> RunResult:
         self.check_membership()
-        result = super()._monitor_workers(worker_group)
+        if (
+            self.opts.replace_lost_ranks
+            and self._pcontext is not None
+            and hasattr(self._pcontext, "subprocess_handlers")
+        ):
+            result = self._monitor_replacing(worker_group)
+        else:
+            result = super()._monitor_workers(worker_group)
         if result.state == WorkerState.FAILED:
             self._record_failure(result)
             self.check_membership(failed=True)  # healthd kills the ranks of a node it marks UNHEALTHY
@@ -199,6 +246,133 @@ class StalwartAgent(LocalElasticAgent):
             )
             return RunResult(state=WorkerState.UNHEALTHY)
         return result
+
+    # ------------------------------------------------------------ replacing lost ranks
+
+    def _monitor_replacing(self, worker_group: WorkerGroup) -> RunResult:
+        """torch's monitor, except that a rank killed by a signal is replaced instead of failing the group."""
+        from torch.distributed.elastic.multiprocessing.errors import ProcessFailure
+
+        pc = self._pcontext
+        if self._next_spare_at is not None and time.monotonic() >= self._next_spare_at:
+            self._next_spare_at = None
+            self._ensure_spare()
+        done, failures = [], {}
+        for local_rank, handler in sorted(pc.subprocess_handlers.items()):
+            code = handler.proc.poll()
+            if code is None:
+                continue
+            if code == 0:
+                done.append(local_rank)
+            elif code < 0 and -code != signal.SIGTERM and self._replaceable(pc):
+                self._replace(worker_group, local_rank, code)
+            else:
+                worker = worker_group.workers[local_rank]
+                failures[worker.global_rank] = ProcessFailure(
+                    local_rank, handler.proc.pid, code, pc.error_files[local_rank]
+                )
+        if failures:  # torch stops the rest and restarts the group (_stop_workers)
+            return RunResult(state=WorkerState.FAILED, failures=failures)
+        if len(done) == len(pc.subprocess_handlers):
+            return RunResult(
+                state=WorkerState.SUCCEEDED, return_values={w.global_rank: None for w in worker_group.workers}
+            )
+        return RunResult(state=WorkerState.HEALTHY)
+
+    def _replaceable(self, pc: Any) -> bool:
+        """A lost rank is replaced while the budget lasts and nobody on this node has finished training yet."""
+        finished = any(h.proc.poll() == 0 for h in pc.subprocess_handlers.values())
+        return not finished and self.replacements < self.opts.max_replacements
+
+    def _replace(self, worker_group: WorkerGroup, local_rank: int, code: int) -> None:
+        """Start a new process for ``local_rank`` with the same global rank; the survivors re-form around it."""
+        from torch.distributed.elastic.multiprocessing.subprocess_handler import get_subprocess_handler
+
+        started = time.monotonic()
+        pc = self._pcontext
+        worker = worker_group.workers[local_rank]
+        old_pid = pc.subprocess_handlers[local_rank].proc.pid
+        store = self._store_for(worker_group)
+        try:
+            generation = store.generation_of(worker.global_rank)
+        except Exception:  # it died before it formed: the replacement joins whatever the survivors form next
+            generation = store.generation()
+        store.advance(generation)  # the survivors do the same when they notice; one move either way
+        env = {**pc.envs[local_rank], REPLACEMENT_ENV: str(generation)}
+        spare, self._spare = self._spare, None
+        if spare is not None and spare.poll() is None and not pc.stdouts[local_rank]:
+            spare.stdin.write(json.dumps(env).encode() + b"\n")  # the lost rank's place, to a process that has imported
+            spare.stdin.close()
+            handler = AdoptedProcess(spare, local_rank)
+        else:
+            for stream in (pc.stdouts[local_rank], pc.stderrs[local_rank]):
+                if stream and os.path.exists(stream):  # keep the lost rank's log: the new process would truncate it
+                    os.replace(stream, f"{stream}.{old_pid}")
+            handler = get_subprocess_handler(
+                entrypoint=pc.entrypoint,
+                args=pc.args[local_rank],
+                env=env,
+                stdout=pc.stdouts[local_rank],
+                stderr=pc.stderrs[local_rank],
+                local_rank_id=local_rank,
+            )
+        pc.subprocess_handlers[local_rank] = handler
+        worker.id = handler.proc.pid
+        self.replacements += 1
+        self._next_spare_at = time.monotonic() + SPARE_RESTOCK_S
+        how = f"signal {signal.Signals(-code).name}" if code < 0 else f"exit code {code}"
+        self.events.emit(
+            EventKind.FAULT_DETECTED,
+            fault="rank_exit",
+            target=f"rank{worker.global_rank}",
+            detector="agent",
+            node_id=self.opts.node_id,
+            detail=f"rank {worker.global_rank} ended with {how}; replaced in place",
+        )
+        self.events.emit(
+            EventKind.RANK_REPLACED,
+            replaced_rank=worker.global_rank,
+            local_rank=local_rank,
+            exit_code=code,
+            old_pid=old_pid,
+            new_pid=handler.proc.pid,
+            generation=generation,
+            spare=isinstance(handler, AdoptedProcess),
+            seconds=time.monotonic() - started,
+        )
+        self.events.flush()
+        print(
+            f"stalwart launch: rank {worker.global_rank} (pid {old_pid}) ended with {how}; started pid "
+            f"{handler.proc.pid} in its place, the others re-form around it",
+            flush=True,
+        )
+
+    def _ensure_spare(self) -> None:
+        """A warm spare for this node's next lost rank (it imports the trainer now, while nothing waits)."""
+        if self._spare is not None and self._spare.poll() is None:
+            return
+        pc = self._pcontext
+        env = {**os.environ, **pc.envs[0], WARM_SPARE_ENV: "1"}
+        self._spare = subprocess.Popen(
+            [pc.entrypoint, *map(str, pc.args[0])], env=env, stdin=subprocess.PIPE, start_new_session=True
+        )
+
+    def _stop_spare(self) -> None:
+        if self._spare is not None and self._spare.poll() is None:
+            self._spare.stdin.close()  # a closed stdin: the spare exits
+            try:
+                self._spare.wait(10)
+            except subprocess.TimeoutExpired:
+                self._spare.kill()
+        self._spare = None
+
+    def _store_for(self, worker_group: WorkerGroup) -> JobStore:
+        round_id = f"{worker_group.master_addr}:{worker_group.master_port}"
+        if self._job_store is None or self._job_store.round_id != round_id:
+            host, _, port = self.opts.job_store.rpartition(":")
+            client = TCPStore(host.strip("[]"), int(port), is_master=False, timeout=timedelta(seconds=30))
+            self._job_store = JobStore(client, round_id)
+        return self._job_store
 
     def _record_failure(self, result: RunResult) -> None:
         """One ``fault_detected`` per failed group, naming the rank that failed first (the cause; the rest followed)."""
@@ -239,3 +413,4 @@ class StalwartAgent(LocalElasticAgent):
     def close(self) -> None:
         if self._peers is not None:
             self._peers.stop()
+        self._stop_spare()

@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from stalwart.errors import UserError
-from stalwart.jobenv import CONTROLLER_ENV, HEALTHD_ENV, LAUNCHER_ENV, NODE_ID_ENV
+from stalwart.jobenv import CONTROLLER_ENV, HEALTHD_ENV, JOB_STORE_ENV, LAUNCHER_ENV, NODE_ID_ENV
 from stalwart.launcher.exclusion import EXIT_NODE_EXCLUDED
 
 if TYPE_CHECKING:
@@ -226,11 +226,16 @@ def _run_agent(
     if controller:
         os.environ[CONTROLLER_ENV] = controller
     if a.healthd != "off":
-        procs.append(services.ensure_healthd(a.healthd, run_dir, a.node_id, controller))
+        hang_kill = "culprit" if cfg.recovery.in_process else "group"
+        procs.append(services.ensure_healthd(a.healthd, run_dir, a.node_id, controller, hang_kill))
         os.environ[HEALTHD_ENV] = a.healthd
         health = services.HealthWatch(a.healthd)
     os.environ[LAUNCHER_ENV] = "1"
     os.environ[NODE_ID_ENV] = a.node_id
+    if a.rdzv_backend == "c10d" and cfg.recovery.in_process:
+        # The rendezvous store lives in the agent that binds the endpoint, not in any rank: the
+        # ranks form (and re-form) their world on it.
+        os.environ[JOB_STORE_ENV] = a.rdzv_endpoint
 
     events = EventLog(run_dir, role="agent")
     spec = WorkerSpec(
@@ -249,6 +254,9 @@ def _run_agent(
         grace_s=cfg.checkpoint.preemption_grace_s,
         failure_stop_s=a.failure_stop_timeout,
         peer_timeout_s=a.peer_timeout,
+        replace_lost_ranks=bool(os.environ.get(JOB_STORE_ENV)),
+        max_replacements=cfg.recovery.max_reformations,
+        job_store=os.environ.get(JOB_STORE_ENV, ""),
     )
     agent = StalwartAgent(spec, DefaultLogsSpecs(), opts, exclusion, health, events)
     try:

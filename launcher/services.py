@@ -66,10 +66,13 @@ def _start(argv: list[str], what: str, log_path: Path) -> subprocess.Popen | Non
     return proc
 
 
-def ensure_healthd(address: str, run_dir: Path, node_id: str, controller: str = "") -> subprocess.Popen | None:
+def ensure_healthd(
+    address: str, run_dir: Path, node_id: str, controller: str = "", hang_kill: str = "group"
+) -> subprocess.Popen | None:
     """Start ``stalwart healthd`` at ``address`` unless something already answers there.
 
-    It reports to ``controller`` when one is known, under this node's name.
+    It reports to ``controller`` when one is known, under this node's name. ``hang_kill`` is what it
+    kills for a hang: the ``culprit`` (in-process recovery replaces it) or the node's whole ``group``.
     """
     if answers(address):
         return None
@@ -86,6 +89,8 @@ def ensure_healthd(address: str, run_dir: Path, node_id: str, controller: str = 
         job_token_file(run_dir),
         "--node",
         node_id,
+        "--hang-kill",
+        hang_kill,
         *(["--controller", controller] if controller else []),
     ]
     return _start(argv, f"healthd on {address}", run_dir / "health" / f"healthd-{node_id}.log")

@@ -9,11 +9,13 @@ re-forms the group instead of taking exit 0 for "training finished".
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import sys
 import threading
 
+from stalwart.jobenv import WARM_SPARE_ENV
 from stalwart.runtime.config import Config
 
 EXIT_REJOIN = 75  # EX_TEMPFAIL: stopped with the group, not finished; restart me
@@ -42,6 +44,23 @@ def wait_as_spare(rank: int, world_size: int) -> int:
     return 0
 
 
+def warm_spare_main(cfg: Config) -> int:
+    """A process that imports the trainer ahead of need, then takes a lost rank's place when the agent says.
+
+    The agent writes the lost rank's environment as one JSON line on stdin (a closed stdin: not
+    needed any more). Importing torch and the trainer is most of a replacement's start-up.
+    """
+    _die_with_agent()
+    import stalwart.runtime.train  # noqa: F401  (the expensive part, done while nothing is waiting)
+
+    line = sys.stdin.readline()
+    if not line:
+        return 0
+    os.environ.update(json.loads(line))
+    os.environ.pop(WARM_SPARE_ENV, None)
+    return worker_main(cfg)
+
+
 def worker_main(cfg: Config) -> int:
     """Entry of every rank under ``stalwart launch``; returns the process exit code."""
     _die_with_agent()
@@ -51,6 +70,9 @@ def worker_main(cfg: Config) -> int:
     from stalwart.runtime.train import train
 
     trainer = train(cfg)
-    if trainer.step < cfg.training.steps and not trainer.preempted:
-        return EXIT_REJOIN
-    return 0
+    code = EXIT_REJOIN if trainer.step < cfg.training.steps and not trainer.preempted else 0
+    # Everything is committed and closed. After an in-process recovery the interpreter's own teardown
+    # can wait on the lost generation's process-group threads: leave without it.
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)

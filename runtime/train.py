@@ -121,7 +121,9 @@ class Trainer:
         replacing = replaced_generation() if self.job_store is not None else None
         generation = 0 if replacing is None else self.job_store.wait_past(replacing, cfg.recovery.reform_timeout_s)
         store = self.job_store.prefix(generation) if self.job_store is not None else None
-        self.env = init_distributed(cfg.training.device, store=store)
+        # A replacement waits no longer than a recovery may take: past that, the launcher restarts the world.
+        timeout = cfg.recovery.reform_timeout_s if replacing is not None else 300.0
+        self.env = init_distributed(cfg.training.device, timeout_s=timeout, store=store)
         plan = plan_job(cfg, self.env.world_size)
         self.dims, self.tokenizer, self.model_args = plan.dims, plan.tokenizer, plan.model_args
         self.events = EventLog(cfg.run_dir, role="trainer", rank=self.env.rank)
