@@ -217,20 +217,33 @@ def test_launcher_with_no_etcd_member_answering_fails_within_the_connect_timeout
 # ---------------------------------------------------------------- real launchers (slow)
 
 
-def lose_the_first_node_and_bring_it_back(cluster: Cluster, tmp_path_factory) -> None:
-    """Three nodes; node0 (agent and rank) is SIGKILLed at step 4; the others re-form; node0 is started again.
+def trained_at_world(run_dir: Path, world: int) -> bool:
+    """A step ended after the first worker group of ``world`` ranks started."""
+    evs = events(run_dir)
+    starts = [
+        e["ts"] for e in evs if e["kind"] == "worker_start" and e.get("role") == "trainer" and e["world_size"] == world
+    ]
+    return bool(starts) and any(
+        e["kind"] == "step_end" and e.get("role") == "trainer" and e["ts"] > starts[0] for e in evs
+    )
 
-    Rank 0 is slowed from step 6 so that the relaunched node0 has time to join before the job ends.
+
+def lose_the_first_node_and_bring_it_back(cluster: Cluster, tmp_path_factory) -> None:
+    """Three nodes; node0 (agent and rank) is SIGKILLed at step 5; the others re-form and train; node0 comes back.
+
+    Saves are synchronous so that step 4 is surely committed when node0 dies; rank 0 is slowed from
+    step 6 so that the relaunched node0 has time to join before the job ends.
     """
     cluster.plan = [
-        {"kind": "kill_agent", "step": 4, "node": "node0"},
+        {"kind": "kill_agent", "step": 5, "node": "node0"},
         {"kind": "slow", "step": 6, "rank": 0, "seconds": 2.0, "steps": 4},
     ]
+    cluster.extra = [*cluster.extra, "--checkpoint.mode", "sync"]
     try:
         for node in ("node0", "node1", "node2"):
             cluster.start(node)
         wait_for(lambda: cluster.nodes["node0#0"].poll() is not None, 300, "node0 to be lost")
-        wait_for(lambda: agent_worlds(cluster.run_dir, "node1")[-1:] == [2], 120, "node1 and node2 to re-form")
+        wait_for(lambda: trained_at_world(cluster.run_dir, 2), 180, "node1 and node2 to re-form and train")
         cluster.start("node0")  # the lost node, started again, joins back
         codes = cluster.wait(300)
     finally:
@@ -240,8 +253,8 @@ def lose_the_first_node_and_bring_it_back(cluster: Cluster, tmp_path_factory) ->
     shrunk = worlds.index(2)
     assert 3 in worlds[:shrunk] and 3 in worlds[shrunk:], worlds  # 3 -> 2 -> 3
     assert agent_worlds(cluster.run_dir, "node0")[-1] == 3
-    loads = [e["step"] for e in events(cluster.run_dir) if e["kind"] == "ckpt_load"]
-    assert loads and min(loads) >= 2, loads  # the survivors resumed from a committed step
+    loads = [e["step"] for e in events(cluster.run_dir) if e["kind"] == "ckpt_load" and e.get("rank") == 0]
+    assert loads and loads[0] == 4, loads  # the survivors resumed from the step committed before the kill
     assert_recovered(cluster.run_dir, reference(tmp_path_factory), exact=False)
 
 
