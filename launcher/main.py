@@ -237,7 +237,7 @@ def _run_agent(
     os.environ[JOB_STORE_ENV] = rdzv.store.url
 
     events = EventLog(run_dir, role="agent")
-    store_watch = StoreWatch(rdzv.store.describe(), rdzv.keep_alive_expiry_s)
+    store_watch = StoreWatch(rdzv.store.describe(), rdzv.keep_alive_expiry_s, rdzv.reseed)
     handler = OutageTolerantHandler(rdzv.handler, store_watch, float(a.rdzv_conf.get("join_timeout", 600)))
     spec = WorkerSpec(
         role="trainer",

@@ -23,6 +23,7 @@ from __future__ import annotations
 import ipaddress
 import socket
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import timedelta
 from typing import TYPE_CHECKING
@@ -149,6 +150,9 @@ class Rendezvous:
     hosting: bool  # this launcher serves the c10d store: the one node the job cannot lose
     store: StoreAddress  # the job store, for the ranks ($STALWART_JOB_STORE)
     keep_alive_expiry_s: float  # a node silent this long is dropped from torch's rendezvous state
+    # Put back what the backend needs in a store that restarted empty: torch's c10d backend seeds its
+    # state key once, at construction, and then blocks for the read timeout on every sync without it.
+    reseed: Callable[[], None] = lambda: None
 
     @property
     def store_host(self) -> str | None:
@@ -203,4 +207,8 @@ def build_handler(opts: RendezvousOptions) -> Rendezvous:
     host, port = split_endpoint(opts.endpoint)
     store, hosting = connect_store(host, port, opts.connect_timeout_s, read_timeout_s)
     handler = create_handler(store, C10dRendezvousBackend(store, opts.run_id), params)
-    return Rendezvous(handler, hosting, StoreAddress("tcp", ((host, port),), prefix), expiry_s)
+
+    def reseed() -> None:
+        C10dRendezvousBackend(store, opts.run_id)  # its constructor seeds the state key when absent
+
+    return Rendezvous(handler, hosting, StoreAddress("tcp", ((host, port),), prefix), expiry_s, reseed)

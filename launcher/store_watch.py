@@ -35,9 +35,16 @@ def first_line(e: BaseException) -> str:
 class StoreWatch:
     """Outage bookkeeping for one store; prints the launcher's lines about it."""
 
-    def __init__(self, describe: str, expiry_s: float, clock: Callable[[], float] = time.monotonic) -> None:
+    def __init__(
+        self,
+        describe: str,
+        expiry_s: float,
+        reseed: Callable[[], None] = lambda: None,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
         self.describe = describe
         self.expiry_s = expiry_s
+        self.reseed = reseed  # what the rendezvous backend needs in a store that restarted empty
         self.clock = clock
         self.down_since: float | None = None
 
@@ -64,6 +71,7 @@ class StoreWatch:
         self.down_since = None
         if not round_intact:
             why = f"{self.describe} lost this round's keys (it restarted empty)"
+            self.reseed()
         elif gone_s >= self.expiry_s:
             why = f"{self.describe} was gone {gone_s:.0f}s, past the rendezvous keep-alive expiry ({self.expiry_s:g}s)"
         else:
@@ -77,8 +85,9 @@ class OutageTolerantHandler(RendezvousHandler):
     """torch's rendezvous handler, with the two calls a running agent makes on its own made outage-proof.
 
     ``num_nodes_waiting`` (polled while the ranks train) answers 0 while the store is gone instead
-    of ending the agent; ``next_rendezvous`` waits for the store, up to the join timeout, instead
-    of failing at the first refused connection. Everything else is torch's.
+    of ending the agent, without asking it (a call on a dead store costs its connect timeout, and
+    the agent's own probe says when it is back); ``next_rendezvous`` waits for the store, up to the
+    join timeout, instead of failing at the first refused connection. Everything else is torch's.
     """
 
     def __init__(self, inner: RendezvousHandler, watch: StoreWatch, join_timeout_s: float) -> None:
@@ -96,12 +105,18 @@ class OutageTolerantHandler(RendezvousHandler):
                 if time.monotonic() >= deadline:
                     raise
                 time.sleep(1.0)
+                try:
+                    self.watch.reseed()
+                except Exception as again:  # still gone
+                    log.debug("store still unreachable: %s", again)
                 continue
             if self.watch.down:
                 self.watch.answered(round_intact=True)  # a fresh round: its membership is new
             return info
 
     def num_nodes_waiting(self) -> int:
+        if self.watch.down:
+            return 0
         try:
             return self.inner.num_nodes_waiting()
         except Exception as e:  # RendezvousConnectionError, or a store error of the backend's own
