@@ -227,11 +227,13 @@ def test_launcher_with_no_etcd_member_answering_fails_within_the_connect_timeout
 # ---------------------------------------------------------------- real launchers (slow)
 
 
-def trained_at_world(run_dir: Path, world: int) -> bool:
-    """A step ended after the first worker group of ``world`` ranks started."""
+def trained_at_world(run_dir: Path, world: int, after: float) -> bool:
+    """A step ended in a worker group of ``world`` ranks that started after ``after`` (a time.time())."""
     evs = events(run_dir)
     starts = [
-        e["ts"] for e in evs if e["kind"] == "worker_start" and e.get("role") == "trainer" and e["world_size"] == world
+        e["ts"]
+        for e in evs
+        if e["kind"] == "worker_start" and e.get("role") == "trainer" and e["world_size"] == world and e["ts"] > after
     ]
     return bool(starts) and any(
         e["kind"] == "step_end" and e.get("role") == "trainer" and e["ts"] > starts[0] for e in evs
@@ -253,7 +255,8 @@ def lose_the_first_node_and_bring_it_back(cluster: Cluster, tmp_path_factory) ->
         for node in ("node0", "node1", "node2"):
             cluster.start(node)
         wait_for(lambda: cluster.nodes["node0#0"].poll() is not None, 300, "node0 to be lost")
-        wait_for(lambda: trained_at_world(cluster.run_dir, 2), 180, "node1 and node2 to re-form and train")
+        lost_at = time.time()
+        wait_for(lambda: trained_at_world(cluster.run_dir, 2, lost_at), 180, "node1 and node2 to re-form and train")
         cluster.start("node0")  # the lost node, started again, joins back
         codes = cluster.wait(300)
     finally:
