@@ -59,7 +59,7 @@ def split_host_port(endpoint: str, default_port: int) -> tuple[str, int]:
         if not sep:
             host, port = endpoint, ""
     if not host:
-        raise StoreAddressError(f"{endpoint!r} names no host; write HOST:PORT")
+        raise StoreAddressError(f"{endpoint!r} names no host; write HOST:PORT or tcp://HOST:PORT/PREFIX")
     if not port:
         return host, default_port
     if not port.isdigit() or not 0 < int(port) < 65536:
@@ -77,6 +77,10 @@ class StoreAddress:
 
     @classmethod
     def parse(cls, url: str) -> StoreAddress:
+        """A store URL; a bare ``HOST:PORT`` is a TCP store (prefix ``stalwart``)."""
+        if "://" not in url and url.strip():
+            host, port = split_host_port(url, TCP_PORT)
+            return cls("tcp", ((host, port),), "stalwart")
         parts = urlsplit(url)
         if parts.scheme not in ("tcp", "etcd") or not parts.netloc:
             raise StoreAddressError(

@@ -120,7 +120,8 @@ def test_store_urls_and_a_missing_job_store_fail_in_one_line(monkeypatch):
     assert a.endpoints == (("h1", 2379), ("h2", 2379), ("::1", 2381)) and a.prefix == "stalwart/job42"
     assert StoreAddress.parse(a.url) == a
     assert StoreAddress.parse("tcp://head:29400/x").describe() == "the store at head:29400"
-    for bad in ("head:29400", "tcp://h1:1,h2:2/x", "tcp://head:99999/x", "redis://h:1/x"):
+    assert StoreAddress.parse("head:29400") == StoreAddress("tcp", (("head", 29400),), "stalwart")  # bare HOST:PORT
+    for bad in (":29400", "tcp://h1:1,h2:2/x", "tcp://head:99999/x", "redis://h:1/x"):
         with pytest.raises(StoreAddressError):
             StoreAddress.parse(bad)
     monkeypatch.delenv(JOB_STORE_ENV, raising=False)
