@@ -13,7 +13,9 @@ NODE_ID_ENV = "STALWART_NODE_ID"  # the node's name (--node-id)
 HEALTHD_ENV = "STALWART_HEALTHD"  # the node's healthd address
 CONTROLLER_ENV = "STALWART_CONTROLLER"  # the job controller's gRPC address
 TOKEN_FILE_ENV = "STALWART_TOKEN_FILE"  # the job token that mutating RPCs present
-JOB_STORE_ENV = "STALWART_JOB_STORE"  # host:port of a c10d store that outlives every rank (in-process recovery)
+# The job's store, which outlives every rank: tcp://HOST:PORT/PREFIX or etcd://HOST:PORT[,...]/PREFIX
+# (stalwart.parallel.job_store.job_store() opens it).
+JOB_STORE_ENV = "STALWART_JOB_STORE"
 REPLACEMENT_ENV = "STALWART_REPLACEMENT"  # set on a rank started to replace a lost one: the generation it replaces
 WARM_SPARE_ENV = "STALWART_WARM_SPARE"  # set on a node's warm spare: it imports the trainer, then waits on stdin
 

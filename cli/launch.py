@@ -36,13 +36,15 @@ def register(sub: Subparsers) -> None:
         "--rdzv_backend",
         default="c10d",
         choices=("c10d", "etcd", "etcd-v2"),
-        help="default c10d (the store lives on the endpoint's node)",
+        help="c10d (default): the TCP store at --rdzv-endpoint, served by `stalwart store` on a head node (or, when "
+        "nothing serves it, by the launcher on that host: then the one node the job cannot lose); etcd-v2 (or etcd): "
+        "etcd's v2 API, --rdzv-endpoint listing its members",
     )
     p.add_argument(
         "--rdzv-endpoint",
         "--rdzv_endpoint",
         default="127.0.0.1:29400",
-        help="HOST:PORT of the rendezvous store (default 127.0.0.1:29400)",
+        help="HOST:PORT of the rendezvous store (default 127.0.0.1:29400); for etcd HOST:PORT[,HOST:PORT...]",
     )
     p.add_argument("--rdzv-id", "--rdzv_id", default="stalwart", help="job id shared by all nodes (e.g. $SLURM_JOB_ID)")
     p.add_argument(

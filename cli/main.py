@@ -13,7 +13,7 @@ import sys
 from stalwart import __version__
 from stalwart.errors import UserError
 
-COMMANDS = ("train", "launch", "demo", "healthd", "controller", "goodput", "ckpt")
+COMMANDS = ("train", "launch", "demo", "healthd", "controller", "store", "goodput", "ckpt")
 
 
 def build_parser() -> argparse.ArgumentParser:

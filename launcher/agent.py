@@ -12,6 +12,9 @@ What it adds, each on one of the agent's documented extension points:
 - **Lost peers**: torch's agent only notices a lost node when its own ranks fail, which a cut
   network cable never causes (collectives just wait). Each agent bumps a counter in the round's
   store every second and watches the next node's; a silent peer marks the group UNHEALTHY.
+- **A lost store** (:mod:`~stalwart.launcher.store_watch`): the ranks keep training; peers are not
+  judged while it is gone; when it answers again and the round's membership did not survive, the
+  group re-forms.
 - **Stops**: a failed group is stopped within ``failure_stop_s`` (its ranks are likely stuck in a
   collective); a healthy one (a node joins) gets the preemption grace to checkpoint first.
 - **Replacing a lost rank** (in-process recovery, ``replace_lost_ranks``): a rank killed by a signal
@@ -34,10 +37,8 @@ import subprocess
 import threading
 import time
 from dataclasses import dataclass
-from datetime import timedelta
 from typing import Any
 
-from torch.distributed import TCPStore
 from torch.distributed.elastic.agent.server.api import RunResult, Worker, WorkerGroup, WorkerSpec, WorkerState
 from torch.distributed.elastic.agent.server.local_elastic_agent import LocalElasticAgent
 from torch.distributed.elastic.multiprocessing import LogsSpecs
@@ -47,6 +48,7 @@ from stalwart.jobenv import REPLACEMENT_ENV, WARM_SPARE_ENV
 from stalwart.launcher.exclusion import ExclusionWatch, exclude_node
 from stalwart.launcher.plan import NodePlan
 from stalwart.launcher.services import HealthWatch
+from stalwart.launcher.store_watch import StoreWatch
 from stalwart.launcher.worker import EXIT_REJOIN
 from stalwart.parallel.reform import JobStore
 
@@ -83,6 +85,8 @@ class PeerWatch:
         self.peer = (group_rank + 1) % group_world_size if group_world_size > 1 else None
         self.timeout_s = timeout_s
         self._key = f"stalwart/alive/{group_rank}"
+        self._member_key = f"stalwart/member/{group_rank}"
+        store.set(self._member_key, b"1")  # gone when the store lost the round (restarted empty)
         self._last: int | None = None
         self._seen = time.monotonic()
         self._stop = threading.Event()
@@ -93,8 +97,8 @@ class PeerWatch:
         while True:
             try:
                 self.store.add(self._key, 1)
-            except Exception as e:  # the store is gone: the agent's own rendezvous calls fail too
-                log.warning("peer liveness beat failed: %s", e)
+            except Exception as e:  # the store is gone: the agent reports it (StoreWatch)
+                log.debug("peer liveness beat failed: %s", e)
             if self._stop.wait(interval_s):
                 return
 
@@ -106,6 +110,14 @@ class PeerWatch:
         if value != self._last:
             self._last, self._seen = value, now
         return now - self._seen
+
+    def round_intact(self) -> bool:
+        """This round's keys are still in the store (a store that restarted empty has lost them)."""
+        return self.store.check([self._member_key])
+
+    def restart_clock(self) -> None:
+        """Forget the silence measured so far: nobody could beat while the store was gone."""
+        self._last, self._seen = None, time.monotonic()
 
     def stop(self) -> None:
         self._stop.set()
@@ -134,9 +146,11 @@ class StalwartAgent(LocalElasticAgent):
         exclusion: ExclusionWatch,
         health: HealthWatch | None,
         events: EventLog,
+        store_watch: StoreWatch | None = None,
     ) -> None:
         super().__init__(spec, logs_specs, start_method="spawn", shutdown_timeout=opts.grace_s)
         self.opts = opts
+        self.store_watch = store_watch or StoreWatch("the rendezvous store", expiry_s=15.0)
         self.exclusion = exclusion
         self.health = health
         self.events = events
@@ -226,11 +240,23 @@ class StalwartAgent(LocalElasticAgent):
         if now < self._next_peer_check:
             return result
         self._next_peer_check = now + 1.0
-        if self.spare and self._store.check([DONE_KEY]):
-            return RunResult(
-                state=WorkerState.SUCCEEDED, return_values={w.global_rank: None for w in worker_group.workers}
-            )
-        silent = self._peers.silent_for()
+        try:
+            if self.spare and self._store.check([DONE_KEY]):
+                return RunResult(
+                    state=WorkerState.SUCCEEDED, return_values={w.global_rank: None for w in worker_group.workers}
+                )
+            intact = self._peers.round_intact()
+            silent = self._peers.silent_for()
+        except Exception as e:  # the store is gone: the ranks train on, peers cannot be judged
+            self.store_watch.lost(e)
+            return result
+        if self.store_watch.down or not intact:
+            self._peers.restart_clock()
+            why = self.store_watch.answered(intact)
+            if why is None:
+                return result
+            self.events.emit(EventKind.FAULT_DETECTED, fault="store_lost", target="store", detector="agent", detail=why)
+            return RunResult(state=WorkerState.UNHEALTHY)
         if silent > self.opts.peer_timeout_s:
             msg = (
                 f"node rank {self._peers.peer} sent no liveness beat for {silent:.0f}s (lost node or network partition)"
@@ -367,11 +393,17 @@ class StalwartAgent(LocalElasticAgent):
         self._spare = None
 
     def _store_for(self, worker_group: WorkerGroup) -> JobStore:
+        """The job store, under this rendezvous round's name (the ranks' MASTER_ADDR:MASTER_PORT)."""
+        from stalwart.parallel.job_store import StoreAddress, open_store
+
         round_id = f"{worker_group.master_addr}:{worker_group.master_port}"
         if self._job_store is None or self._job_store.round_id != round_id:
-            host, _, port = self.opts.job_store.rpartition(":")
-            client = TCPStore(host.strip("[]"), int(port), is_master=False, timeout=timedelta(seconds=30))
-            self._job_store = JobStore(client, round_id)
+            store = (
+                self._job_store.store
+                if self._job_store is not None
+                else open_store(StoreAddress.parse(self.opts.job_store))
+            )
+            self._job_store = JobStore(store, round_id)
         return self._job_store
 
     def _record_failure(self, result: RunResult) -> None:

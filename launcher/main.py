@@ -26,6 +26,7 @@ if TYPE_CHECKING:
 
     from stalwart.launcher.exclusion import ExclusionWatch
     from stalwart.launcher.plan import NodePlan
+    from stalwart.launcher.rendezvous import Rendezvous
     from stalwart.runtime.config import Config
 
 
@@ -149,14 +150,13 @@ def launch(args: argparse.Namespace, overrides: list[str]) -> int:
 def _launch(args: argparse.Namespace, overrides: list[str]) -> int:
     from stalwart.launcher.exclusion import ExclusionWatch
     from stalwart.launcher.plan import plan_nodes
-    from stalwart.launcher.rendezvous import RendezvousOptions, build_handler, split_endpoint
+    from stalwart.launcher.rendezvous import RendezvousOptions, build_handler
     from stalwart.runtime.config import load_config
 
     a = launch_args(args, overrides)
     overrides = [*a.overrides, *(["--job.run_dir", a.run_dir] if a.run_dir else [])]
     cfg = load_config(a.config, overrides)
     plan = plan_nodes(cfg, a.nproc_per_node, a.min_nodes, a.max_nodes)
-    rdzv_host, _ = split_endpoint(a.rdzv_endpoint)
     try:
         exclusion = ExclusionWatch(cfg.run_dir, a.node_id)
         reason = exclusion.reason()
@@ -176,7 +176,7 @@ def _launch(args: argparse.Namespace, overrides: list[str]) -> int:
             flush=True,
         )
     os.environ["TORCH_DISABLE_SHARE_RDZV_TCP_STORE"] = "1"  # a fresh worker store per round: safe when node 0 changes
-    handler, hosting = build_handler(
+    rdzv = build_handler(
         RendezvousOptions(
             a.rdzv_backend,
             a.rdzv_endpoint,
@@ -188,9 +188,13 @@ def _launch(args: argparse.Namespace, overrides: list[str]) -> int:
             a.rdzv_connect_timeout,
         )
     )
-    if hosting:
-        print(f"stalwart launch: hosting the rendezvous store on {a.rdzv_endpoint}", flush=True)
-    return _run_agent(a, cfg, plan, exclusion, handler, hosting, rdzv_host, overrides)
+    if rdzv.hosting:
+        print(
+            f"stalwart launch: hosting the rendezvous store on {a.rdzv_endpoint} (this node is the one the job "
+            "cannot lose: serve it with `stalwart store` on a head node, or use --rdzv-backend etcd-v2)",
+            flush=True,
+        )
+    return _run_agent(a, cfg, plan, exclusion, rdzv, overrides)
 
 
 def _run_agent(
@@ -198,9 +202,7 @@ def _run_agent(
     cfg: Config,
     plan: NodePlan,
     exclusion: ExclusionWatch,
-    handler: RendezvousHandler,
-    hosting: bool,
-    rdzv_host: str,
+    rdzv: Rendezvous,
     overrides: list[str],
 ) -> int:
     from torch.distributed.elastic.agent.server.api import WorkerSpec, WorkerState
@@ -210,6 +212,7 @@ def _run_agent(
     from stalwart.events import EventKind, EventLog
     from stalwart.launcher import services
     from stalwart.launcher.agent import AgentOptions, NodeExcluded, StalwartAgent
+    from stalwart.launcher.store_watch import OutageTolerantHandler, StoreWatch, first_line
 
     logging.basicConfig(
         level=os.environ.get("LOGLEVEL", "WARNING"), format="%(asctime)s launch %(name)s %(levelname)s %(message)s"
@@ -218,11 +221,11 @@ def _run_agent(
     procs = []
     health = None
     controller = "" if a.controller == "off" else a.controller
-    if a.controller == "" and hosting:
-        proc, controller = services.start_controller(run_dir, rdzv_host)
+    if a.controller == "" and rdzv.hosting:
+        proc, controller = services.start_controller(run_dir, rdzv.store_host)
         procs.append(proc)
-    elif a.controller == "":  # started by the launcher that hosts the rendezvous store
-        controller = f"{rdzv_host}:{services.CONTROLLER_GRPC_PORT}"
+    elif a.controller == "" and rdzv.store_host:  # beside the head-node store, or the launcher hosting it
+        controller = f"{rdzv.store_host}:{services.CONTROLLER_GRPC_PORT}"
     if controller:
         os.environ[CONTROLLER_ENV] = controller
     if a.healthd != "off":
@@ -232,12 +235,11 @@ def _run_agent(
         health = services.HealthWatch(a.healthd)
     os.environ[LAUNCHER_ENV] = "1"
     os.environ[NODE_ID_ENV] = a.node_id
-    if a.rdzv_backend == "c10d" and cfg.recovery.in_process:
-        # The rendezvous store lives in the agent that binds the endpoint, not in any rank: the
-        # ranks form (and re-form) their world on it.
-        os.environ[JOB_STORE_ENV] = a.rdzv_endpoint
+    os.environ[JOB_STORE_ENV] = rdzv.store.url
 
     events = EventLog(run_dir, role="agent")
+    store_watch = StoreWatch(rdzv.store.describe(), rdzv.keep_alive_expiry_s, rdzv.reseed)
+    handler = OutageTolerantHandler(rdzv.handler, store_watch, float(a.rdzv_conf.get("join_timeout", 600)))
     spec = WorkerSpec(
         role="trainer",
         local_world_size=a.nproc_per_node,
@@ -254,11 +256,11 @@ def _run_agent(
         grace_s=cfg.checkpoint.preemption_grace_s,
         failure_stop_s=a.failure_stop_timeout,
         peer_timeout_s=a.peer_timeout,
-        replace_lost_ranks=bool(os.environ.get(JOB_STORE_ENV)),
+        replace_lost_ranks=cfg.recovery.in_process,
         max_replacements=cfg.recovery.max_reformations,
         job_store=os.environ.get(JOB_STORE_ENV, ""),
     )
-    agent = StalwartAgent(spec, DefaultLogsSpecs(), opts, exclusion, health, events)
+    agent = StalwartAgent(spec, DefaultLogsSpecs(), opts, exclusion, health, events, store_watch)
     try:
         result = agent.run()
     except (Terminated, SignalException) as e:
@@ -271,13 +273,13 @@ def _run_agent(
         )
         return EXIT_NODE_EXCLUDED
     except RendezvousError as e:
-        print(f"stalwart launch: rendezvous failed: {type(e).__name__}: {e}", file=sys.stderr)
+        what = store_watch.describe if store_watch.down else "the rendezvous"
+        print(f"stalwart launch: rendezvous failed on {what}: {first_line(e)}", file=sys.stderr)
         return 1
-    except RuntimeError as e:  # DistNetworkError / DistStoreError: the store's node is gone or unreachable
+    except RuntimeError as e:  # DistNetworkError / DistStoreError: the store is gone or unreachable
         print(
-            f"stalwart launch: lost the rendezvous store at {a.rdzv_endpoint} ({type(e).__name__}: "
-            f"{str(e).splitlines()[0]}); "
-            "this node cannot continue",
+            f"stalwart launch: lost {store_watch.describe} ({first_line(e)}); this node cannot continue: start the "
+            "store again and relaunch (the job resumes from its newest checkpoint)",
             file=sys.stderr,
         )
         return 1

@@ -20,7 +20,6 @@ import dataclasses
 import os
 import time
 from collections.abc import Iterable
-from datetime import timedelta
 from typing import Any
 
 import torch
@@ -82,14 +81,13 @@ class JobStore:
 
     @classmethod
     def from_env(cls, timeout_s: float = 60.0) -> JobStore | None:
-        """The store the launcher named in ``$STALWART_JOB_STORE`` (host:port of a c10d TCPStore), or None."""
-        address = os.environ.get(JOB_STORE_ENV)
-        if not address:
+        """The store the launcher named in ``$STALWART_JOB_STORE`` (parallel/job_store.py), or None without one."""
+        if not os.environ.get(JOB_STORE_ENV):
             return None
-        host, _, port = address.rpartition(":")
-        store = dist.TCPStore(host.strip("[]"), int(port), is_master=False, timeout=timedelta(seconds=timeout_s))
+        from stalwart.parallel.job_store import job_store
+
         round_id = f"{os.environ.get('MASTER_ADDR', '')}:{os.environ.get('MASTER_PORT', '')}"
-        return cls(store, round_id)
+        return cls(job_store(timeout_s), round_id)
 
     def _key(self, name: str) -> str:
         return f"stalwart/reform/{self.round_id}/{name}"

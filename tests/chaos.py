@@ -84,6 +84,10 @@ class Cluster:
     controller: str = "off"
     rdzv: str = field(default_factory=lambda: f"127.0.0.1:{free_port()}")
     nodes: dict[str, subprocess.Popen] = field(default_factory=dict)
+    nproc: int = 2
+    backend: str = "c10d"  # etcd-v2: rdzv lists the etcd members
+    healthd: bool = True
+    hosted: bool = True  # c10d: the first node hosts the store (False: `stalwart store` serves it)
 
     def env(self) -> dict[str, str]:
         env = {**os.environ, "PYTHONWARNINGS": "ignore"}
@@ -103,7 +107,9 @@ class Cluster:
             "--nnodes",
             self.nnodes,
             "--nproc-per-node",
-            "2",
+            str(self.nproc),
+            "--rdzv-backend",
+            self.backend,
             "--rdzv-endpoint",
             self.rdzv,
             "--rdzv-id",
@@ -113,7 +119,7 @@ class Cluster:
             "--run-dir",
             str(self.run_dir),
             "--healthd",
-            f"127.0.0.1:{free_port()}",
+            f"127.0.0.1:{free_port()}" if self.healthd else "off",
             "--controller",
             self.controller,
             *FAST,
@@ -127,10 +133,8 @@ class Cluster:
             argv, cwd=ROOT, env=self.env(), stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL
         )
         self.nodes[f"{node}#{len(self.nodes)}"] = proc
-        if len(self.nodes) == 1:
-            wait_until_listening(
-                self.rdzv, proc
-            )  # the first node hosts the rendezvous store: the one node a job can't lose
+        if len(self.nodes) == 1 and self.backend == "c10d" and self.hosted:
+            wait_until_listening(self.rdzv, proc)  # the first node hosts the store: the one node it can't lose
         return proc
 
     def wait(self, timeout: float = 300) -> dict[str, int]:

@@ -35,11 +35,12 @@ def cli_flags(command: str) -> set[str]:
 
 
 # The manifests may use any flag the real parsers accept, and must pass these.
-ALLOWED_FLAGS = {command: cli_flags(command) for command in ("launch", "healthd", "controller")}
+ALLOWED_FLAGS = {command: cli_flags(command) for command in ("launch", "healthd", "controller", "store")}
 REQUIRED_FLAGS = {
     "launch": {"--config", "--nnodes", "--nproc-per-node", "--rdzv-endpoint", "--rdzv-id"},
     "healthd": {"--run-dir", "--bind", "--token-file"},
     "controller": {"--run-dir", "--grpc-bind", "--http-bind", "--token-file"},
+    "store": {"--bind"},
 }
 RDZV_PORT = 29400
 HEALTHD_PORT = 50051
@@ -198,7 +199,7 @@ def shell_invocations(text: str, where: str) -> list[Invocation]:
     """`stalwart SUB ...` commands inside shell text, up to the end of their simple command."""
     out = []
     for line in shell_logical_lines(text):
-        if not re.search(r"\bstalwart\s+(launch|healthd|controller)\b", line):
+        if not re.search(r"\bstalwart\s+(launch|healthd|controller|store)\b", line):
             continue
         tokens = shlex.split(line, comments=True)
         for i, tok in enumerate(tokens[:-1]):
@@ -309,6 +310,8 @@ def check_flags(invocations: list[Invocation]) -> None:
         if inv.sub == "controller":
             assert port_of(inv.flags["--grpc-bind"]) == CONTROLLER_GRPC_PORT
             assert port_of(inv.flags["--http-bind"]) == CONTROLLER_HTTP_PORT
+        if inv.sub == "store":
+            assert port_of(inv.flags["--bind"]) == RDZV_PORT, f"{inv.where}: the store serves the rendezvous port"
 
 
 def check_healthd(manifests: dict[str, list[dict]]) -> None:
@@ -337,8 +340,8 @@ def check_healthd(manifests: dict[str, list[dict]]) -> None:
 
 
 def check_controller(manifests: dict[str, list[dict]]) -> None:
-    dep = find(manifests, "Deployment")
-    svc = find(manifests, "Service")
+    dep = find(manifests, "Deployment", "controller.yaml")
+    svc = find(manifests, "Service", "controller.yaml")
     assert dep["spec"]["replicas"] == 1
     c = only_container(dep)
     inv = invocation_of(manifests, dep)
@@ -370,15 +373,53 @@ def check_controller(manifests: dict[str, list[dict]]) -> None:
 
 def controller_address(manifests) -> set[str]:
     """Addresses that reach the controller's gRPC port through its Service."""
-    svc = find(manifests, "Service")
-    c = only_container(find(manifests, "Deployment"))
-    grpc = port_of(invocation_of(manifests, find(manifests, "Deployment")).flags["--grpc-bind"])
+    svc = find(manifests, "Service", "controller.yaml")
+    c = only_container(find(manifests, "Deployment", "controller.yaml"))
+    grpc = port_of(invocation_of(manifests, find(manifests, "Deployment", "controller.yaml")).flags["--grpc-bind"])
     (port,) = [p["port"] for p in svc["spec"]["ports"] if container_port(c, p["targetPort"]) == grpc]
     name = svc["metadata"]["name"]
     return {
         f"{host}:{port}"
         for host in (name, f"{name}.stalwart", f"{name}.stalwart.svc", f"{name}.stalwart.svc.cluster.local")
     }
+
+
+def store_address(manifests) -> set[str]:
+    """Addresses that reach the head-node store through its Service."""
+    svc = find(manifests, "Service", "store.yaml")
+    c = only_container(find(manifests, "Deployment", "store.yaml"))
+    bind = port_of(invocation_of(manifests, find(manifests, "Deployment", "store.yaml")).flags["--bind"])
+    (port,) = [p["port"] for p in svc["spec"]["ports"] if container_port(c, p["targetPort"]) == bind]
+    name = svc["metadata"]["name"]
+    return {
+        f"{host}:{port}"
+        for host in (name, f"{name}.stalwart", f"{name}.stalwart.svc", f"{name}.stalwart.svc.cluster.local")
+    }
+
+
+def check_store(manifests: dict[str, list[dict]]) -> None:
+    """The rendezvous store runs on a pod of its own that trains nothing, reached through its Service."""
+    dep = find(manifests, "Deployment", "store.yaml")
+    svc = find(manifests, "Service", "store.yaml")
+    assert dep["spec"]["replicas"] == 1 and dep["spec"]["strategy"]["type"] == "Recreate", (
+        "exactly one store at a time: two would split the job's membership"
+    )
+    c = only_container(dep)
+    inv = invocation_of(manifests, dep)
+    assert inv.sub == "store"
+    bind = port_of(inv.flags["--bind"])
+    assert {p["containerPort"] for p in c["ports"]} == {bind}, f"store ports {c['ports']} vs --bind {bind}"
+    for probe in ("livenessProbe", "readinessProbe"):
+        assert container_port(c, c[probe]["tcpSocket"]["port"]) == bind, f"store {probe} must connect to --bind"
+    assert "nvidia.com/gpu" not in c["resources"].get("limits", {}), "the store trains nothing: no GPUs"
+    labels = dep["spec"]["template"]["metadata"]["labels"]
+    assert svc["spec"]["selector"].items() <= labels.items(), "the store Service does not select the store pod"
+    for pod in all_pods(manifests):
+        if pod.where != f"Deployment/{dep['metadata']['name']}":
+            assert not svc["spec"]["selector"].items() <= pod.metadata.get("labels", {}).items(), (
+                f"the store Service also selects {pod.where}"
+            )
+    assert {container_port(c, p["targetPort"]) for p in svc["spec"]["ports"]} == {bind}
 
 
 def check_trainer(manifests: dict[str, list[dict]], file: str) -> None:
@@ -404,7 +445,10 @@ def check_trainer(manifests: dict[str, list[dict]], file: str) -> None:
     assert 1 <= lo <= hi
     gpus = c["resources"]["limits"]["nvidia.com/gpu"]
     assert int(f["--nproc-per-node"]) == gpus == c["resources"]["requests"]["nvidia.com/gpu"], "one rank per GPU"
-    run_dirs = {invocation_of(manifests, d).flags["--run-dir"] for d in (healthd_ds, find(manifests, "Deployment"))}
+    run_dirs = {
+        invocation_of(manifests, d).flags["--run-dir"]
+        for d in (healthd_ds, find(manifests, "Deployment", "controller.yaml"))
+    }
     assert run_dirs == {f["--run-dir"]}, f"{file}: run dirs differ: trainer {f['--run-dir']}, others {run_dirs}"
     vols = {v["name"]: v for v in pod.spec["volumes"]}
     mounts = {m["mountPath"]: vols[m["name"]] for m in c["volumeMounts"]}
@@ -413,7 +457,7 @@ def check_trainer(manifests: dict[str, list[dict]], file: str) -> None:
     )
     pvc = find(manifests, "PersistentVolumeClaim")
     assert "ReadWriteMany" in pvc["spec"]["accessModes"], "every node writes the run dir: the PVC must be ReadWriteMany"
-    for d in (doc, healthd_ds, find(manifests, "Deployment")):
+    for d in (doc, healthd_ds, find(manifests, "Deployment", "controller.yaml")):
         (p,) = pods_of(d)
         (cc,) = p.spec["containers"]
         run_dir = invocation_of(manifests, d).flags["--run-dir"]
@@ -425,16 +469,17 @@ def check_trainer(manifests: dict[str, list[dict]], file: str) -> None:
             and pv[m["name"]].get("persistentVolumeClaim", {}).get("claimName") == pvc["metadata"]["name"]
         ]
         assert on_pvc, f"{p.where}: run dir {run_dir} is not on the shared PVC {pvc['metadata']['name']}"
-    ports = {p["containerPort"] for p in c.get("ports", [])}
-    assert RDZV_PORT in ports
+    assert f["--rdzv-endpoint"] in store_address(manifests), (
+        f"{file}: rendezvous on {f['--rdzv-endpoint']}, not on the head-node store's Service (a training pod "
+        "would hold the store: the one pod the job could not lose)"
+    )
+    assert f.get("--rdzv-backend", "c10d") == "c10d"
     if file == "jobset.yaml":
         rj = doc["spec"]["replicatedJobs"][0]
         job = rj["template"]["spec"]
         subdomain = doc["spec"]["network"].get("subdomain", name)
         assert doc["spec"]["network"]["enableDNSHostnames"] is True
-        assert f["--rdzv-endpoint"] == f"{name}-{rj['name']}-0-0.{subdomain}:{RDZV_PORT}", (
-            f"{file}: rendezvous on {f['--rdzv-endpoint']}"
-        )
+        assert f["--rdzv-endpoint"] != f"{name}-{rj['name']}-0-0.{subdomain}:{RDZV_PORT}"
         assert job["completionMode"] == "Indexed" and job["parallelism"] == job["completions"] == hi, (
             f"{file}: Job size != MAX of --nnodes"
         )
@@ -450,7 +495,7 @@ def check_trainer(manifests: dict[str, list[dict]], file: str) -> None:
     else:
         ep = doc["spec"]["elasticPolicy"]
         (worker,) = doc["spec"]["pytorchReplicaSpecs"].values()
-        assert f["--rdzv-endpoint"] == f"{name}-worker-0:{ep['rdzvPort']}" and ep["rdzvPort"] == RDZV_PORT
+        assert f["--rdzv-endpoint"] == f"{ep['rdzvHost']}:{ep['rdzvPort']}" and ep["rdzvPort"] == RDZV_PORT
         assert (ep["minReplicas"], ep["maxReplicas"]) == (lo, hi) and worker["replicas"] == hi
         assert ep["rdzvBackend"] == "c10d" and c["name"] == "pytorch"
 
@@ -461,6 +506,8 @@ def check_token(manifests: dict[str, list[dict]]) -> None:
     keys = set(secret.get("stringData", {})) | set(secret.get("data", {}))
     seen = 0
     for pod, c, inv in k8s_invocations(manifests):
+        if inv.sub == "store":  # serves the rendezvous only; it holds no token and checks none
+            continue
         vols = {v["name"]: v for v in pod.spec["volumes"]}
         token_paths = set()
         for m in c["volumeMounts"]:
@@ -481,7 +528,7 @@ def check_token(manifests: dict[str, list[dict]]) -> None:
             f"{inv.where}: token file {token_file} is not where {TOKEN_SECRET} is mounted ({token_paths})"
         )
         seen += 1
-    assert seen == len(all_pods(manifests))
+    assert seen == len(all_pods(manifests)) - 1  # every pod but the store's
 
 
 def all_checks(manifests: dict[str, list[dict]]) -> None:
@@ -490,6 +537,7 @@ def all_checks(manifests: dict[str, list[dict]]) -> None:
     check_flags([inv for _, _, inv in k8s_invocations(manifests)])
     check_healthd(manifests)
     check_controller(manifests)
+    check_store(manifests)
     check_trainer(manifests, "jobset.yaml")
     check_trainer(manifests, "pytorchjob.yaml")
     check_token(manifests)
@@ -509,6 +557,7 @@ def test_expected_files_exist(manifests):
         "pytorchjob.yaml",
         "healthd-daemonset.yaml",
         "controller.yaml",
+        "store.yaml",
         "secret.example.yaml",
         "kustomization.yaml",
     }
@@ -535,6 +584,10 @@ def test_controller_deployment_and_service(manifests):
     check_controller(manifests)
 
 
+def test_store_deployment_and_service(manifests):
+    check_store(manifests)
+
+
 @pytest.mark.parametrize("file", ["jobset.yaml", "pytorchjob.yaml"])
 def test_trainer_matches_healthd_controller_and_storage(manifests, file):
     check_trainer(manifests, file)
@@ -553,8 +606,8 @@ def test_every_invocation_uses_known_flags(manifests):
     k8s = [inv for _, _, inv in k8s_invocations(manifests, resolved=False)]
     slurm = shell_invocations(SBATCH.read_text(), str(SBATCH.relative_to(ROOT)))
     readme = readme_invocations()
-    assert sorted(i.sub for i in k8s) == ["controller", "healthd", "launch", "launch"]
-    assert sorted(i.sub for i in slurm) == ["controller", "healthd", "launch"]
+    assert sorted(i.sub for i in k8s) == ["controller", "healthd", "launch", "launch", "store"]
+    assert sorted(i.sub for i in slurm) == ["controller", "healthd", "launch", "store"]
     assert readme, "deploy/README.md shows no stalwart command"
     check_flags(k8s + slurm + readme)
 
@@ -579,12 +632,12 @@ MUTATIONS = {
     "healthd liveness not grpc": lambda m: only_container(find(m, "DaemonSet")).update(
         livenessProbe={"tcpSocket": {"port": 50051}}
     ),
-    "controller Service port": lambda m: find(m, "Service")["spec"]["ports"][0].update(port=50053),
-    "controller liveness port": lambda m: only_container(find(m, "Deployment"))["livenessProbe"]["grpc"].update(
-        port=8080
-    ),
-    "controller Service name": lambda m: find(m, "Service")["metadata"].update(name="controller"),
-    "Service selects healthd": lambda m: find(m, "Service")["spec"].update(
+    "controller Service port": lambda m: find(m, "Service", "controller.yaml")["spec"]["ports"][0].update(port=50053),
+    "controller liveness port": lambda m: only_container(find(m, "Deployment", "controller.yaml"))["livenessProbe"][
+        "grpc"
+    ].update(port=8080),
+    "controller Service name": lambda m: find(m, "Service", "controller.yaml")["metadata"].update(name="controller"),
+    "Service selects healthd": lambda m: find(m, "Service", "controller.yaml")["spec"].update(
         selector={"app.kubernetes.io/component": "healthd"}
     ),
     "jobset --controller": _set_args(_launcher, "--controller", "stalwart-controller:8080"),
@@ -593,6 +646,18 @@ MUTATIONS = {
         _launcher, "--rdzv-endpoint", "$(JOBSET_NAME)-$(REPLICATED_JOB)-0-0.$(JOBSET_NAME):29500"
     ),
     "jobset rdzv host": _set_args(_launcher, "--rdzv-endpoint", "$(JOBSET_NAME)-workers-1-0.$(JOBSET_NAME):29400"),
+    "jobset store on training pod 0": _set_args(
+        _launcher, "--rdzv-endpoint", "$(JOBSET_NAME)-$(REPLICATED_JOB)-0-0.$(JOBSET_NAME):29400"
+    ),
+    "jobset etcd backend without etcd": lambda m: _launcher(m)["args"].extend(["--rdzv-backend", "etcd-v2"]),
+    "store bind port": _set_args(
+        lambda m: only_container(find(m, "Deployment", "store.yaml")), "--bind", "0.0.0.0:29500"
+    ),
+    "store Service port": lambda m: find(m, "Service", "store.yaml")["spec"]["ports"][0].update(port=29500),
+    "store two replicas": lambda m: find(m, "Deployment", "store.yaml")["spec"].update(replicas=2),
+    "pytorchjob rdzv on worker 0": _set_args(
+        lambda m: only_container(find(m, "PyTorchJob")), "--rdzv-endpoint", "$(JOB_NAME)-worker-0:29400"
+    ),
     "jobset unknown flag": lambda m: _launcher(m)["args"].extend(["--standalone", "true"]),
     "jobset undefined env": _set_args(_launcher, "--rdzv-id", "$(JOB_ID)"),
     "jobset nproc != gpus": _set_args(_launcher, "--nproc-per-node", "4"),
@@ -601,11 +666,14 @@ MUTATIONS = {
         parallelism=8
     ),
     "pytorchjob maxReplicas": lambda m: find(m, "PyTorchJob")["spec"]["elasticPolicy"].update(maxReplicas=8),
-    "secret name in controller": lambda m: find(m, "Deployment")["spec"]["template"]["spec"]["volumes"][1][
-        "secret"
-    ].update(secretName="token"),
-    "token file path": _set_args(lambda m: only_container(find(m, "Deployment")), "--token-file", "/etc/token"),
+    "secret name in controller": lambda m: find(m, "Deployment", "controller.yaml")["spec"]["template"]["spec"][
+        "volumes"
+    ][1]["secret"].update(secretName="token"),
+    "token file path": _set_args(
+        lambda m: only_container(find(m, "Deployment", "controller.yaml")), "--token-file", "/etc/token"
+    ),
     "kustomization misses a file": lambda m: m["kustomization.yaml"][0]["resources"].remove("controller.yaml"),
+    "kustomization misses the store": lambda m: m["kustomization.yaml"][0]["resources"].remove("store.yaml"),
     "kustomization lists the example secret": lambda m: m["kustomization.yaml"][0]["resources"].append(
         "secret.example.yaml"
     ),
@@ -645,15 +713,21 @@ def test_sbatch_is_valid_bash_with_the_conventions():
     d = sbatch_directives()
     assert d["--ntasks-per-node"] == "1" and d["--signal"] == "TERM@120" and "--requeue" in d and "--nodes" in d
     text = SBATCH.read_text()
-    assert re.search(r'head=\$\(scontrol show hostnames "\$SLURM_JOB_NODELIST" \| head -n1\)', text)
+    assert re.search(r'head=\$\(scontrol show hostnames "\$\{SLURM_JOB_NODELIST_HET_GROUP_0:-\}" \| head -n1\)', text)
+    assert "#SBATCH hetjob" in text, "the store needs a head component that trains nothing"
     (launch,) = [i for i in shell_invocations(text, "sbatch") if i.sub == "launch"]
     assert launch.flags["--rdzv-id"] == "$SLURM_JOB_ID"
     assert launch.flags["--rdzv-endpoint"] == f"$head:{RDZV_PORT}"
-    assert launch.flags["--nnodes"] == "$SLURM_NNODES"
+    assert launch.flags["--nnodes"] == "$nnodes"
+    lines = shell_logical_lines(text)
+    (store_line,) = [x for x in lines if re.search(r"\bstalwart store\b", x) and "srun" in x]
+    (launch_line,) = [x for x in lines if re.search(r"\bstalwart launch\b", x) and "srun" in x]
+    assert "--het-group=0" in store_line and "--het-group=1" in launch_line, "the store must not run on a training node"
     assert int(launch.flags["--nproc-per-node"]) == int(d["--gpus-per-node"])
     by_sub = {i.sub: i for i in shell_invocations(text, "sbatch")}
     assert port_of(launch.flags["--healthd"]) == port_of(by_sub["healthd"].flags["--bind"])
     assert launch.flags["--controller"] == f"$head:{port_of(by_sub['controller'].flags['--grpc-bind'])}"
+    assert port_of(by_sub["store"].flags["--bind"]) == port_of(launch.flags["--rdzv-endpoint"])
     assert str(EXIT_NODE_EXCLUDED) in text and "ExcNodeList" in text and "scontrol requeue" in text
 
 
@@ -669,7 +743,8 @@ exit $rc
 """
 FAKE_SCONTROL = r"""#!/bin/bash
 echo "$*" >> "$FAKE_LOG/scontrol.log"
-if [[ "$1 $2" == "show hostnames" ]]; then printf '%s\n' $FAKE_NODES; fi
+if [[ "$1 $2" == "show hostnames" && "$3" == "$FAKE_HEAD" ]]; then echo "$FAKE_HEAD";
+elif [[ "$1 $2" == "show hostnames" && -n "$3" ]]; then printf '%s\n' $FAKE_NODES; fi
 """
 FAKE_STALWART = r"""#!/bin/bash
 echo "${SLURMD_NODENAME:-batch} $*" >> "$FAKE_LOG/stalwart.log"
@@ -693,8 +768,11 @@ def run_sbatch(
         "FAKE_NODES": " ".join(rcs),
         "FAKE_LOG": str(log),
         "SLURM_JOB_ID": "4242",
-        "SLURM_JOB_NODELIST": "gpu[1-3]",
-        "SLURM_NNODES": str(len(rcs)),
+        "FAKE_HEAD": "head1",
+        "SLURM_JOB_NODELIST": "head1,gpu[1-3]",
+        "SLURM_JOB_NODELIST_HET_GROUP_0": "head1",
+        "SLURM_JOB_NODELIST_HET_GROUP_1": "gpu[1-3]",
+        "SLURM_JOB_ID_HET_GROUP_1": "4243",
         "SLURM_JOB_NAME": "stalwart",
         "SLURM_SUBMIT_DIR": str(tmp_path),
         "STALWART_RUN_DIR": str(tmp_path / "run"),
@@ -719,9 +797,11 @@ def test_sbatch_finished_job_is_not_requeued(tmp_path):
     launches = [line.split() for line in stalwart if " launch " in line]
     assert sorted(line[0] for line in launches) == ["gpu1", "gpu2", "gpu3"]
     _, flags = split_flags(["stalwart", *launches[0][1:]], "fake")
-    assert flags["--rdzv-endpoint"] == f"gpu1:{RDZV_PORT}" and flags["--rdzv-id"] == "4242" and flags["--nnodes"] == "3"
-    assert flags["--config"] == "debug" and flags["--controller"] == "gpu1:50052"
-    assert {line.split()[1] for line in stalwart} == {"launch", "healthd", "controller"}
+    assert (
+        flags["--rdzv-endpoint"] == f"head1:{RDZV_PORT}" and flags["--rdzv-id"] == "4242" and flags["--nnodes"] == "3"
+    )
+    assert flags["--config"] == "debug" and flags["--controller"] == "head1:50052"
+    assert {line.split()[1] for line in stalwart} == {"launch", "healthd", "controller", "store"}
     token = (run / "slurm" / "token").read_text().strip()
     assert len(token) == 64 and oct((run / "slurm" / "token").stat().st_mode & 0o777) == "0o600"
 
@@ -731,7 +811,7 @@ def test_sbatch_excludes_a_node_that_exited_93(tmp_path):
     (tmp_path / "run" / "slurm" / "excluded_nodes").write_text("gpu9\n")  # from an earlier attempt
     rc, scontrol, _, _ = run_sbatch(tmp_path, {"gpu1": 137, "gpu2": EXIT_NODE_EXCLUDED, "gpu3": 137}, restart_count=1)
     assert rc != 0
-    assert scontrol[-2:] == ["requeue 4242", "update JobId=4242 ExcNodeList=gpu2,gpu9"]
+    assert scontrol[-2:] == ["requeue 4242", "update JobId=4243 ExcNodeList=gpu2,gpu9"]  # the training component
 
 
 def test_sbatch_requeues_other_failures_without_exclusion(tmp_path):
