@@ -103,6 +103,7 @@ class InProcessRecovery:
         heartbeat: HeartbeatClient | None = None,
         max_reformations: int = 10,
         timeout_s: float = 60.0,
+        before_forming: Callable[[int], None] = lambda step: None,
     ) -> None:
         self.store = job_store
         self.rank = rank
@@ -120,6 +121,7 @@ class InProcessRecovery:
         self.heartbeat = heartbeat
         self.max_reformations = max_reformations
         self.timeout_s = timeout_s
+        self.before_forming = before_forming  # fault injection's hook: a second fault while recovering
         self.completed = Completed()
         self.reformations = 0
         job_store.record(rank, generation)
@@ -153,10 +155,14 @@ class InProcessRecovery:
         dist.destroy_process_group()
         gc.collect()  # the old groups close their sockets: peers still waiting on this rank fail now
         released = time.monotonic()
+        self.before_forming(self.completed.step)
         self._form(self.store.advance(failed))
         rebound = slots.rebind()
         formed = time.monotonic()
-        source = self.sync_state(newcomer=False)
+        try:
+            source = self.sync_state(newcomer=False)
+        except Exception as e:  # a second fault while the state moves: this generation is broken too
+            raise ReformError(f"bringing generation {self.generation} to one state failed: {_one_line(e)}") from e
         self._finish(started, released, formed, source, newcomer=False, rebound=rebound)
         return self.completed.step
 

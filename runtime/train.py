@@ -429,6 +429,7 @@ class Trainer:
             heartbeat=self.heartbeat,
             max_reformations=r.max_reformations,
             timeout_s=r.reform_timeout_s,
+            before_forming=self.faults.during_reform if self.faults else lambda step: None,
         )
 
     def _create_groups(self) -> None:

@@ -22,6 +22,7 @@ from stalwart.files import atomic_write
 from stalwart.jobenv import node_name
 from stalwart.runtime.faults.plan import FaultKind, FaultPlan, FaultSpec
 
+_ELSEWHERE = frozenset({FaultKind.CKPT_KILL_DURING_WRITE, FaultKind.KILL_DURING_REFORM})
 ANY_NODE = "any"  # a node fault for whichever node gets there first (random soak plans)
 # Faults that one process of a node carries out for the whole node (its local rank 0).
 NODE_KINDS = frozenset({FaultKind.GPU_FAULT, FaultKind.KILL_AGENT})
@@ -77,8 +78,8 @@ class FaultInjector:
             if step <= last_step:
                 burn_cpu(seconds)
         for spec in self.plan.faults:
-            if spec.step > step or not self.mine(spec) or spec.kind == FaultKind.CKPT_KILL_DURING_WRITE:
-                continue  # a kill during the write fires in after_save_started
+            if spec.step > step or not self.mine(spec) or spec.kind in _ELSEWHERE:
+                continue  # a kill during a write or a re-formation fires there
             if spec.kind == FaultKind.CKPT_CORRUPT:
                 directory = newest_checkpoint()
                 if directory is None or not self._claim(spec):
@@ -96,6 +97,13 @@ class FaultInjector:
                 continue
             self._record(spec, step)
             self._fire(spec, step, parameters)
+
+    def during_reform(self, step: int) -> None:
+        """In an in-process recovery, before the new generation forms: a second fault while recovering."""
+        for spec in self.plan.faults:
+            if spec.kind == FaultKind.KILL_DURING_REFORM and spec.step <= step and self.mine(spec) and self._claim(spec):
+                self._record(spec, step)
+                os.kill(os.getpid(), signal.SIGKILL)
 
     def after_save_started(self, step: int) -> None:
         """Right after a save began (async: its write is in flight): kill this rank mid-write."""

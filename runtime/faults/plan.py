@@ -44,6 +44,7 @@ class FaultKind(str, enum.Enum):
     CKPT_KILL_DURING_WRITE = "ckpt_kill_during_write"  # SIGKILL a rank while a save is being written
     CKPT_CORRUPT = "ckpt_corrupt"  # flip a byte in a committed shard of the newest step
     SIGTERM = "sigterm"  # preemption: SIGTERM to the launcher (or the rank without one)
+    KILL_DURING_REFORM = "kill_during_reform"  # SIGKILL a rank while it re-forms after another rank's loss
 
 
 @dataclass(frozen=True)
