@@ -125,6 +125,7 @@ class HealthDaemon:
         # a culprit on this node is given one more limit before the whole group is killed after all.
         self.hang_kill = hang_kill
         self._escalate_at: float | None = None
+        self._culprit_killed_at: float | None = None  # ranks stalling right after it are blocked on the culprit
 
         self._lock = threading.RLock()
         self._ranks: dict[int, _Rank] = {}
@@ -366,13 +367,20 @@ class HealthDaemon:
             killed = self.kill_workers(f"hang: {names}")
         elif culprits:
             killed = self.kill_ranks(sorted(culprits), f"hang: {names}")  # the survivors re-form in place
+            self._culprit_killed_at = time.monotonic()
         else:
-            killed = []  # blocked on a culprit elsewhere: its node kills it, these ranks then re-form
+            killed = []  # blocked on a culprit elsewhere (or the one just killed here): they re-form
             self._escalate_at = time.monotonic() + max(h.limit_s for h in hangs)
+        # Ranks that stall within a limit of this node killing a culprit were waiting on that culprit.
+        after_kill = (
+            not culprits
+            and self._culprit_killed_at is not None
+            and time.monotonic() - self._culprit_killed_at < max(h.limit_s for h in hangs)
+        )
         for rank, (phase, last, limit, waited) in sorted(found.items()):
             # Without a culprit on this node every hung rank is reported as ``hang``; the goodput
             # accounting reads them as blocked when another node found the culprit (attribute_hangs).
-            fault = "hang_blocked" if culprits and rank not in culprits else "hang"
+            fault = "hang_blocked" if (culprits and rank not in culprits) or after_kill else "hang"
             self.events.emit(
                 EventKind.FAULT_DETECTED,
                 fault=fault,
@@ -386,7 +394,7 @@ class HealthDaemon:
                     "killed_pids": killed,
                     "stacks": stack_files,
                     "why": culprits.get(rank, "no progress; its process is running (blocked or wedged)"),
-                    "culprit_found_here": bool(culprits),
+                    "culprit_found_here": bool(culprits) or after_kill,
                 },
             )
         self.events.flush()

@@ -152,6 +152,10 @@ class InProcessRecovery:
             self.checkpointer.abandon()
         traceback.clear_frames(error.__traceback__)  # the failed step's frames hold groups and work too
         slots.release()
+        if "nccl" in self.backend:  # NCCL communicators blocked on the lost peer are aborted, not waited out
+            abort = getattr(dist.distributed_c10d, "_abort_process_group", None)
+            if abort is not None:
+                abort()
         dist.destroy_process_group()
         gc.collect()  # the old groups close their sockets: peers still waiting on this rank fail now
         released = time.monotonic()
@@ -264,8 +268,8 @@ class InProcessRecovery:
             replaced=list(source.replaced),
         )
         self.events.flush()
-        if self.heartbeat is not None:
-            self.heartbeat.beat(source.step, Phase.STEP)
+        # The heartbeat stays in the recovery's phase until the first step after it ends (the trainer's
+        # next beat): that step waits for every newcomer to finish restoring, and must not look hung.
         log.warning(
             "rank %d: re-formed as generation %d in %.2fs (state from %s, %d bytes)",
             self.rank,

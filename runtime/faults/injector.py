@@ -101,7 +101,12 @@ class FaultInjector:
     def during_reform(self, step: int) -> None:
         """In an in-process recovery, before the new generation forms: a second fault while recovering."""
         for spec in self.plan.faults:
-            if spec.kind == FaultKind.KILL_DURING_REFORM and spec.step <= step and self.mine(spec) and self._claim(spec):
+            if (
+                spec.kind == FaultKind.KILL_DURING_REFORM
+                and spec.step <= step
+                and self.mine(spec)
+                and self._claim(spec)
+            ):
                 self._record(spec, step)
                 os.kill(os.getpid(), signal.SIGKILL)
 

@@ -292,3 +292,27 @@ def test_healthd_serves_on_unix_socket_until_sigterm(tmp_path):
     with HealthDaemon(tmp_path, TOKEN) as running:  # a taken port is a clear error, not a silent second daemon
         with pytest.raises(OSError, match="could not bind"):
             HealthDaemon(tmp_path, TOKEN, bind=running.address).start()
+
+
+def test_culprit_mode_kills_only_the_stopped_rank_and_escalates_if_nobody_recovers(tmp_path):
+    """--hang-kill culprit (in-process recovery): the stopped rank dies, its blocked peer is left to re-form.
+
+    The peer stalls right after (blocked on the culprit): reported as ``hang_blocked``, not killed. When
+    it does not recover within one more limit, the group is killed after all (the world-restart fallback).
+    """
+    with HealthDaemon(tmp_path, TOKEN, hang_config=FAST, probe_interval_s=0.2, hang_kill="culprit") as d:
+        culprit = spawn_beater(d.address, tmp_path, rank=0)
+        blocked = spawn_beater(d.address, tmp_path, rank=1, mode="stall")  # wedges after 5 steps, keeps beating
+        try:
+            culprit.send_signal(signal.SIGSTOP)
+            (hang,) = wait_for(lambda: faults(tmp_path, "hang"), 15, "the culprit's hang event")
+            assert hang["target"] == "rank0" and hang["detail"]["killed_pids"] == [culprit.pid]
+            assert culprit.wait(timeout=5) == -signal.SIGKILL
+            assert blocked.poll() is None  # not killed with it
+            (peer,) = wait_for(lambda: faults(tmp_path, "hang_blocked"), 15, "the blocked peer's event")
+            assert peer["target"] == "rank1" and peer["detail"]["killed_pids"] == []
+            assert blocked.wait(timeout=15) == -signal.SIGKILL  # no recovery came: the group kill after all
+        finally:
+            for proc in (culprit, blocked):
+                proc.kill()
+                proc.wait()
