@@ -39,7 +39,6 @@ import torch
 import torch.distributed as dist
 
 from stalwart.checkpoint.checkpointer import Checkpointer
-from stalwart.checkpoint.memory_tier import plain_state, restore_into, stage_tree
 from stalwart.events import EventKind, EventLog
 from stalwart.health.client import HeartbeatClient
 from stalwart.health.hang import Phase
@@ -92,7 +91,8 @@ class InProcessRecovery:
         world_size: int,
         backend: str,
         generation: int,
-        state: dict[str, Any],
+        pack_state: Callable[[], dict[str, Any]],
+        unpack_state: Callable[[dict[str, Any]], None],
         events: EventLog,
         create_groups: Callable[[], None],
         group_roots: Callable[[], Iterable[Any]],
@@ -110,7 +110,8 @@ class InProcessRecovery:
         self.world_size = world_size
         self.backend = backend
         self.generation = generation
-        self.state = state
+        self.pack_state = pack_state
+        self.unpack_state = unpack_state
         self.events = events
         self.create_groups = create_groups
         self.group_roots = group_roots
@@ -223,7 +224,7 @@ class InProcessRecovery:
         """The donor's whole local state to the newcomer (gloo point-to-point, CPU bytes)."""
         if self.rank == donor:
             buffer = io.BytesIO()
-            torch.save(stage_tree(plain_state(self.state)), buffer)
+            torch.save(self.pack_state(), buffer)
             payload = torch.frombuffer(bytearray(buffer.getvalue()), dtype=torch.uint8)
             dist.send(torch.tensor([payload.numel()], dtype=torch.int64), dst=newcomer)
             dist.send(payload, dst=newcomer)
@@ -234,7 +235,7 @@ class InProcessRecovery:
             payload = torch.empty(int(size.item()), dtype=torch.uint8)
             dist.recv(payload, src=donor)
             saved = torch.load(io.BytesIO(payload.numpy().tobytes()), weights_only=False)
-            restore_into(self.state, saved)
+            self.unpack_state(saved)
             self.completed.step = int(saved["progress"]["step"])
             self.completed.loader = dict(saved["progress"]["loader"])
             return payload.numel()

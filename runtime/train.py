@@ -64,7 +64,7 @@ from stalwart.runtime.recovery import (
     replaced_generation,
 )
 from stalwart.runtime.step import Batch, ModelStep, sync_job
-from stalwart.runtime.train_state import StepCounter, train_state
+from stalwart.runtime.train_state import StepCounter, load_local_state, local_state, train_state
 
 
 def seed_everything(seed: int) -> None:
@@ -410,7 +410,7 @@ class Trainer:
     def _build_recovery(self, generation: int, collectives: ProcessGroupCollectives) -> InProcessRecovery | None:
         if self.job_store is None or self.env.world_size == 1:
             return None
-        r = self.cfg.recovery
+        r, progress = self.cfg.recovery, self.state["progress"]
         extra = [self.mesh, self.model_step, self.checkpointer, collectives]
         return InProcessRecovery(
             self.job_store,
@@ -418,7 +418,8 @@ class Trainer:
             world_size=self.env.world_size,
             backend=backend_for(self.env.device),
             generation=generation,
-            state=self.state,
+            pack_state=lambda: local_state(self.model_parts, self.optimizers, progress),
+            unpack_state=lambda saved: load_local_state(self.model_parts, self.optimizers, progress, saved),
             events=self.events,
             create_groups=self._create_groups,
             group_roots=lambda: group_roots(self.model_parts, extra),

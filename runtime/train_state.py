@@ -22,6 +22,7 @@ from torch.distributed.checkpoint.state_dict import (
     set_optimizer_state_dict,
 )
 from torch.distributed.checkpoint.stateful import Stateful
+from torch.distributed.tensor import DTensor
 
 from stalwart.runtime.data.loader import GlobalBatchLoader
 from stalwart.runtime.optim import OptimizersContainer
@@ -111,3 +112,71 @@ def train_state(
         "optim": OptimizersState(parts, optimizers),
         "progress": ProgressState(counter, loader, optimizers),
     }
+
+
+# ------------------------------------------------------------------- same-layout state, rank to rank
+
+
+def _local(t: torch.Tensor) -> torch.Tensor:
+    return t.to_local() if isinstance(t, DTensor) else t
+
+
+def _pack(value: Any) -> Any:
+    """An optimizer state entry as CPU data: a DTensor as its local shard, a plain tensor with its device."""
+    if isinstance(value, DTensor):
+        return value.to_local().detach().cpu().clone()
+    if isinstance(value, torch.Tensor):
+        return ("tensor", value.detach().cpu().clone(), value.device.type)
+    return value
+
+
+def local_state(parts: list[nn.Module], optimizers: OptimizersContainer, progress: ProgressState) -> dict[str, Any]:
+    """A CPU copy of this rank's share of the state, for a rank of the same layout (a replacement).
+
+    No resharding, so no DCP planning: parameters and optimizer tensors by parameter name, as this
+    rank holds them (DTensors as their local shards), the optimizers' hyper-parameters (the live
+    learning rate among them) and the progress state. :func:`load_local_state` is its inverse.
+    """
+    names = {p: n for part in parts for n, p in part.named_parameters()}
+    return {
+        "params": {n: _local(p).detach().cpu().clone() for part in parts for n, p in part.named_parameters()},
+        "optim": [
+            {
+                "state": {names[p]: {k: _pack(v) for k, v in s.items()} for p, s in opt.state.items()},
+                "groups": [{k: v for k, v in g.items() if k != "params"} for g in opt.param_groups],
+            }
+            for opt in optimizers.optimizers
+        ],
+        "progress": progress.state_dict(),
+    }
+
+
+def load_local_state(
+    parts: list[nn.Module], optimizers: OptimizersContainer, progress: ProgressState, saved: dict[str, Any]
+) -> None:
+    """Load a :func:`local_state` of a rank of the same layout into the live objects, in place."""
+    params = {n: p for part in parts for n, p in part.named_parameters()}
+    missing = params.keys() - saved["params"].keys()
+    if missing:
+        raise KeyError(f"the peer's state lacks parameters {sorted(missing)[:3]}: not the same layout")
+    with torch.no_grad():
+        for name, p in params.items():
+            _local(p).copy_(saved["params"][name])
+        for opt, entry in zip(optimizers.optimizers, saved["optim"], strict=True):
+            for group, hyper in zip(opt.param_groups, entry["groups"], strict=True):
+                group.update(hyper)
+            for name, state in entry["state"].items():
+                p = params[name]
+                live = opt.state[p]
+                for key, value in state.items():
+                    if isinstance(value, tuple) and len(value) == 3 and value[0] == "tensor":
+                        _, tensor, device_type = value  # a plain tensor (the step count), where the peer kept it
+                        live[key] = tensor.to(_local(p).device if device_type != "cpu" else "cpu")
+                    elif isinstance(value, torch.Tensor):  # a DTensor's local shard, sharded like its parameter
+                        target = live.get(key)
+                        if target is None:
+                            target = live[key] = torch.zeros_like(p, dtype=value.dtype)
+                        _local(target).copy_(value)
+                    else:
+                        live[key] = value
+    progress.load_state_dict(saved["progress"])

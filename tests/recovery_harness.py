@@ -96,7 +96,13 @@ class Job:
         return self.ranks[rank]
 
     def generation_of(self, rank: int) -> int:
-        return int(self.store.get(f"stalwart/reform/{self.round_id}/rank{rank}").decode())
+        """What the launcher reads when a rank dies (through the same job-store client the ranks use)."""
+        from stalwart.parallel.job_store import StoreAddress, open_store
+        from stalwart.parallel.reform import JobStore
+
+        return JobStore(open_store(StoreAddress.parse(f"127.0.0.1:{self.store.port}")), self.round_id).generation_of(
+            rank
+        )
 
     def run(self, timeout: float = 300.0) -> dict[int, int]:
         """Start every rank, replace the lost ones, wait for all to finish; exit codes by rank."""
