@@ -51,7 +51,7 @@ FAST = ["--monitor-interval", "0.1", "--rdzv-conf", "last_call_timeout=1,join_ti
 
 def one_run(in_process: bool, kills: int, ranks: int, extra: list[str]) -> list[dict[str, float]]:
     """One job with ``kills`` rank kills; the phases of each recovery."""
-    kill_steps = [6 + 6 * i for i in range(kills)]
+    kill_steps = [6 + 10 * i for i in range(kills)]  # ~4 s apart: the node's warm spare is restocked
     plan = [{"kind": "kill_rank", "step": s, "rank": 1} for s in kill_steps]
     steps = kill_steps[-1] + 4
     with tempfile.TemporaryDirectory(prefix="bench-recovery-") as tmp:

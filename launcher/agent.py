@@ -55,7 +55,7 @@ from stalwart.parallel.reform import JobStore
 log = logging.getLogger(__name__)
 
 DONE_KEY = "stalwart/job_done"
-SPARE_RESTOCK_S = 10.0  # the next warm spare starts this long after one was used (its import would slow the recovery)
+SPARE_RESTOCK_S = 1.0  # the next warm spare starts this long after one was used (its import would slow the recovery)
 
 
 class NodeExcluded(Exception):

@@ -24,7 +24,6 @@ cannot complete raises :class:`~stalwart.parallel.reform.ReformError` and the ra
 
 from __future__ import annotations
 
-import gc
 import io
 import logging
 import os
@@ -157,8 +156,7 @@ class InProcessRecovery:
             abort = getattr(dist.distributed_c10d, "_abort_process_group", None)
             if abort is not None:
                 abort()
-        dist.destroy_process_group()
-        gc.collect()  # the old groups close their sockets: peers still waiting on this rank fail now
+        dist.destroy_process_group()  # nothing else holds the old groups now: their sockets close here
         released = time.monotonic()
         self.before_forming(self.completed.step)
         self._form(self.store.advance(failed))
