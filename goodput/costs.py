@@ -144,8 +144,18 @@ def measured_profile(run_dir: str | Path, base: CostProfile) -> CostProfile:
     inits = [
         float(e["seconds"]) for e in trainer0 if e["kind"] == "init_done" and isinstance(e.get("seconds"), (int, float))
     ]
-    # Downtime runs from detection to the first step after it: restart, start-up and load.
-    restarts = [i.downtime for i in report.incidents if i.kind != "rollback" and i.downtime > 0]
+    # Downtime runs from detection to the first step after it: restart, start-up and load. An
+    # in-process recovery's downtime is its re-formation (the replacement's start and state included),
+    # as rank 0 measured it; a run that recovered in place is measured by those.
+    reforms = [
+        float(e["seconds"])
+        for e in trainer0
+        if e["kind"] == "reform_end" and not e.get("newcomer") and isinstance(e.get("seconds"), (int, float))
+    ]
+    restarts = reforms or [i.downtime for i in report.incidents if i.kind != "rollback" and i.downtime > 0]
+    from_peers = bool(reforms) and all(
+        e.get("source") == "peer" for e in trainer0 if e["kind"] == "reform_end" and not e.get("newcomer")
+    )
     detections: dict[str, list[float]] = {}
     for i in report.incidents:
         if i.kind == "fault" and i.detection_latency is not None:
@@ -153,12 +163,15 @@ def measured_profile(run_dir: str | Path, base: CostProfile) -> CostProfile:
 
     measured = {
         "ckpt_blocking_s": (_median(list(blocking.values())), f"{len(blocking)} saves"),
-        "load_s": (_median(loads), f"{len(loads)} loads"),
+        # A replacement's state from a peer is part of the re-formation: nothing is loaded after it.
+        "load_s": (0.0, "state from peers inside the re-formations")
+        if from_peers
+        else (_median(loads), f"{len(loads)} loads"),
         "startup_s": (_median(inits[:1]), "first init_done"),
         # A restart's downtime includes the new incarnation's load: keep load_s apart.
         "restart_s": (
-            None if not restarts else max(0.0, _median(restarts) - (_median(loads) or 0.0)),
-            f"{len(restarts)} restarts",
+            None if not restarts else max(0.0, _median(restarts) - (0.0 if reforms else _median(loads) or 0.0)),
+            f"{len(reforms)} in-process re-formations" if reforms else f"{len(restarts)} restarts",
         ),
     }
     profile = dataclasses.replace(
