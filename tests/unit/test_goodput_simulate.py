@@ -145,3 +145,20 @@ def test_cli_text_json_and_errors(tmp_path, capsys):
     assert stalwart_main(["goodput", "simulate", "--costs", "measured", str(tmp_path)]) == 2
     err = capsys.readouterr().err
     assert err.count("stalwart goodput: error:") == 3 and "measured RUN" in err
+
+
+def test_a_run_that_recovered_in_place_is_measured_by_its_re_formations(tmp_path):
+    from stalwart.events import EventKind, EventLog
+
+    log = EventLog(tmp_path, role="trainer", rank=0)
+    log.emit(EventKind.JOB_START, steps=10)
+    log.emit(EventKind.INIT_DONE, seconds=2.0)
+    for seconds in (0.6, 0.9, 3.0):  # three recoveries; the newcomer's own reform_end does not count
+        log.emit(EventKind.REFORM_BEGIN, step=4, generation=0, reason="peer lost")
+        log.emit(EventKind.REFORM_END, step=4, generation=1, seconds=seconds, source="peer", bytes=10, newcomer=False)
+    log.emit(EventKind.REFORM_END, step=4, generation=1, seconds=0.1, source="peer", bytes=10, newcomer=True)
+    log.emit(EventKind.CKPT_LOAD, step=2, seconds=5.0, bytes=10, tier="local")  # the job's resume at start-up
+    log.close()
+    p = measured_profile(tmp_path, load_profile("stalwart"))
+    assert p.restart_s == pytest.approx(0.9) and "3 in-process re-formations" in p.sources["restart_s"]
+    assert p.load_s == 0.0 and "peers" in p.sources["load_s"]
