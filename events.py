@@ -34,6 +34,14 @@ Kind-specific keys (all optional unless noted):
 - ``fault_injected``: ``fault``, ``target`` — ground truth for chaos tests.
 - ``rollback``: ``from_step``, ``to_step``, ``reason``.
 - ``node_excluded`` / ``node_joined``: ``node``, ``reason``.
+- ``workers_killed`` (healthd): ``pids``, ``ranks``, ``reason`` — the rank processes it SIGKILLed
+  (after a hang or a GPU fault, or on a ``KillWorkers`` request), so that their exits read as
+  consequences, not faults.
+- ``rollback_ordered`` (controller): ``to_step``, ``reason``, ``request`` (the order's id, which
+  the trainers' ``ckpt_load`` and ``rollback`` events repeat as ``rollback_request``).
+- ``worker_start`` (trainer) also carries ``node_id``; a preempted trainer's ``worker_stop`` carries
+  ``signalled_ts`` (when SIGTERM arrived). The agent's ``rank_exit`` carries ``exit_code`` and
+  ``failures`` (every failed local rank's ``exit_code`` and ``pid``).
 - ``clock``: ``mono`` (``time.monotonic()`` at ``ts``) for skew estimation.
 """
 
@@ -71,6 +79,8 @@ class EventKind(str, enum.Enum):
     ROLLBACK = "rollback"
     NODE_EXCLUDED = "node_excluded"
     NODE_JOINED = "node_joined"
+    WORKERS_KILLED = "workers_killed"
+    ROLLBACK_ORDERED = "rollback_ordered"
     CLOCK = "clock"
 
 

@@ -448,6 +448,10 @@ class HealthDaemon:
             except OSError as e:
                 log.warning("could not kill rank %d pid %d: %s", entry.rank, entry.pid, e)
         log.warning("killed worker pids %s: %s", killed, reason)
+        if killed:
+            ranks = sorted(e.rank for e in entries if e.pid in killed)
+            self.events.emit(EventKind.WORKERS_KILLED, pids=killed, ranks=ranks, reason=reason[:500])
+            self.events.flush()
         return killed
 
     def _probe_loop(self) -> None:
