@@ -757,6 +757,9 @@ class _Builder:
     def evidence(self, d: _Draft) -> dict[str, Any]:
         """The claim's evidence, stack dumps ordered culprit first."""
         evidence = dict(d.claim.evidence)
+        for e, _ in d.linked:  # the other nodes' dumps of the same stall
+            for path in _detail(e).get("stacks") or [] if e["kind"] == EventKind.FAULT_DETECTED.value else []:
+                evidence["stacks"] = list(dict.fromkeys([*evidence.get("stacks", []), path]))
         if evidence.get("stacks"):
             mine = tuple(f"-rank{r}.txt" for r in d.claim.ranks)
             evidence["stacks"] = sorted(evidence["stacks"], key=lambda p: not str(p).endswith(mine))
@@ -900,7 +903,9 @@ class _Builder:
             return [Consequence(ts, "rollback_order", f"rollback to step {e.get('to_step')} ordered")]
         # A kind without a rule: its name, as the event gives its reason and its cost.
         action = ACTIONS.get(kind) or kind.removesuffix("_begin").removesuffix("_end")
-        fields = ", ".join(f"{k} {e[k]}" for k in ("reason", "source", "rank", "bytes", "step") if e.get(k) is not None)
+        fields = ", ".join(
+            f"{k} {e[k]}" for k in ("reason", "source", "target", "bytes", "step") if e.get(k) is not None
+        )
         return [
             Consequence(ts, action, kind.replace("_", " ") + (f" ({fields})" if fields else ""), _num(e.get("seconds")))
         ]
