@@ -430,3 +430,16 @@ def rolling_goodput(report: GoodputReport, window: float, points: int = 200) -> 
         got = sum(max(0.0, min(e, t) - max(s, a)) for s, e in productive)
         values.append(got / span if span > 0 else 0.0)
     return times, values
+
+
+def step_rate(report: GoodputReport, points: int = 120) -> list[tuple[float, float]]:
+    """Steps finished per second (kept or not) in ``points`` equal bins of the window, as (bin end, rate)."""
+    lo, hi = report.wall_start, report.wall_end
+    if hi <= lo or points < 1:
+        return []
+    width = (hi - lo) / points
+    counts = [0] * points
+    for s in report.steps:
+        if lo <= s.end <= hi:
+            counts[min(points - 1, int((s.end - lo) / width))] += 1
+    return [(lo + (k + 1) * width, n / width) for k, n in enumerate(counts)]

@@ -991,7 +991,7 @@ def summary(i: Incident) -> str:
     parts = [what]
     if i.detector:
         parts.append(f"found by {i.detector}" + (f" after {i.detection_latency:.1f} s" if i.detection_latency else ""))
-    if ev.get("stacks"):  # the culprit's dump first (see _Builder.finish); the others are its peers'
+    if ev.get("stacks") and i.kind == "hang":  # the culprit's dump first (_Builder.evidence), then its peers'
         more = len(ev["stacks"]) - 1
         parts.append(f"stacks: {str(ev['stacks'][0]).rsplit('/', 1)[-1]}" + (f" (+{more} more)" if more else ""))
     if i.actions:
