@@ -29,8 +29,8 @@ stack dump ``RUN/health/NAME`` (``stacks-*.txt`` only), the link the dashboard p
 from __future__ import annotations
 
 import json
-import re
 import logging
+import re
 import socket
 import ssl
 import statistics
