@@ -363,7 +363,7 @@ class _Builder:
     def detector(self, e: dict[str, Any]) -> str:
         kind, role, node = e["kind"], e.get("role"), self.event_node(e)
         if kind == EventKind.CKPT_FAIL.value:
-            return "the checkpoint manager"
+            return "the checkpoint manager" + (" on load" if "is damaged" in str(e.get("reason")) else "")
         if kind == EventKind.WORKER_STOP.value:
             return "the ranks' SIGTERM handler"
         if kind == EventKind.NODE_EXCLUDED.value:

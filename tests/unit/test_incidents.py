@@ -74,7 +74,7 @@ def test_stopped_rank_is_the_hang_its_peers_blocked_and_the_killed_workers_conse
     assert (inc.kind, inc.target, inc.suspects) == ("hang", "rank 2", False)
     assert inc.detector == "healthd on node0" and inc.detection_latency == pytest.approx(10.5)
     assert "rank 2 stopped making progress in STEP (process stopped (SIGSTOP or a debugger))" in inc.summary
-    assert "stacks: stacks-x-rank2.txt (+7 more)" in inc.summary  # the culprit's dump first, then every node's
+    assert "stacks: stacks-16-rank2.txt (+7 more)" in inc.summary  # the culprit's dump first, then every node's
     assert inc.evidence["stacks"][0].endswith("rank2.txt") and len(inc.evidence["stacks"]) == 8
     texts = [c.text for c in inc.consequences]
     assert "ranks 4-7 on node1 exited, killed by healthd" in texts
@@ -318,3 +318,24 @@ def test_an_event_kind_without_a_rule_is_a_consequence_under_its_own_name():
         "reform end (source rank0)",
     ]
     assert inc.downtime == pytest.approx(1.1)
+
+
+def test_the_demo_chaos_plan_reads_as_six_faults_and_one_planned_preemption():
+    from incident_logs import chaos_log
+
+    found = incidents(chaos_log())
+    assert [(i.kind, i.target) for i in found if not i.planned] == [
+        ("rank_died", "rank 5"),
+        ("hang", "rank 2"),
+        ("sdc", "suspects: ranks 1, 3"),
+        ("gpu_fault", "node1 gpu0"),
+        ("storage_damage", "checkpoint step 20"),
+        ("node_lost", "node node2"),
+    ]
+    [(preemption)] = [i for i in found if i.planned]
+    assert preemption.kind == "preemption" and preemption.restored_step == 41
+    sdc = found[2]
+    assert sdc.actions == ["reload", "rollback"] and sdc.restored_step == 10 and sdc.lost_steps == 4
+    gpu, damage = found[3], found[4]
+    assert damage.restored_step == 15 and damage.lost_steps == 5  # steps 16-20, recomputed because 20 was damaged
+    assert gpu.actions == ["kill", "exclusion", "restart", "reload", "replacement"] and gpu.lost_steps == 2
