@@ -399,9 +399,8 @@ class _Builder:
             # Failures with no commit of their tier in between are one outage of that storage.
             commits = bisect.bisect_left(self.commits.get(e.get("tier"), []), e["ts"])
             evidence = {"tier": e.get("tier"), "reason": reason, "steps": [step]}
-            return _Claim(
-                "save_failed", _STRONG, ("save_failed", e.get("tier"), commits), independent=True, evidence=evidence
-            )
+            key = ("save_failed", e.get("tier"), commits)
+            return _Claim("save_failed", _LINKED, key, independent=True, evidence=evidence)
         if kind in (EventKind.ROLLBACK_ORDERED.value, EventKind.ROLLBACK.value):
             request = e.get("request") if kind == EventKind.ROLLBACK_ORDERED.value else e.get("rollback_request")
             evidence = {"to_step": e.get("to_step"), "reason": e.get("reason")}
@@ -562,6 +561,8 @@ class _Builder:
                 if node in self.nodes_of(d) or node in d.removed:
                     return d, "silence"
             return None, ""
+        if c.kind == "save_failed":  # a save in flight when a peer died fails with it
+            return (stalls[0], "save_failed") if stalls else (None, "")
         if c.kind == "rollback_order":
             return next(((d, "rollback") for d in self.drafts if d.claim.key == c.key), (None, ""))
         if c.kind == "rollback":
@@ -892,7 +893,7 @@ class _Builder:
                 Consequence(ts, "commit", f"committed step {e.get('step')} to {e.get('tier')}", _num(e.get("seconds")))
             ]
         if kind == EventKind.CKPT_FAIL.value:
-            return [Consequence(ts, "save_failed", f"step {e.get('step')}: {e.get('reason')}")]
+            return [Consequence(ts, "save_failed", f"the save of step {e.get('step')} failed: {e.get('reason')}")]
         if kind == EventKind.JOB_START.value:
             return [Consequence(ts, "requeue", "the job was started again")] if d.kind == "preemption" else []
         if kind == EventKind.WORKER_STOP.value:

@@ -226,11 +226,23 @@ def assert_recovered(
     return report
 
 
+def training_incidents(report: GoodputReport) -> list[Incident]:
+    """The incidents until the job first reached its target step: the injected faults' stories.
+
+    Once the last step is committed the ranks shut down, and healthd may still take a rank slow to
+    exit for a hang (its STEP limit can be 2 s and the heartbeat cannot say "done"): a real incident,
+    but not the injected fault's.
+    """
+    reached = min((s.end for s in report.steps if s.step == STEPS), default=report.wall_end)
+    return [i for i in report.incidents if i.ts <= reached]
+
+
 def the_incident(report: GoodputReport, kind: str, target: str) -> Incident:
     """The run's one fault incident: of ``kind``, attributed to ``target``, with its costs filled in."""
-    faults = [(i.kind, i.target) for i in report.incidents if not i.planned]
+    incidents = training_incidents(report)
+    faults = [(i.kind, i.target) for i in incidents if not i.planned]
     assert faults == [(kind, target)], f"expected one {kind} incident on {target}, got {faults}"
-    return costed(next(i for i in report.incidents if not i.planned))
+    return costed(next(i for i in incidents if not i.planned))
 
 
 def costed(inc: Incident) -> Incident:

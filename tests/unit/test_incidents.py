@@ -103,6 +103,8 @@ def test_dead_gpu_its_exclusion_the_peers_failures_and_the_replacement_are_one_i
     )
     log.controller(t + 0.6, "node_excluded", node="node1", reason="unhealthy: gpu0: xid 79")
     log.agent(t + 0.9, "node_excluded", 1, "node1", node_id="node1", reason="healthd: gpu0: xid 79")
+    reason = "writing shards to /run/checkpoints/step-00000005.tmp-1 failed: RuntimeError: Connection reset by peer"
+    log.ev(t + 1.0, "ckpt_fail", "trainer", pids[0], 0, step=5, tier="local", reason=reason)  # the save in flight
     log.rank_exit(t + 4.0, 0, "node0", {0: -15, 1: -15, 2: -15, 3: 1}, pids, blamed=3)
     log.rendezvous(t + 6.0, ["node0"])  # the survivors re-form alone...
     log.incarnation(t + 7.0, ["node0"], 3, load=5)
@@ -112,7 +114,7 @@ def test_dead_gpu_its_exclusion_the_peers_failures_and_the_replacement_are_one_i
     [inc] = incidents(log)
     assert (inc.kind, inc.target, inc.nodes, inc.devices) == ("gpu_fault", "node1 gpu0", ["node1"], ["gpu0"])
     assert inc.summary.startswith("GPU node1 gpu0 failed (xid 79); found by healthd on node1 after 0.5 s")
-    assert inc.actions == ["kill", "exclusion", "restart", "reload", "replacement"]
+    assert inc.actions == ["kill", "exclusion", "save_failed", "restart", "reload", "replacement"]
     texts = [c.text for c in inc.consequences]
     assert "rank 3 on node0 failed (exit code 1)" in texts and "ranks 0-2 on node0 stopped by torch (SIGTERM)" in texts
     assert "the ranks restarted (world 8 → 4)" in texts and "the ranks restarted (world 4 → 8)" in texts
