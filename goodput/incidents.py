@@ -781,7 +781,7 @@ class _Builder:
             after = min(
                 (r for r in self.steps if r.start >= self.starts[owned[0]]), key=lambda r: r.start, default=None
             )
-            if after is not None and d.kind == "unexplained_restart":
+            if after is not None and owned[0] in self.restart_gaps:  # restarted without a load: from scratch
                 return after.step - 1
         return None
 
