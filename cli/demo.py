@@ -46,7 +46,7 @@ CHAOS_PLAN: tuple[dict, ...] = (
 )
 
 
-REPLACEMENT_WAIT_S = 60.0  # longest the scheduler waits for the survivors to re-form before a replacement
+REPLACEMENT_WAIT_S = 180.0  # longest the scheduler waits for the survivors to train alone before a replacement
 
 # What a random soak plan draws from, with weights: mostly the common faults of a big job.
 SOAK_KINDS: tuple[tuple[str, float], ...] = (
@@ -242,16 +242,22 @@ class Demo:
         return max((e.get("step", 0) for e in read_events(self.run_dir) if e["kind"] == "step_end"), default=0)
 
     def reformed_since(self, ts: float) -> bool:
-        """Whether the running nodes restarted their ranks in a smaller group after ``ts``."""
+        """Whether the running nodes re-formed in a smaller group after ``ts`` and stepped in it."""
         from stalwart.events import EventKind, read_events
 
-        return any(
-            e["kind"] == EventKind.WORKER_START.value
-            and e.get("role") == "agent"
-            and e["ts"] > ts
-            and (e.get("nodes") or self.args.nodes) < self.args.nodes
-            for e in read_events(self.run_dir)
+        events = sorted(read_events(self.run_dir), key=lambda e: e["ts"])
+        smaller = next(
+            (
+                e["ts"]
+                for e in events
+                if e["kind"] == EventKind.WORKER_START.value
+                and e.get("role") == "agent"
+                and e["ts"] > ts
+                and (e.get("nodes") or self.args.nodes) < self.args.nodes
+            ),
+            None,
         )
+        return smaller is not None and any(e["kind"] == EventKind.STEP_END.value and e["ts"] > smaller for e in events)
 
     def supervise(self) -> bool:
         """Play the scheduler until every launcher has exited; True when the target step was reached."""
@@ -266,8 +272,8 @@ class Demo:
                     why = "was excluded" if code == EXIT_NODE_EXCLUDED else f"was lost ({signal.Signals(-code).name})"
                     print(f"stalwart demo: {node.name} {why}; the scheduler will bring up a replacement", flush=True)
                     waiting.append((f"{node.name} {why}", time.time()))
-            # A replacement takes a while to arrive: the survivors re-form without the node first
-            # (or a minute passes), as on a cluster, then the new node grows the job back.
+            # A replacement takes a while to arrive: the survivors re-form without the node and train
+            # (or three minutes pass), as on a cluster, then the new node grows the job back.
             while waiting and (
                 not running or self.reformed_since(waiting[0][1]) or time.time() - waiting[0][1] > REPLACEMENT_WAIT_S
             ):
