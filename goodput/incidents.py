@@ -279,6 +279,7 @@ class _Builder:
         self.killed: dict[int, dict[str, Any]] = {}  # pid -> the event in which healthd killed it
         self.agent_ids: list[tuple[float, int, str]] = []  # (ts, node rank, node id) from agent events
         self.rounds: list[tuple[float, str, int | None]] = []  # (ts, node id, world size): agent worker_starts
+        self.agent_starts: list[tuple[float, Any]] = []  # (ts, agent pid) of every agent worker_start
         self.trainers: dict[tuple, dict[str, Any]] = {}  # (host, pid) -> rank, node id, first and last ts
         self.commits: dict[Any, list[float]] = {}  # tier -> commit times
         for e in events:
@@ -292,6 +293,8 @@ class _Builder:
             self.agent_ids.append((e["ts"], e["node"], str(e["node_id"])))
             if kind == EventKind.WORKER_START.value:
                 self.rounds.append((e["ts"], str(e["node_id"]), e.get("world_size")))
+        if role == "agent" and kind == EventKind.WORKER_START.value:
+            self.agent_starts.append((e["ts"], (e.get("host"), e.get("pid"))))
         if role == "trainer" and isinstance(e.get("rank"), int):
             t = self.trainers.setdefault(
                 (e.get("host"), e.get("pid")), {"rank": e["rank"], "node": None, "first": e["ts"], "last": e["ts"]}
@@ -390,6 +393,8 @@ class _Builder:
             what = "straggler" if "straggler" in reason else "node_unhealthy"
             return _Claim(what, _LINKED, ("exclusion", node), nodes=[node], evidence={"reason": reason})
         if kind == EventKind.WORKER_STOP.value and e.get("role") == "trainer" and e.get("reason") == "preempted":
+            if self.regrouped(gap):
+                return None  # the agents stopped their ranks (who commit on SIGTERM) to let a node join
             return _Claim("preemption", _STRONG, ("preemption", gap), planned=True, ts=_num(e.get("signalled_ts")))
         if kind == EventKind.CKPT_FAIL.value and e.get("tier") != "preemption":
             reason, step = str(e.get("reason") or ""), e.get("step")
@@ -410,6 +415,18 @@ class _Builder:
             if kind == EventKind.ROLLBACK.value:
                 return _Claim("rollback", _LINKED, ("rollback", gap), evidence=evidence)
         return None
+
+    def regrouped(self, g: int) -> bool:
+        """Whether an agent of the group that ran before gap ``g`` started ranks again in it: the same
+        launchers going on (a membership change), where a preemption ends them and the requeued job
+        brings new ones."""
+        start, end = self.bounds(g)
+        before = [(ts, agent) for ts, agent in self.agent_starts if ts <= start]
+        if not before:
+            return False
+        newest = before[-1][0]
+        members = {agent for ts, agent in before if newest - 30.0 <= ts}
+        return any(agent in members for ts, agent in self.agent_starts if start < ts <= end)
 
     def _claim_fault(self, e: dict[str, Any], gap: int) -> _Claim | None:
         fault, target, detail = str(e.get("fault") or "fault"), str(e.get("target") or ""), _detail(e)
@@ -899,6 +916,8 @@ class _Builder:
         if kind == EventKind.WORKER_STOP.value:
             if e.get("reason") in (None, "ok", "failed") or e.get("rank") not in (None, self.lowest_rank(e)):
                 return []
+            if e.get("reason") == "preempted" and d.kind != "preemption":
+                return [Consequence(ts, "regroup", "the ranks committed and stopped for the group to change")]
             return [Consequence(ts, "stop", f"the ranks stopped ({e.get('reason')})")]
         if kind == EventKind.ROLLBACK_ORDERED.value:
             return [Consequence(ts, "rollback_order", f"rollback to step {e.get('to_step')} ordered")]

@@ -107,14 +107,16 @@ def test_dead_gpu_its_exclusion_the_peers_failures_and_the_replacement_are_one_i
     log.ev(t + 1.0, "ckpt_fail", "trainer", pids[0], 0, step=5, tier="local", reason=reason)  # the save in flight
     log.rank_exit(t + 4.0, 0, "node0", {0: -15, 1: -15, 2: -15, 3: 1}, pids, blamed=3)
     log.rendezvous(t + 6.0, ["node0"])  # the survivors re-form alone...
-    log.incarnation(t + 7.0, ["node0"], 3, load=5)
+    alone = log.incarnation(t + 7.0, ["node0"], 3, load=5)
     t2 = log.t
+    for r, pid in alone.items():  # node0's agent stops its ranks (they commit on SIGTERM) to let node2 in
+        log.ev(t2 + 0.5, "worker_stop", "trainer", pid, r, reason="preempted", signalled_ts=T0 + t2 + 0.1)
     log.rendezvous(t2 + 1.0, ["node0", "node2"], joined=["node2"])  # ...and the replacement grows the job back
     log.incarnation(t2 + 2.0, ["node0", "node2"], 3, load=8)
     [inc] = incidents(log)
     assert (inc.kind, inc.target, inc.nodes, inc.devices) == ("gpu_fault", "node1 gpu0", ["node1"], ["gpu0"])
     assert inc.summary.startswith("GPU node1 gpu0 failed (xid 79); found by healthd on node1 after 0.5 s")
-    assert inc.actions == ["kill", "exclusion", "save_failed", "restart", "reload", "replacement"]
+    assert inc.actions == ["kill", "exclusion", "save_failed", "restart", "reload", "regroup", "replacement"]
     texts = [c.text for c in inc.consequences]
     assert "rank 3 on node0 failed (exit code 1)" in texts and "ranks 0-2 on node0 stopped by torch (SIGTERM)" in texts
     assert "the ranks restarted (world 8 → 4)" in texts and "the ranks restarted (world 4 → 8)" in texts
