@@ -30,7 +30,9 @@ Kind-specific keys (all optional unless noted):
 - ``ckpt_stage`` / ``ckpt_commit`` / ``ckpt_load`` / ``ckpt_fail``: ``step``, ``blocking_seconds``,
   ``seconds``, ``bytes``, ``tier``, ``reason``.
 - ``fault_detected``: ``fault`` (type), ``target`` (rank / node / gpu), ``detector``,
-  ``last_progress_ts`` (when the victim last made progress), ``detail``.
+  ``last_progress_ts`` (when the victim last made progress), ``detail``. The controller records its
+  straggler strikes so too (``fault="straggler"``). ``goodput/incidents.py`` reads these and the
+  events that follow them into one incident per root cause.
 - ``fault_injected``: ``fault``, ``target`` — ground truth for chaos tests.
 - ``rollback``: ``from_step``, ``to_step``, ``reason``.
 - ``node_excluded`` / ``node_joined``: ``node``, ``reason``.

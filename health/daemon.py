@@ -351,8 +351,9 @@ class HealthDaemon:
                 found[rank] = (phase, last, self.detector.limit(rank), now - last)
         killed = self.kill_workers(f"hang: {names}")
         for rank, (phase, last, limit, waited) in sorted(found.items()):
-            # Without a culprit on this node every hung rank is reported as ``hang``; the goodput
-            # accounting reads them as blocked when another node found the culprit (attribute_hangs).
+            # Without a culprit on this node every hung rank is reported as ``hang`` (culprit_found_here
+            # false); the incidents read them as blocked on the cause another node found
+            # (goodput/incidents.py), or as the hang's suspects when nobody found one.
             fault = "hang_blocked" if culprits and rank not in culprits else "hang"
             self.events.emit(
                 EventKind.FAULT_DETECTED,
