@@ -30,7 +30,9 @@ Kind-specific keys (all optional unless noted):
 - ``ckpt_stage`` / ``ckpt_commit`` / ``ckpt_load`` / ``ckpt_fail``: ``step``, ``blocking_seconds``,
   ``seconds``, ``bytes``, ``tier``, ``reason``.
 - ``fault_detected``: ``fault`` (type), ``target`` (rank / node / gpu), ``detector``,
-  ``last_progress_ts`` (when the victim last made progress), ``detail``.
+  ``last_progress_ts`` (when the victim last made progress), ``detail``. The controller records its
+  straggler strikes so too (``fault="straggler"``). ``goodput/incidents.py`` reads these and the
+  events that follow them into one incident per root cause.
 - ``fault_injected``: ``fault``, ``target`` — ground truth for chaos tests.
 - ``rollback``: ``from_step``, ``to_step``, ``reason``.
 - ``node_excluded`` / ``node_joined``: ``node``, ``reason``.
@@ -45,6 +47,14 @@ Kind-specific keys (all optional unless noted):
   ``seconds`` (the agent's own share: from noticing the loss to the new process started).
 - ``reform_failed`` (rank): ``generation``, ``reason``: the in-process recovery gave up and the rank
   exits for a whole-world restart.
+- ``workers_killed`` (healthd): ``pids``, ``ranks``, ``reason`` — the rank processes it SIGKILLed
+  (after a hang or a GPU fault, or on a ``KillWorkers`` request), so that their exits read as
+  consequences, not faults.
+- ``rollback_ordered`` (controller): ``to_step``, ``reason``, ``request`` (the order's id, which
+  the trainers' ``ckpt_load`` and ``rollback`` events repeat as ``rollback_request``).
+- ``worker_start`` (trainer) also carries ``node_id``; a preempted trainer's ``worker_stop`` carries
+  ``signalled_ts`` (when SIGTERM arrived). The agent's ``rank_exit`` carries ``exit_code`` and
+  ``failures`` (every failed local rank's ``exit_code`` and ``pid``).
 - ``clock``: ``mono`` (``time.monotonic()`` at ``ts``) for skew estimation.
 """
 
@@ -86,6 +96,8 @@ class EventKind(str, enum.Enum):
     REFORM_END = "reform_end"
     REFORM_FAILED = "reform_failed"
     RANK_REPLACED = "rank_replaced"
+    WORKERS_KILLED = "workers_killed"
+    ROLLBACK_ORDERED = "rollback_ordered"
     CLOCK = "clock"
 
 

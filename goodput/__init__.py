@@ -10,11 +10,14 @@ from stalwart.goodput.accounting import (
     compute_goodput,
     estimate_clock_offsets,
     rolling_goodput,
+    step_rate,
 )
-from stalwart.goodput.report import format_text, render_html, to_json
+from stalwart.goodput.incidents import Consequence
+from stalwart.goodput.report import format_text, incident_dict, render_html, to_json
 
 __all__ = [
     "CATEGORIES",
+    "Consequence",
     "PRODUCTIVE",
     "GoodputReport",
     "Incident",
@@ -23,7 +26,9 @@ __all__ = [
     "compute_goodput",
     "estimate_clock_offsets",
     "format_text",
+    "incident_dict",
     "render_html",
     "rolling_goodput",
+    "step_rate",
     "to_json",
 ]

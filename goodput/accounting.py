@@ -28,11 +28,8 @@ The report is a pure function of the events (``stalwart.events``). The method:
    interval covers are ``other``. So productive time plus the badput categories sum to the
    wall time exactly, whatever the log looks like.
 
-5. **Hang attribution across nodes.** Each node's healthd names a hung rank ``hang`` only when it
-   found the stuck process itself (``detail.culprit_found_here``); a node that saw its ranks stall
-   without a culprit reports them as ``hang`` too, having no view of the others. An incident log
-   that has both reads them as one hang: within :data:`HANG_ATTRIBUTION_WINDOW_S` of a hang with a
-   culprit, the culprit-less ones are ``hang_blocked`` (waiting on the culprit, like its node mates).
+5. **Incidents.** The faults, planned interruptions and their consequences, one incident per root
+   cause with its costs: :mod:`stalwart.goodput.incidents`.
 
 Wall time runs from the earliest evidence of the job (its first event, or an ``init_done``
 whose ``seconds`` reach further back) to its last event, clipped to ``[since, until]``.
@@ -42,12 +39,13 @@ from __future__ import annotations
 
 import bisect
 import itertools
-import math
 import statistics
 from collections import defaultdict
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
+
+from stalwart.goodput.incidents import Incident, find_incidents
 
 PRODUCTIVE = "productive"
 # Badput categories in report order; ``other`` is whatever no event explains.
@@ -76,6 +74,8 @@ PRIORITY = (
     "restart_downtime",
 )
 _RANK = {name: i for i, name in enumerate(PRIORITY)}
+# Faults found while the job keeps stepping: their detection is no stall.
+_NO_STALL_FAULTS = frozenset({"straggler", "bad_data"})
 _PROGRESS_KINDS = frozenset({"step_end", "ckpt_stage", "ckpt_commit", "ckpt_load", "init_done"})
 
 
@@ -100,22 +100,7 @@ class StepRecord:
     data_seconds: float
     loss: float | None
     kept: bool = True
-
-
-@dataclass
-class Incident:
-    """A fault, a restart nobody explained, or a rollback, and what it cost."""
-
-    ts: float
-    kind: str  # "fault", "unexplained_restart" or "rollback"
-    fault: str | None
-    target: Any
-    detector: str | None
-    detection_latency: float | None
-    downtime: float
-    lost_steps: int
-    lost_seconds: float
-    restored_step: int | None
+    discarded_at: float | None = None  # when a restore or a recompute threw it away
 
 
 @dataclass
@@ -278,7 +263,8 @@ def _step_timeline(
         step = e["step"]
         horizon = step if kind == "restore" else step - 1  # steps > horizon are recomputed
         while live and live[-1].step > horizon:
-            live.pop().kept = False
+            gone = live.pop()
+            gone.kept, gone.discarded_at = False, ts
         if kind == "step_begin":
             begins[(inc.index, step)] = ts
             open_begin[inc.index] = (step, ts)
@@ -361,7 +347,7 @@ def compute_goodput(
     for prev_end, inc in zip([float("-inf")] + [i.last_progress for i in incs], incs):
         launches = [e["ts"] for e in agent_starts if prev_end <= e["ts"] <= inc.start]
         inc.start = min([inc.start] + launches)
-    faults = attribute_hangs([e for e in evs if e["kind"] == "fault_detected"])
+    faults = [e for e in evs if e["kind"] == "fault_detected"]
     records, partial = _step_timeline(incs, evs, faults)
 
     first = min([evs[0]["ts"]] + [inc.start for inc in incs])
@@ -392,7 +378,7 @@ def compute_goodput(
             intervals.append((e["ts"] - _num(e.get("blocking_seconds")), e["ts"], "checkpoint_save"))
         elif kind == "ckpt_load":
             intervals.append((e["ts"] - _num(e.get("seconds")), e["ts"], "checkpoint_load"))
-        elif kind == "fault_detected":
+        elif kind == "fault_detected" and e.get("fault") not in _NO_STALL_FAULTS:
             intervals.append((_last_progress(e, records), e["ts"], "detection_latency"))
         elif kind == "node_excluded":
             k = bisect.bisect_left(joins, e["ts"])
@@ -403,7 +389,7 @@ def compute_goodput(
     for s in segments:
         totals[s.category] += s.end - s.start
     wall = hi - lo
-    incidents = _incidents(incs, records, partial, faults, evs, lo, hi)
+    incidents = find_incidents(evs, records, partial, [inc.start for inc in incs[1:]], lo, hi)
     kept = [r for r in records if r.kept]
     return GoodputReport(
         wall_start=lo,
@@ -423,100 +409,11 @@ def compute_goodput(
     )
 
 
-HANG_ATTRIBUTION_WINDOW_S = 60.0  # each node detects a job-wide stall at its own limit; limits are seconds to a minute
-
-
-def attribute_hangs(events: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """The events, in order, with the ``hang`` faults of nodes that found no culprit turned into
-    ``hang_blocked`` when another node found one; every other event as it was."""
-
-    def culprit_known(e: dict[str, Any]) -> bool | None:
-        if e.get("kind") != "fault_detected" or e.get("fault") != "hang":
-            return None
-        detail = e.get("detail")
-        return detail.get("culprit_found_here") if isinstance(detail, dict) else None
-
-    def ts(e: dict[str, Any]) -> float:
-        return e["ts"] if isinstance(e.get("ts"), (int, float)) else math.nan
-
-    found = [ts(e) for e in events if culprit_known(e) is True]
-    return [
-        dict(e, fault="hang_blocked")
-        if culprit_known(e) is False and any(abs(ts(e) - t) <= HANG_ATTRIBUTION_WINDOW_S for t in found)
-        else e
-        for e in events
-    ]
-
-
 def _last_progress(fault: dict[str, Any], records: list[StepRecord]) -> float:
     """The victim's last progress: as the detector saw it, else the last step finished before."""
     if isinstance(fault.get("last_progress_ts"), (int, float)):
         return min(fault["last_progress_ts"], fault["ts"])
     return max((r.end for r in records if r.end <= fault["ts"]), default=fault["ts"])
-
-
-def _incidents(incs, records, partial, faults, evs, lo, hi) -> list[Incident]:
-    """Faults, unexplained restarts and rollbacks in the window, each charged with what followed."""
-    raw: list[dict[str, Any]] = []
-    gaps = list(itertools.pairwise(incs))
-    explained = set()
-    for f in faults:
-        gap = next((i for i, (p, n) in enumerate(gaps) if p.last_progress <= f["ts"] <= n.start), None)
-        if gap is not None:
-            explained.add(gap)
-        raw.append({"ts": f["ts"], "kind": "fault", "event": f, "gap": gap})
-    for i, (prev, _) in enumerate(gaps):
-        if i not in explained:
-            raw.append({"ts": prev.last_event, "kind": "unexplained_restart", "event": {}, "gap": i})
-    for e in evs:
-        if e["kind"] == "rollback":
-            raw.append({"ts": e["ts"], "kind": "rollback", "event": e, "gap": None})
-    raw.sort(key=lambda r: r["ts"])
-    # A lost step is charged to the first incident at or after it finished.
-    lost: dict[int, list[tuple[float, float]]] = defaultdict(list)
-    for r in records:
-        if not r.kept:
-            j = next((j for j, inc in enumerate(raw) if inc["ts"] >= r.end), None)
-            if j is not None:
-                lost[j].append((r.start, r.end))
-    partial_by_inc = {inc_index: b - a for a, b, inc_index in partial}
-    out = []
-    charged_gaps = set()
-    for j, inc in enumerate(raw):
-        if not lo <= inc["ts"] <= hi:
-            continue
-        e, gap = inc["event"], inc["gap"]
-        lost_seconds = sum(b - a for a, b in lost[j])
-        restored, downtime = None, 0.0
-        if gap is not None:
-            nxt = gaps[gap][1]
-            if gap not in charged_gaps:  # the first incident of a gap carries the partial step
-                lost_seconds += partial_by_inc.get(gaps[gap][0].index, 0.0)
-                charged_gaps.add(gap)
-            first_step = next((r for r in records if r.incarnation == nxt.index), None)
-            loads = [x for x in nxt.reference.events if x["kind"] == "ckpt_load" and isinstance(x.get("step"), int)]
-            resume = first_step.start if first_step else nxt.last_event
-            downtime = resume - inc["ts"]
-            restored = loads[0]["step"] if loads else (first_step.step - 1 if first_step else None)
-        elif inc["kind"] == "rollback":
-            restored = e.get("to_step")
-        elif inc["kind"] == "fault" and incs and inc["ts"] >= incs[-1].last_progress:
-            downtime = hi - inc["ts"]  # the job never recovered
-        out.append(
-            Incident(
-                ts=inc["ts"],
-                kind=inc["kind"],
-                fault=e.get("fault") or e.get("reason"),
-                target=e.get("target"),
-                detector=e.get("detector"),
-                detection_latency=(inc["ts"] - _last_progress(e, records)) if inc["kind"] == "fault" else None,
-                downtime=max(0.0, downtime),
-                lost_steps=len(lost[j]),
-                lost_seconds=lost_seconds,
-                restored_step=restored,
-            )
-        )
-    return out
 
 
 def rolling_goodput(report: GoodputReport, window: float, points: int = 200) -> tuple[list[float], list[float]]:
@@ -533,3 +430,16 @@ def rolling_goodput(report: GoodputReport, window: float, points: int = 200) -> 
         got = sum(max(0.0, min(e, t) - max(s, a)) for s, e in productive)
         values.append(got / span if span > 0 else 0.0)
     return times, values
+
+
+def step_rate(report: GoodputReport, points: int = 120) -> list[tuple[float, float]]:
+    """Steps finished per second (kept or not) in ``points`` equal bins of the window, as (bin end, rate)."""
+    lo, hi = report.wall_start, report.wall_end
+    if hi <= lo or points < 1:
+        return []
+    width = (hi - lo) / points
+    counts = [0] * points
+    for s in report.steps:
+        if lo <= s.end <= hi:
+            counts[min(points - 1, int((s.end - lo) / width))] += 1
+    return [(lo + (k + 1) * width, n / width) for k, n in enumerate(counts)]

@@ -5,7 +5,8 @@ each number comes from. Two ship in ``goodput/profiles/``: ``stalwart`` (this ru
 figures: measured where a measurement exists, else a stated assumption) and ``llama3`` (what the
 Llama 3 paper publishes, and assumptions where it publishes nothing). :func:`measured_profile`
 replaces the figures a real run directory measures (checkpoint blocking, load, restart downtime,
-detection latency, start-up) with the medians from its event log, through :func:`compute_goodput`.
+detection latency, start-up) with the medians from its event log: restart downtime and detection
+latency per fault incident of :func:`compute_goodput` (one per root cause, planned ones left out).
 """
 
 from __future__ import annotations
@@ -23,16 +24,11 @@ PROFILES_DIR = Path(__file__).resolve().parent / "profiles"
 # How a failure is noticed: a device probe (gpu), the process exiting (crash), only a timeout
 # because collectives stall (hang), the host vanishing (host), or a periodic corruption check (sdc).
 DETECTORS = ("gpu", "crash", "hang", "host", "sdc")
-# Fault names in ``fault_detected`` events → the detector class whose latency they measure.
-FAULT_DETECTOR = {
-    "gpu": "gpu",
-    "xid": "gpu",
-    "ecc_uncorrectable": "gpu",
-    "lost": "gpu",
-    "process_exit": "crash",
-    "crash": "crash",
+# Incident kinds (:mod:`stalwart.goodput.incidents`) → the detector class whose latency they measure.
+INCIDENT_DETECTOR = {
+    "gpu_fault": "gpu",
+    "rank_died": "crash",
     "hang": "hang",
-    "host": "host",
     "node_lost": "host",
     "sdc": "sdc",
 }
@@ -144,22 +140,27 @@ def measured_profile(run_dir: str | Path, base: CostProfile) -> CostProfile:
     inits = [
         float(e["seconds"]) for e in trainer0 if e["kind"] == "init_done" and isinstance(e.get("seconds"), (int, float))
     ]
-    # Downtime runs from detection to the first step after it: restart, start-up and load. An
-    # in-process recovery's downtime is its re-formation (the replacement's start and state included),
-    # as rank 0 measured it; a run that recovered in place is measured by those.
+    # Downtime runs from detection to training again. An in-process recovery's downtime is its
+    # re-formation (the replacement's start and state included), as rank 0 measured it; a run that
+    # recovered in place is measured by those. Otherwise per fault incident (one root cause, its
+    # consequences folded in): its downtime less the reloads inside it (load_s stays apart).
     reforms = [
         float(e["seconds"])
         for e in trainer0
         if e["kind"] == "reform_end" and not e.get("newcomer") and isinstance(e.get("seconds"), (int, float))
     ]
-    restarts = reforms or [i.downtime for i in report.incidents if i.kind != "rollback" and i.downtime > 0]
     from_peers = bool(reforms) and all(
         e.get("source") == "peer" for e in trainer0 if e["kind"] == "reform_end" and not e.get("newcomer")
     )
+    faults = [i for i in report.incidents if not i.planned and i.downtime > 0 and "restart" in i.actions]
+    restarts = reforms or [
+        max(0.0, i.downtime - sum(c.seconds or 0.0 for c in i.consequences if c.action in ("reload", "fallback")))
+        for i in faults
+    ]
     detections: dict[str, list[float]] = {}
     for i in report.incidents:
-        if i.kind == "fault" and i.detection_latency is not None:
-            detections.setdefault(FAULT_DETECTOR.get(str(i.fault), "crash"), []).append(i.detection_latency)
+        if not i.planned and i.kind in INCIDENT_DETECTOR and i.detection_latency is not None:
+            detections.setdefault(INCIDENT_DETECTOR[i.kind], []).append(i.detection_latency)
 
     measured = {
         "ckpt_blocking_s": (_median(list(blocking.values())), f"{len(blocking)} saves"),
@@ -168,10 +169,11 @@ def measured_profile(run_dir: str | Path, base: CostProfile) -> CostProfile:
         if from_peers
         else (_median(loads), f"{len(loads)} loads"),
         "startup_s": (_median(inits[:1]), "first init_done"),
-        # A restart's downtime includes the new incarnation's load: keep load_s apart.
         "restart_s": (
-            None if not restarts else max(0.0, _median(restarts) - (0.0 if reforms else _median(loads) or 0.0)),
-            f"{len(reforms)} in-process re-formations" if reforms else f"{len(restarts)} restarts",
+            _median(restarts),
+            f"{len(reforms)} in-process re-formations"
+            if reforms
+            else f"{len(restarts)} fault incidents' downtime less their reloads",
         ),
     }
     profile = dataclasses.replace(

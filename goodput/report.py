@@ -5,9 +5,11 @@ from __future__ import annotations
 import dataclasses
 import datetime as _dt
 import html as _html
+from pathlib import Path
 from typing import Any
 
 from stalwart.goodput.accounting import CATEGORIES, PRODUCTIVE, GoodputReport
+from stalwart.goodput.incidents import Incident
 
 
 def _iso(ts: float) -> str:
@@ -49,27 +51,49 @@ def format_text(report: GoodputReport) -> str:
     skewed = {h: o for h, o in report.clock_offsets.items() if o}
     if skewed:
         lines += ["", "clock offsets applied: " + ", ".join(f"{h} {o:+.3f} s" for h, o in sorted(skewed.items()))]
-    lines += ["", f"incidents   {len(report.incidents)}"]
-    if report.incidents:
-        header = ("time (UTC)", "kind", "fault", "target", "detect s", "down s", "lost steps", "lost s", "restored")
-        rows = [
-            (
-                _iso(i.ts)[11:],
-                i.kind,
-                _fmt_opt(i.fault),
-                _fmt_opt(i.target),
-                _fmt_opt(i.detection_latency),
-                f"{i.downtime:.2f}",
-                str(i.lost_steps),
-                f"{i.lost_seconds:.2f}",
-                _fmt_opt(i.restored_step),
-            )
-            for i in report.incidents
-        ]
-        widths = [max(len(r[k]) for r in (header, *rows)) for k in range(len(header))]
-        for r in (header, *rows):
-            lines.append("  ".join(cell.ljust(w) for cell, w in zip(r, widths)).rstrip())
+    numbered = list(enumerate(report.incidents, 1))  # numbered in time order, as on the timeline plot
+    faults = [(n, i) for n, i in numbered if not i.planned]
+    planned = [(n, i) for n, i in numbered if i.planned]
+    lines += ["", f"incidents   {len(faults)} fault(s), {len(planned)} planned"]
+    for title, group in (("faults", faults), ("planned", planned)):
+        if group:
+            lines += ["", *_incident_table(title, group)]
     return "\n".join(lines) + "\n"
+
+
+INCIDENT_COLUMNS = ("time (UTC)", "kind", "target", "found by", "detect s", "down s", "lost steps", "restored")
+
+
+def incident_cells(i: Incident) -> tuple[str, ...]:
+    """One incident's table cells, in :data:`INCIDENT_COLUMNS` order (text and HTML share them)."""
+    return (
+        _iso(i.ts)[11:],
+        i.kind,
+        i.target,
+        i.detector or "-",
+        _fmt_opt(i.detection_latency),
+        f"{i.downtime:.2f}",
+        str(i.lost_steps),
+        _fmt_opt(i.restored_step),
+    )
+
+
+def _incident_table(title: str, incidents: list[tuple[int, Incident]]) -> list[str]:
+    """A table of (number, incident), then each one's sentence with its consequences beneath."""
+    header = ("#", *INCIDENT_COLUMNS)
+    rows = [(str(n), *incident_cells(i)) for n, i in incidents]
+    widths = [max(len(r[k]) for r in (header, *rows)) for k in range(len(header))]
+    lines = [f"{title}:"] + ["  " + "  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in (header, *rows)]
+    for n, i in incidents:
+        lines += ["", f"  {n}. {i.summary}"]
+        lines += [f"       {_iso(c.ts)[11:19]}  {c.text}" for c in i.consequences]
+        lines += [f"       stacks: {p}" for p in i.evidence.get("stacks", [])]
+    return lines
+
+
+def incident_dict(i: Incident) -> dict[str, Any]:
+    """An incident as plain JSON: the report's JSON and the controller's /api/state both use this."""
+    return dataclasses.asdict(i)
 
 
 def to_json(report: GoodputReport, include_timeline: bool = False) -> dict[str, Any]:
@@ -86,7 +110,7 @@ def to_json(report: GoodputReport, include_timeline: bool = False) -> dict[str, 
         "last_step": report.last_step,
         "incarnations": report.incarnations,
         "clock_offsets": dict(report.clock_offsets),
-        "incidents": [dataclasses.asdict(i) for i in report.incidents],
+        "incidents": [incident_dict(i) for i in report.incidents],
     }
     if include_timeline:
         out["segments"] = [dataclasses.asdict(s) for s in report.segments]
@@ -142,9 +166,9 @@ def _plots(report: GoodputReport) -> list[tuple[str, str]]:
         bars = [(rel(s.start), s.end - s.start) for s in report.segments if s.category == cat]
         if bars:
             ax.broken_barh(bars, (0, 1), facecolors=_COLORS[cat])
-    for inc in report.incidents:
-        ax.axvline(rel(inc.ts), color="black", linestyle="--", linewidth=1)
-        ax.annotate(inc.fault or inc.kind, (rel(inc.ts), 1.02), fontsize=7, rotation=30, annotation_clip=False)
+    for n, inc in enumerate(report.incidents, 1):
+        ax.axvline(rel(inc.ts), color="gray" if inc.planned else "black", linestyle="--", linewidth=1)
+        ax.annotate(f"{n} {inc.kind}", (rel(inc.ts), 1.02), fontsize=7, rotation=30, annotation_clip=False)
     ax.set_ylim(0, 1.4)
     ax.set_yticks([])
     ax.set_xlim(0, max(report.wall_seconds, 1e-9))
@@ -199,25 +223,9 @@ def render_html(report: GoodputReport, events: list[dict[str, Any]] | None = Non
         f'class="pct">{p:.2f}%</td></tr>'
         for n, s, p in category_rows(report)
     )
-    inc_rows = "".join(
-        "<tr data-incident>"
-        + "".join(
-            f"<td>{esc(c)}</td>"
-            for c in (
-                _iso(i.ts),
-                i.kind,
-                _fmt_opt(i.fault),
-                _fmt_opt(i.target),
-                _fmt_opt(i.detection_latency),
-                f"{i.downtime:.2f}",
-                str(i.lost_steps),
-                f"{i.lost_seconds:.2f}",
-                _fmt_opt(i.restored_step),
-            )
-        )
-        + "</tr>"
-        for i in report.incidents
-    )
+    numbered = list(enumerate(report.incidents, 1))
+    incident_tables = _incidents_html("Faults", "incidents", [(n, i) for n, i in numbered if not i.planned])
+    incident_tables += _incidents_html("Planned", "planned", [(n, i) for n, i in numbered if i.planned])
     counts: dict[str, int] = {}
     for e in events or []:
         counts[str(e.get("kind"))] = counts.get(str(e.get("kind")), 0) + 1
@@ -231,6 +239,8 @@ table {{ border-collapse: collapse; margin: 1em 0; }}
 td, th {{ border: 1px solid #ccc; padding: 3px 8px; text-align: right; }}
 td:first-child, th:first-child {{ text-align: left; }}
 img {{ max-width: 100%; }}
+tr.story td {{ text-align: left; border-top: none; color: #333; }}
+tr.story ul {{ margin: 2px 0 6px 1.2em; padding: 0; }}
 .big {{ font-size: 2em; font-weight: bold; }}
 </style></head><body>
 <h1>Goodput report</h1>
@@ -240,10 +250,28 @@ img {{ max-width: 100%; }}
 steps {report.steps_kept} kept, {report.steps_lost} lost; {report.incarnations} incarnation(s);
 events: {esc(count_text)}</p>
 <table id="categories"><tr><th>category</th><th>seconds</th><th>% wall</th></tr>{rows}</table>
-<h2>Incidents ({len(report.incidents)})</h2>
-<table id="incidents"><tr><th>time (UTC)</th><th>kind</th><th>fault</th><th>target</th>
-<th>detection s</th><th>downtime s</th>
-<th>lost steps</th><th>lost s</th><th>restored step</th></tr>{inc_rows}</table>
+{incident_tables}
 {figures}
 </body></html>
 """
+
+
+def _incidents_html(title: str, table_id: str, incidents: list[tuple[int, Incident]]) -> str:
+    """A table of incidents: their cells, then a row with the sentence and the consequences folded under it."""
+    esc = _html.escape
+    head = "".join(f"<th>{esc(c)}</th>" for c in ("#", *INCIDENT_COLUMNS))
+    rows = []
+    for n, i in incidents:
+        cells = "".join(f"<td>{esc(c)}</td>" for c in (str(n), *incident_cells(i)))
+        stacks = "".join(
+            f'<li>stacks: <a href="{esc(Path(p).resolve().as_uri())}">{esc(Path(p).name)}</a></li>'
+            for p in i.evidence.get("stacks", [])
+        )
+        items = "".join(f"<li>{esc(_iso(c.ts)[11:19])} {esc(c.text)}</li>" for c in i.consequences)
+        story = (
+            f'<tr class="story"><td></td><td colspan="{len(INCIDENT_COLUMNS)}"><span class="summary">'
+            f"{esc(i.summary)}</span><details><summary>{len(i.consequences)} consequence(s)</summary>"
+            f"<ul>{items}{stacks}</ul></details></td></tr>"
+        )
+        rows.append(f'<tr data-incident="{esc(i.kind)}" data-planned="{str(i.planned).lower()}">{cells}</tr>{story}')
+    return f'<h2>{esc(title)} ({len(incidents)})</h2><table id="{table_id}"><tr>{head}</tr>{"".join(rows)}</table>'

@@ -38,7 +38,8 @@ from stalwart.checkpoint.catalog import CheckpointCatalog
 from stalwart.checkpoint.naming import default_checkpoint_url
 from stalwart.checkpoint.storage import s3_storage_options
 from stalwart.events import EventKind, EventLog, read_events
-from stalwart.goodput.accounting import CATEGORIES, attribute_hangs, compute_goodput
+from stalwart.goodput.accounting import CATEGORIES, compute_goodput, step_rate
+from stalwart.goodput.report import incident_dict
 from stalwart.health.controller_client import TOKEN_METADATA
 from stalwart.health.exclusion import Exclusion, ExclusionList, ExclusionPolicy, StrikeBook
 from stalwart.health.proto import controller_pb2, controller_pb2_grpc, healthd_pb2, healthd_pb2_grpc
@@ -102,8 +103,9 @@ class RunDirView:
             "badput_s": dict.fromkeys(CATEGORIES, 0.0),
         }
     )
-    incidents: list[dict[str, Any]] = field(default_factory=list)
+    incidents: list[dict[str, Any]] = field(default_factory=list)  # goodput.report.incident_dict of each
     incident_counts: dict[str, int] = field(default_factory=dict)
+    step_rate: list[tuple[float, float]] = field(default_factory=list)  # (ts, steps per second) over the job
     checkpoints: list[dict[str, Any]] = field(default_factory=list)
     last_step: int | None = None
     step_seconds: float | None = None
@@ -130,10 +132,7 @@ class JobController:
         self._strikes = StrikeBook(config.policy)
         self._stragglers = StragglerDetector(config.straggler)
         self._scores: dict[int, RankScore] = {}
-        self._incidents: deque[dict[str, Any]] = deque(
-            maxlen=MAX_INCIDENTS
-        )  # the controller's own (stragglers, rollback orders)
-        self._own_counts: Counter[str] = Counter()
+        self._counts: Counter[str] = Counter()  # incidents by kind, never decreasing (a Prometheus counter)
         self.refused: Counter[str] = Counter()
         self._step_track: deque[tuple[float, int]] = deque()
         self._seen_network_faults: set[tuple] = set()
@@ -306,19 +305,21 @@ class JobController:
                 f"verified steps: {verified}",
                 grpc.StatusCode.FAILED_PRECONDITION,
             )
-        write_rollback_order(self.run_dir, RollbackOrder(target, reason))
+        order = RollbackOrder(target, reason)
+        write_rollback_order(self.run_dir, order)
         with self._lock:
             nodes = sorted(n for n in self._nodes if n not in self._excluded)
-        self._record("rollback_requested", "", None, f"to step {target}: {reason}")
+        self._record(EventKind.ROLLBACK_ORDERED, to_step=target, reason=reason, request=order.id)
         for node in nodes:
             self._killers.submit(self._kill_workers, node, f"rollback to step {target}: {reason}")
         log.warning("rollback to step %d ordered (%s); restarting workers on nodes %s", target, reason, nodes)
         return target, nodes
 
-    def _record(self, kind: str, node: str, rank: int | None, detail: str) -> None:
-        with self._lock:
-            self._incidents.append({"ts": time.time(), "kind": kind, "node": node, "rank": rank, "detail": detail})
-            self._own_counts[kind] += 1
+    def _record(self, kind: EventKind, **fields: Any) -> None:
+        """An event of the controller's own finding; the incidents (and the dashboard) read it back at once."""
+        self.events.emit(kind, **fields)
+        self.events.flush()
+        self._refresh_now.set()
 
     # ---------------------------------------------------------------- background work
 
@@ -343,7 +344,15 @@ class JobController:
                 track.popleft()
         for s in struck:
             detail = f"rank {s.rank} at {s.score:.2f}x the other ranks' median time"
-            self._record("straggler", s.node, s.rank, detail)
+            node = int(s.node) if s.node.isdigit() else s.node
+            self._record(
+                EventKind.FAULT_DETECTED,
+                fault="straggler",
+                target=f"rank{s.rank}",
+                detector="controller",
+                node=node,
+                detail=detail,
+            )
             self._strike(s.node, "straggler", detail)
 
     def _strike(self, node: str, kind: str, detail: str) -> None:
@@ -378,10 +387,15 @@ class JobController:
                 "wall_s": g.wall_seconds,
                 "badput_s": {c: g.badput[c] for c in CATEGORIES},
             }
+            # The goodput report's incidents, from the same function: one per root cause.
+            view.incidents = [incident_dict(i) for i in g.incidents][-MAX_INCIDENTS:]
+            view.incident_counts = dict(Counter(i.kind for i in g.incidents))
+            view.step_rate = step_rate(g)
         except ValueError:
             pass  # no events yet
-        incidents, counts = _incidents_from_events(events)
-        view.incidents, view.incident_counts = incidents[-MAX_INCIDENTS:], counts
+        with self._lock:
+            for kind, n in view.incident_counts.items():
+                self._counts[kind] = max(self._counts[kind], n)
         step_ends = [e for e in events if e["kind"] == "step_end"]
         if step_ends:
             last = step_ends[-1]
@@ -458,7 +472,6 @@ class JobController:
             )
             nodes = [self._node_state(name, scores, now_mono) for name in names]
             step = self._current_step()
-            own = list(self._incidents)
             track = list(self._step_track)
         rate = (
             (track[-1][1] - track[0][1]) / (track[-1][0] - track[0][0])
@@ -471,15 +484,16 @@ class JobController:
             "step": step if step is not None else 0,
             "step_rate": rate,
             "nodes": nodes,
-            "incidents": sorted(view.incidents + own, key=lambda i: i["ts"])[-MAX_INCIDENTS:],
+            "incidents": view.incidents,
+            "timeline": {"step_rate": view.step_rate},
             "checkpoints": view.checkpoints,
             "goodput": view.goodput,
         }
 
     def incident_counts(self) -> dict[str, int]:
-        """Incidents by kind since the job began (events) plus the controller's own: only ever grows."""
+        """Incidents by kind since the job began; only ever grows (a later report can fold one into another)."""
         with self._lock:
-            return dict(Counter(self.view.incident_counts) + self._own_counts)
+            return dict(self._counts)
 
     def _node_state(self, name: str, scores: dict[int, RankScore], now_mono: float) -> dict[str, Any]:
         entry, excluded = self._nodes.get(name), self._excluded.get(name)
@@ -628,51 +642,6 @@ def _node_of(event: dict[str, Any]) -> str:
     if target.startswith("node"):
         return target[4:].split("/", 1)[0]
     return str(event["node"]) if event.get("node") is not None else ""
-
-
-def _incidents_from_events(events: list[dict[str, Any]]) -> tuple[list[dict[str, Any]], dict[str, int]]:
-    """Faults, exclusions and rollbacks from the event log in the /api/state incident shape."""
-    out = []
-    for e in attribute_hangs(events):
-        kind = e["kind"]
-        if kind == "fault_detected":
-            target = str(e.get("target") or "")
-            rank = _int(target[4:]) if target.startswith("rank") else e.get("rank")
-            detail = e.get("detail")
-            text = f"{target} detected by {e.get('detector') or e.get('role')}" + (
-                f": {json.dumps(detail, default=str)[:500]}" if detail else ""
-            )
-            out.append(
-                {
-                    "ts": e["ts"],
-                    "kind": str(e.get("fault") or "fault"),
-                    "node": _node_of(e),
-                    "rank": rank,
-                    "detail": text,
-                }
-            )
-        elif kind == "node_excluded":
-            out.append(
-                {
-                    "ts": e["ts"],
-                    "kind": "node_excluded",
-                    "node": str(e.get("node") or ""),
-                    "rank": None,
-                    "detail": str(e.get("reason") or ""),
-                }
-            )
-        elif kind == "rollback":
-            detail = f"step {e.get('from_step')} -> {e.get('to_step')}: {e.get('reason') or ''}"
-            out.append(
-                {
-                    "ts": e["ts"],
-                    "kind": "rollback",
-                    "node": str(e.get("node") if e.get("node") is not None else ""),
-                    "rank": e.get("rank"),
-                    "detail": detail,
-                }
-            )
-    return out, dict(Counter(i["kind"] for i in out))
 
 
 def _int(value: Any) -> int | None:

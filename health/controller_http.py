@@ -12,17 +12,25 @@ in-memory state, never storage.
                 "issues": [{"kind": str, "fatal": bool, "detail": str}]}],
                 "ranks": [{"rank": int, "step": int, "phase": str, "heartbeat_age_s": float,
                            "step_seconds": float, "straggler_score": float, "straggler": bool}]}],
-     "incidents": [{"ts": float, "kind": str, "node": str, "rank": int|null, "detail": str}],
+     "incidents": [goodput.report.incident_dict: {"ts": float, "kind": str, "planned": bool, "target": str,
+                    "suspects": bool, "ranks": [int], "nodes": [str], "devices": [str], "detector": str|null,
+                    "detection_latency": float|null, "downtime": float, "lost_steps": int,
+                    "restored_step": int|null, "actions": [str], "summary": str,
+                    "consequences": [{"ts": float, "action": str, "text": str, "seconds": float|null}],
+                    "evidence": {"stacks": [path], ...}, ...}],
+     "timeline": {"step_rate": [[ts, steps per second], ...]},
      "checkpoints": [{"step": int, "verified": bool, "bytes": int, "ts": float}],
      "goodput": {"ratio": float, "productive_s": float, "wall_s": float, "badput_s": {category: float}}}
 
-Ages are -1 when nothing was ever heard (JSON has no infinity).
+Ages are -1 when nothing was ever heard (JSON has no infinity). ``/stacks/NAME`` serves healthd's
+stack dump ``RUN/health/NAME`` (``stacks-*.txt`` only), the link the dashboard puts under a hang.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import re
 import socket
 import ssl
 import statistics
@@ -131,6 +139,17 @@ class StateCollector(Collector):
         yield refused
 
 
+_STACK_DUMP = re.compile(r"stacks-[A-Za-z0-9.]+-rank\d+\.txt")
+
+
+def stack_dump(run_dir: Path, name: str) -> Path | None:
+    """healthd's stack dump ``name`` under ``RUN/health``; None for any other name (no path escapes)."""
+    if not _STACK_DUMP.fullmatch(name):
+        return None
+    path = Path(run_dir) / "health" / name
+    return path if path.is_file() else None
+
+
 class _Handler(BaseHTTPRequestHandler):
     server: _Server
     timeout = 10  # seconds a client may idle on its connection
@@ -146,6 +165,12 @@ class _Handler(BaseHTTPRequestHandler):
             self._send(200, json.dumps(c.state()).encode(), "application/json")
         elif path == "/metrics":
             self._send(200, generate_latest(self.server.registry), CONTENT_TYPE_LATEST)
+        elif path.startswith("/stacks/"):
+            dump = stack_dump(c.run_dir, path.removeprefix("/stacks/"))
+            if dump is None:
+                self._send(404, b"no such stack dump\n", "text/plain; charset=utf-8")
+            else:
+                self._send(200, dump.read_bytes(), "text/plain; charset=utf-8")
         elif path in ("/", "/index.html"):
             body = (
                 DASHBOARD.read_bytes()

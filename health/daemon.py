@@ -378,8 +378,9 @@ class HealthDaemon:
             and time.monotonic() - self._culprit_killed_at < max(h.limit_s for h in hangs)
         )
         for rank, (phase, last, limit, waited) in sorted(found.items()):
-            # Without a culprit on this node every hung rank is reported as ``hang``; the goodput
-            # accounting reads them as blocked when another node found the culprit (attribute_hangs).
+            # Without a culprit on this node every hung rank is reported as ``hang`` (culprit_found_here
+            # false); the incidents read them as blocked on the cause another node found
+            # (goodput/incidents.py), or as the hang's suspects when nobody found one.
             fault = "hang_blocked" if (culprits and rank not in culprits) or after_kill else "hang"
             self.events.emit(
                 EventKind.FAULT_DETECTED,
@@ -480,6 +481,10 @@ class HealthDaemon:
             except OSError as e:
                 log.warning("could not kill rank %d pid %d: %s", entry.rank, entry.pid, e)
         log.warning("killed worker pids %s: %s", killed, reason)
+        if killed:
+            ranks = sorted(e.rank for e in entries if e.pid in killed)
+            self.events.emit(EventKind.WORKERS_KILLED, pids=killed, ranks=ranks, reason=reason[:500])
+            self.events.flush()
         return killed
 
     def _probe_loop(self) -> None:

@@ -427,6 +427,10 @@ class StalwartAgent(LocalElasticAgent):
             target=f"rank{rank}",
             detector="agent",
             node_id=self.opts.node_id,
+            exit_code=first.exitcode,
+            # Every failed local rank, so that readers can tell who healthd killed (its pids), who
+            # torch stopped (SIGTERM) and who failed with an error.
+            failures={str(r): {"exit_code": f.exitcode, "pid": f.pid} for r, f in sorted(failures.items())},
             detail=f"rank {rank} ended with {how}; {len(failures)} local rank(s) failed",
         )
 

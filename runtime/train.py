@@ -30,6 +30,7 @@ from stalwart.health.anomaly import Anomaly, AnomalyGuard
 from stalwart.health.ledger import VerificationLedger
 from stalwart.health.rollback import ROLLBACK_FILE, mark_applied, pending_rollback
 from stalwart.health.sdc_monitor import FindingReporter, SdcMonitor
+from stalwart.jobenv import node_name
 from stalwart.model.args import ModelArgs
 from stalwart.model.flops import mfu
 from stalwart.model.hf import hf_config_from_args
@@ -134,7 +135,9 @@ class Trainer:
         self._set_threads()
         seed_everything(cfg.job.seed)
         self.mesh = self.dims.build_mesh(self.env.device.type) if self.env.world_size > 1 else None
-        self.events.emit(EventKind.WORKER_START, world_size=self.env.world_size, layout=self.dims.as_dict())
+        self.events.emit(
+            EventKind.WORKER_START, world_size=self.env.world_size, layout=self.dims.as_dict(), node_id=node_name()
+        )
 
         self.loader = self._build_loader()
         self.model_step = self._build_model_step()
@@ -188,7 +191,9 @@ class Trainer:
                 self.checkpointer.finished()
             status = "ok"
         finally:
-            self.events.emit(EventKind.WORKER_STOP, reason=status)
+            # A preemption's stop says when the signal came: the planned incident starts there.
+            signalled = {"signalled_ts": time.time() - (time.monotonic() - preemption.at)} if preemption.at else {}
+            self.events.emit(EventKind.WORKER_STOP, reason=status, **signalled)
             if self.env.is_main:
                 self.events.emit(EventKind.JOB_END, status=status, steps=self.step)
             self.events.close()

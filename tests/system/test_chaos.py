@@ -4,7 +4,9 @@ Each test injects its fault through ``runtime/faults`` (the mechanism the demo u
 ``stalwart launch`` nodes and asserts, through tests/chaos.py: detected and attributed to the right
 rank or node; target step reached; no committed checkpoint lost or loaded corrupted; the losses
 after recovery equal the fault-free run's (bit for bit where the layout is unchanged); and the
-goodput report lists the incident with its detection latency, downtime and lost steps.
+goodput report tells it as exactly one incident of the right kind and target (the chaos plan's), with
+its consequences (blocked peers, killed workers, exclusions, restarts, reloads) folded in and its
+detection latency, downtime and lost steps counted once.
 """
 
 from __future__ import annotations
@@ -16,10 +18,24 @@ import urllib.request
 from pathlib import Path
 
 import pytest
-from chaos import DDP2, STEPS, TP2, Cluster, assert_recovered, events, faults_detected, incident, trajectory
+from chaos import (
+    DDP2,
+    STEPS,
+    TP2,
+    Cluster,
+    assert_recovered,
+    consequences,
+    costed,
+    events,
+    faults_detected,
+    the_incident,
+    training_incidents,
+    trajectory,
+)
 from polling import free_port, wait_for
 
 from stalwart.checkpoint.manager import CheckpointManager
+from stalwart.goodput.accounting import compute_goodput
 
 pytestmark = pytest.mark.slow
 
@@ -57,10 +73,12 @@ def test_killed_rank_at_a_random_step_resumes_bit_exactly(tmp_path, tmp_path_fac
     cluster = run_single_node(tmp_path, TP2, [{"kind": "kill_rank", "step": step, "rank": 1}])
     (found,) = faults_detected(cluster.run_dir, "rank_exit")
     assert found["target"] == "rank1" and "SIGKILL" in found["detail"]
-    inc = incident(assert_recovered(cluster.run_dir, reference(TP2, tmp_path_factory)), "rank_exit")
+    inc = the_incident(assert_recovered(cluster.run_dir, reference(TP2, tmp_path_factory)), "rank_died", "rank 1")
+    assert inc.summary.startswith("rank 1 was killed by SIGKILL; found by the agent on node0")
     # The newest async save may still be writing when the rank dies: then the one before is the newest commit.
     newest = (step - 1) // 2 * 2
     assert inc.downtime > 0 and inc.restored_step in (newest, newest - 2) and inc.lost_steps >= 1
+    assert "restart" in inc.actions and ("reload" in inc.actions) == (inc.restored_step > 0)  # step 0: from scratch
 
 
 def test_hung_rank_is_found_within_10_s_and_restarted(tmp_path, tmp_path_factory):
@@ -72,8 +90,15 @@ def test_hung_rank_is_found_within_10_s_and_restarted(tmp_path, tmp_path_factory
     assert latency <= 10.0
     stacks = hangs[0]["detail"]["stacks"]
     assert stacks and all(Path(p).is_file() for p in stacks), "no stack dump written"
-    inc = incident(assert_recovered(cluster.run_dir, reference(TP2, tmp_path_factory)), "hang")
+    inc = the_incident(assert_recovered(cluster.run_dir, reference(TP2, tmp_path_factory)), "hang", "rank 1")
     assert inc.detection_latency <= 10.0 and inc.downtime > 0
+    assert "(process stopped (SIGSTOP or a debugger))" in inc.summary and inc.evidence["stacks"][0].endswith(
+        "rank1.txt"
+    )
+    # Rank 0 is reported blocked when its own limit ran out too; the kill takes both either way.
+    assert consequences(inc, "blocked") in ([], ["rank 0 blocked waiting on it (healthd on node0)"])
+    assert consequences(inc, "kill") == ["healthd on node0 killed ranks 0, 1"]
+    assert inc.actions[:1] == ["kill"] and "restart" in inc.actions
 
 
 def test_flipped_bit_is_found_attributed_and_rolled_back(tmp_path, tmp_path_factory):
@@ -85,7 +110,11 @@ def test_flipped_bit_is_found_attributed_and_rolled_back(tmp_path, tmp_path_fact
     assert any("rank1" in str(e.get("target")) for e in sdc), sdc
     rollbacks = [e for e in events(cluster.run_dir) if e["kind"] == "rollback"]
     assert rollbacks and rollbacks[0]["to_step"] < 5 <= rollbacks[0]["from_step"]
-    assert_recovered(cluster.run_dir, reference(DDP2, tmp_path_factory))
+    report = assert_recovered(cluster.run_dir, reference(DDP2, tmp_path_factory))
+    [(kind, target)] = [(i.kind, i.target) for i in training_incidents(report) if not i.planned]
+    assert kind == "sdc" and target in ("rank 1", "suspects: ranks 0, 1"), target  # no majority of two: suspects
+    inc = costed(training_incidents(report)[0])
+    assert 1 in inc.ranks and "rollback" in inc.actions and inc.restored_step == rollbacks[0]["to_step"]
 
 
 def test_corrupted_shard_is_detected_and_the_previous_step_loaded(tmp_path, tmp_path_factory):
@@ -96,7 +125,15 @@ def test_corrupted_shard_is_detected_and_the_previous_step_loaded(tmp_path, tmp_
     fails = [e for e in evs if e["kind"] == "ckpt_fail" and e.get("step") == 6]
     assert fails and "crc32" in fails[0]["reason"], [e for e in evs if e["kind"] == "ckpt_fail"]
     assert [e["step"] for e in evs if e["kind"] == "ckpt_load"][0] == 4
-    assert_recovered(cluster.run_dir, reference(TP2, tmp_path_factory))
+    report = assert_recovered(cluster.run_dir, reference(TP2, tmp_path_factory))
+    # Two faults were injected: two incidents. The damage is its own, charged the steps its fallback cost.
+    assert [(i.kind, i.target) for i in training_incidents(report)] == [
+        ("rank_died", "rank 1"),
+        ("storage_damage", "checkpoint step 6"),
+    ]
+    killed, damage = training_incidents(report)
+    assert damage.restored_step == 4 and damage.lost_steps == 2 and "crc32" in damage.summary  # steps 5 and 6
+    assert "fallback" in damage.actions and costed(killed).restored_step == 4
 
 
 def test_preemption_commits_exits_0_and_the_requeued_job_continues(tmp_path, tmp_path_factory):
@@ -112,7 +149,17 @@ def test_preemption_commits_exits_0_and_the_requeued_job_continues(tmp_path, tmp
     finally:
         cluster.kill_all()
     assert {e["step"] for e in events(cluster.run_dir) if e["kind"] == "ckpt_load"} == {5}
-    assert_recovered(cluster.run_dir, reference(TP2, tmp_path_factory))
+    report = assert_recovered(cluster.run_dir, reference(TP2, tmp_path_factory))
+    [inc] = training_incidents(report)  # planned, and no fault
+    assert (inc.kind, inc.planned, inc.target, inc.lost_steps, inc.restored_step) == (
+        "preemption",
+        True,
+        "the job",
+        0,
+        5,
+    )
+    assert any("committed step 5" in c for c in consequences(inc, "commit")), inc.consequences
+    assert "requeue" in inc.actions and "reload" in inc.actions
 
 
 def test_dead_gpu_excludes_its_node_and_the_job_finishes_on_the_rest(tmp_path, tmp_path_factory):
@@ -140,7 +187,12 @@ def test_dead_gpu_excludes_its_node_and_the_job_finishes_on_the_rest(tmp_path, t
     )
     print(f"dead GPU detected {detect:.2f} s after injection")
     assert detect <= 5.0
-    incident(assert_recovered(cluster.run_dir, reference(TP2, tmp_path_factory), exact=False), "gpu")
+    report = assert_recovered(cluster.run_dir, reference(TP2, tmp_path_factory), exact=False)
+    inc = the_incident(report, "gpu_fault", "node1 gpu0")
+    assert inc.summary.startswith("GPU node1 gpu0 failed (xid 79); found by healthd on node1")
+    assert "node1 left the job, excluded (exit 93)" in consequences(inc, "exclusion")
+    assert consequences(inc, "kill") == ["healthd on node1 killed ranks 2, 3"]
+    assert "the ranks restarted (world 4 → 2)" in consequences(inc, "restart")
 
 
 def test_lost_node_the_rest_reform_and_a_new_node_grows_the_job_back(tmp_path, tmp_path_factory):
@@ -169,13 +221,15 @@ def test_lost_node_the_rest_reform_and_a_new_node_grows_the_job_back(tmp_path, t
     finally:
         cluster.kill_all()
     assert codes["node0#0"] == 0 and codes["node1#1"] == -9 and codes["node2#2"] == 0, (codes, cluster.logs())
-    worlds = node0_worlds()
-    # On a loaded machine node0 may train alone (2) before node1 has started: look for 4 -> 2 -> 4 after that.
-    assert 4 in worlds, worlds
-    shrunk = worlds.index(2, worlds.index(4))
-    assert 4 in worlds[shrunk:], worlds  # 4 -> 2 -> 4
+    worlds = node0_worlds()  # node0 may have begun alone (2) before node1 joined
+    shrunk = next((k for k in range(1, len(worlds)) if worlds[k] == 2 and 4 in worlds[:k]), None)
+    assert shrunk is not None and 4 in worlds[shrunk:], worlds  # 4 -> 2 -> 4
     assert faults_detected(cluster.run_dir), "the lost node was not detected"
-    assert_recovered(cluster.run_dir, reference(TP2, tmp_path_factory), exact=False)
+    report = assert_recovered(cluster.run_dir, reference(TP2, tmp_path_factory), exact=False)
+    inc = the_incident(report, "node_lost", "node node1")  # not a rank of node0, which only failed after it
+    assert "the ranks restarted (world 4 → 2)" in consequences(inc, "restart")
+    assert consequences(inc, "replacement") == ["node2 joined, replacing node1"]  # the growth back: no resize
+    assert [i for i in training_incidents(report) if i.planned] == []
 
 
 def test_slow_rank_is_flagged_as_a_straggler_on_the_controller(tmp_path):
@@ -229,6 +283,8 @@ def test_slow_rank_is_flagged_as_a_straggler_on_the_controller(tmp_path):
         controller.terminate()
         controller.wait(10)
     assert [r["rank"] for r in flagged] == [1], flagged
+    stragglers = [i for i in compute_goodput(events(run_dir)).incidents if i.kind == "straggler"]
+    assert [(i.target, i.detector) for i in stragglers] == [("rank 1", "controller")], stragglers
 
 
 def test_several_faults_in_one_run_a_write_killed_half_way_then_a_hang(tmp_path, tmp_path_factory):
@@ -237,10 +293,10 @@ def test_several_faults_in_one_run_a_write_killed_half_way_then_a_hang(tmp_path,
     loads = [e["step"] for e in events(cluster.run_dir) if e["kind"] == "ckpt_load"]
     assert loads and loads[0] == 2  # rank 0, the committer, died mid-write: step 4 never became visible
     report = assert_recovered(cluster.run_dir, reference(TP2, tmp_path_factory))
-    seen = [f.get("fault") for f in faults_detected(cluster.run_dir) if f.get("fault") in ("rank_exit", "hang")]
-    assert seen[:2] == ["rank_exit", "hang"], seen  # healthd kills the hung group: the agent then sees exits too
-    for fault in ("rank_exit", "hang"):
-        incident(report, fault)
+    # healthd kills the hung group and the agent then sees exits too: those are the hang's, not a third incident.
+    assert [(i.kind, i.target) for i in training_incidents(report)] == [("rank_died", "rank 0"), ("hang", "rank 1")]
+    killed, hang = (costed(i) for i in training_incidents(report))
+    assert killed.restored_step == 2 and "restart" in hang.actions
 
 
 def test_s3_outage_training_goes_on_and_nothing_committed_is_lost(tmp_path, tmp_path_factory):
@@ -281,9 +337,13 @@ def test_s3_outage_training_goes_on_and_nothing_committed_is_lost(tmp_path, tmp_
         assert fails, "the outage was not reported"
         after = CheckpointManager(url, s3.storage_options()).committed_steps()
         assert set(before) <= set(after), (before, after)
-        assert_recovered(
+        report = assert_recovered(
             cluster.run_dir, reference(TP2, tmp_path_factory), checkpoint_url=url, options=s3.storage_options()
         )
+        # Every save that failed during the outage is one incident, with no downtime: training went on.
+        [inc] = training_incidents(report)
+        assert (inc.kind, inc.target, inc.downtime) == ("save_failed", "checkpoint saves to s3", 0.0)
+        assert sorted(inc.evidence["steps"]) == sorted({e["step"] for e in fails})
     finally:
         cluster.kill_all()
         s3.stop()

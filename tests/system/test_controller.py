@@ -29,7 +29,6 @@ from stalwart.health.controller import (
     ControllerConfig,
     JobController,
     _daemon_address,
-    _incidents_from_events,
 )
 from stalwart.health.controller_client import TOKEN_METADATA, ControllerClient
 from stalwart.health.daemon import HealthDaemon
@@ -256,15 +255,13 @@ def test_dead_gpu_node_is_excluded_within_5s_and_the_rest_keeps_going(tmp_path, 
         assert state["step"] > 0 and state["step_rate"] > 0  # the job goes on
         (gpu,) = node_of(state, "1")["gpus"]
         assert gpu["issues"][0]["kind"] == "xid" and gpu["issues"][0]["fatal"]
-        kinds = wait_for(
-            lambda: (
-                {i["kind"] for i in api_state(controller.http_address)["incidents"]} >= {"gpu", "node_excluded"}
-                and api_state(controller.http_address)["incidents"]
-            ),
+        (gpu,) = wait_for(
+            lambda: [i for i in api_state(controller.http_address)["incidents"] if "exclusion" in i["actions"]],
             10,
-            "gpu fault and exclusion incidents",
+            "the GPU fault with its exclusion",
         )
-        assert any(i["kind"] == "gpu" and i["node"] == "1" for i in kinds)
+        assert (gpu["kind"], gpu["target"], gpu["nodes"]) == ("gpu_fault", "node1 gpu0", ["node1"])
+        assert len(api_state(controller.http_address)["incidents"]) == 1  # the exclusion is a consequence
         assert len(excluded_events(tmp_path)) == 1  # reported every 0.3 s, excluded once
     finally:
         stop_all(ranks)
@@ -302,7 +299,14 @@ def test_slowed_rank_is_flagged_then_struck_out(tmp_path, token_file):
         assert (
             rs[3]["step_seconds"] > rs[0]["step_seconds"] and rs[3]["phase"] == "STEP" and rs[3]["heartbeat_age_s"] >= 0
         )
-        assert any(i["kind"] == "straggler" and i["rank"] == 3 and i["node"] == "1" for i in state["incidents"])
+        wait_for(
+            lambda: any(
+                i["kind"] == "straggler" and i["ranks"] == [3] and i["nodes"] == ["node1"]
+                for i in api_state(controller.http_address)["incidents"]
+            ),
+            10,
+            "the straggler incident",
+        )
         # Still slow for two more windows: the third strike excludes node 1 and its workers are killed.
         wait_for(lambda: "1" in ExclusionList(tmp_path), 30, "node 1 excluded after 3 straggler strikes")
         assert "straggler: 3 strikes" in ExclusionList(tmp_path).load()["1"].reason
@@ -443,7 +447,18 @@ def test_state_metrics_checkpoints_and_rollback(tmp_path):
             and 0 < state["goodput"]["ratio"] <= 1
             and set(state["goodput"]["badput_s"]) == set(CATEGORIES)
         )
-        assert set(state) == {"job", "updated", "step", "step_rate", "nodes", "incidents", "checkpoints", "goodput"}
+        assert set(state) == {
+            "job",
+            "updated",
+            "step",
+            "step_rate",
+            "nodes",
+            "incidents",
+            "timeline",
+            "checkpoints",
+            "goodput",
+        }
+        assert state["timeline"]["step_rate"] and all(rate >= 0 for _, rate in state["timeline"]["step_rate"])
 
         families = {
             f.name: f for f in text_string_to_metric_families(http_get(controller.http_address, "/metrics").decode())
@@ -469,11 +484,23 @@ def test_state_metrics_checkpoints_and_rollback(tmp_path):
             with pytest.raises(grpc.RpcError) as err:  # committed, but no SDC check vouches for it
                 api.RequestRollback(controller_pb2.RollbackRequest(token=TOKEN, step=2), timeout=30)
             assert err.value.code() == grpc.StatusCode.FAILED_PRECONDITION and "not verified" in err.value.details()
-            assert json.loads(api.GetState(EMPTY, timeout=5).json)["incidents"][-1]["kind"] == "rollback_requested"
+            (order_incident,) = wait_for(
+                lambda: [
+                    i
+                    for i in json.loads(api.GetState(EMPTY, timeout=5).json)["incidents"]
+                    if i["kind"] == "rollback_order"
+                ],
+                30,
+                "the rollback order as a planned incident",
+            )
+            assert (
+                order_incident["planned"]
+                and "rollback to step 1 was ordered (sdc on rank 3)" in order_incident["summary"]
+            )
         families = {
             f.name: f for f in text_string_to_metric_families(http_get(controller.http_address, "/metrics").decode())
         }
-        assert {s.labels["kind"]: s.value for s in families["stalwart_incidents"].samples}["rollback_requested"] == 1
+        assert {s.labels["kind"]: s.value for s in families["stalwart_incidents"].samples}["rollback_order"] == 1
     finally:
         controller.stop()
 
@@ -576,23 +603,3 @@ def test_controller_cli_errors_are_one_line(tmp_path, monkeypatch, capsys):
             assert stalwart_main(["controller", *base, *args]) == 2
             err = capsys.readouterr().err.strip().splitlines()
             assert err[-1].startswith("stalwart controller: error:") and fix in err[-1], err
-
-
-def test_incident_list_names_the_hung_rank_not_the_ranks_blocked_on_other_nodes():
-    def hang(ts: float, node: str, rank: int, found_here: bool) -> dict:
-        return {
-            "ts": ts,
-            "kind": "fault_detected",
-            "role": "healthd",
-            "node": node,
-            "fault": "hang",
-            "target": f"rank{rank}",
-            "detector": "healthd",
-            "detail": {"culprit_found_here": found_here},
-        }
-
-    incidents, counts = _incidents_from_events(
-        [hang(100.0, "a", 0, False), hang(101.0, "b", 2, True), {"ts": 102.0, "kind": "step_end"}]
-    )
-    assert [(i["rank"], i["kind"]) for i in incidents] == [(0, "hang_blocked"), (2, "hang")]
-    assert counts == {"hang_blocked": 1, "hang": 1}

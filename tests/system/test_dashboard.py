@@ -16,6 +16,7 @@ from pathlib import Path
 import pytest
 from browser import full_page_screenshot
 from controller_helpers import ROOT, api_state, node_of, spawn_rank
+from incident_logs import chaos_log, write_run
 from polling import free_port, wait_for
 
 from stalwart.events import EventKind, EventLog
@@ -71,7 +72,13 @@ return {
   badput: Object.fromEntries(
     all("#badput-body tr[data-category]").map((r) => [r.dataset.category, text(r, "seconds")])),
   checkpoints: all("#checkpoints-body tr[data-step]").map((r) => [Number(r.dataset.step), r.dataset.verified]),
-  incidents: all("#incidents-body tr[data-incident]").map((r) => r.dataset.incident),
+  incidents: all("tr[data-incident]").map((r) => ({
+    kind: r.dataset.incident, target: r.dataset.target, planned: r.dataset.planned === "true",
+    table: r.closest("table").id, summary: text(r, "summary"),
+    stackLink: (r.querySelector(".links a.stack-dump") || {}).href || null,
+    consequences: all("li[data-consequence]", r).map((li) => [li.dataset.consequence, li.textContent]),
+  })),
+  markers: all("#timeline [data-marker]").map((m) => Number(m.dataset.marker)),
   nodes: Object.fromEntries(all(".node[data-node]").map((n) => [n.dataset.node, {
     state: n.dataset.state,
     fatalGpus: all("[data-gpu][data-fatal=true]", n).map((g) => g.dataset.gpu),
@@ -191,7 +198,12 @@ def test_dashboard_follows_the_controller_live(chromium, tmp_path, token_file): 
         assert shown["sameDocument"], "the page reloaded"
         assert shown["polls"] > polls
         wait_for(lambda: "0" in page(chromium)["nodes"]["0"]["fatalGpus"], 10, "the dead GPU marked fatal")
-        wait_for(lambda: "gpu" in page(chromium)["incidents"], 10, "the GPU incident")
+        wait_for(lambda: [i["kind"] for i in page(chromium)["incidents"]] == ["gpu_fault"], 10, "the GPU incident")
+        (gpu,) = page(chromium)["incidents"]
+        (api_gpu,) = api_state(http_addr)["incidents"]
+        assert gpu["summary"] == api_gpu["summary"]  # the sentence is the report's, shown as it is
+        assert gpu["summary"].startswith("GPU node0 gpu0 failed (xid 79); found by healthd on node0 after")
+        assert ("kill", "healthd on node0 killed rank 0") in [(a, t[9:]) for a, t in gpu["consequences"]]
         assert node_of(api_state(http_addr), "0")["state"] in ("UNHEALTHY", "EXCLUDED")
         shot = full_page_screenshot(chromium, tmp_path / "dashboard-fault.png")
         assert shot.stat().st_size > 20_000
@@ -199,6 +211,87 @@ def test_dashboard_follows_the_controller_live(chromium, tmp_path, token_file): 
         for p in reversed(procs):
             p.kill()
             p.wait()
+
+
+@pytest.mark.filterwarnings("ignore:torch.distributed is disabled")
+def test_dashboard_tells_each_faults_story_with_a_working_stack_link(chromium, tmp_path, token_file):  # noqa: F811
+    """The demo's chaos plan as its run logs it: one row per fault, in words, the preemption apart,
+    every incident on the timeline, and the hang's stack dump one click away."""
+    health = tmp_path / "health"
+    health.mkdir()
+    log = chaos_log(str(health))
+    write_run(tmp_path, log)
+    for stacks in (e["detail"]["stacks"] for e in log.events if e.get("fault") in ("hang", "hang_blocked")):
+        for path in stacks:
+            rank = path.rsplit("rank", 1)[1].removesuffix(".txt")
+            Path(path).write_text(
+                f"# healthd stack dump: rank {rank}\nThread 0x1 (idle): MainThread\n    wait (gloo)\n"
+            )
+    grpc_addr, http_addr = f"127.0.0.1:{free_port()}", f"127.0.0.1:{free_port()}"
+    controller, _ = start(
+        [
+            "controller",
+            "--run-dir",
+            str(tmp_path),
+            "--grpc-bind",
+            grpc_addr,
+            "--http-bind",
+            http_addr,
+            "--token-file",
+            str(token_file),
+            "--refresh-interval-s",
+            "0.5",
+        ],
+        "controller listening on",
+    )
+    try:
+        chromium.get(f"http://{http_addr}/")
+        wait_for(lambda: len(page(chromium)["incidents"]) == 7, 30, "the seven incidents on the page")
+        shown, state = page(chromium), api_state(http_addr)
+        faults = [i for i in shown["incidents"] if not i["planned"]]
+        assert sorted((i["kind"], i["target"]) for i in faults) == sorted(
+            [
+                ("rank_died", "rank 5"),
+                ("hang", "rank 2"),
+                ("sdc", "suspects: ranks 1, 3"),
+                ("gpu_fault", "node1 gpu0"),
+                ("storage_damage", "checkpoint step 20"),
+                ("node_lost", "node node2"),
+            ]
+        )
+        assert {i["table"] for i in faults} == {"faults"}
+        [planned] = [i for i in shown["incidents"] if i["planned"]]
+        assert (planned["kind"], planned["table"]) == ("preemption", "planned")
+        assert sorted(shown["markers"]) == list(range(1, 8))  # every incident on the timeline
+        by_kind = {i["kind"]: i for i in shown["incidents"]}
+        for i in state["incidents"]:  # the report's sentence, not raw JSON
+            assert by_kind[i["kind"]]["summary"] == i["summary"] and "{" not in i["summary"]
+        hang = by_kind["hang"]
+        assert hang["summary"].startswith(
+            "rank 2 stopped making progress in STEP (process stopped (SIGSTOP or a debugger)); found by healthd on "
+            "node0 after 10.5 s; stacks: stacks-"
+        )
+        assert ["blocked", "kill", "killed", "restart", "reload"] == list(
+            dict.fromkeys(a for a, _ in hang["consequences"] if a != "stacks")
+        )
+        assert hang["stackLink"].endswith("-rank2.txt")
+        full_page_screenshot(chromium, tmp_path / "dashboard-incidents.png")
+        chromium.get(hang["stackLink"])  # the link works: the browser gets healthd's dump of the culprit
+        assert "healthd stack dump: rank 2" in chromium.find_element("tag name", "body").text
+        assert http_status(f"http://{http_addr}/stacks/..%2Fevents%2Fx.jsonl") == 404  # nothing else is served
+    finally:
+        controller.kill()
+        controller.wait()
+
+
+def http_status(url: str) -> int:
+    import urllib.error
+    import urllib.request
+
+    try:
+        return urllib.request.urlopen(url, timeout=5).status
+    except urllib.error.HTTPError as e:
+        return e.code
 
 
 def test_dashboard_is_self_contained():

@@ -22,11 +22,14 @@ def check_hand_answer(report, tol):
     assert report.productive_seconds + sum(report.badput.values()) == pytest.approx(report.wall_seconds, abs=tol)
     assert (report.steps_kept, report.steps_lost, report.last_step, report.incarnations) == (25, 10, 25, 2)
     [inc] = report.incidents
-    assert (inc.kind, inc.fault, inc.target, inc.detector) == ("fault", "process_exit", 1, "agent")
+    assert (inc.kind, inc.planned, inc.target, inc.ranks, inc.detector) == ("rank_died", False, "rank 1", [1], "agent")
     assert inc.detection_latency == pytest.approx(2.0, abs=tol)  # 54 - 52
     assert inc.downtime == pytest.approx(13.0, abs=tol)  # detected at 54, stepping again at 67
     assert inc.lost_steps == 10 and inc.restored_step == 10
     assert inc.lost_seconds == pytest.approx(21.0, abs=tol)
+    # The exclusion and the spare that took the node's place follow from the fault: consequences, not incidents.
+    assert inc.actions == ["exclusion", "replacement", "restart", "reload"]
+    assert [c.text for c in inc.consequences if c.action == "replacement"] == ["node2 joined, replacing node1"]
 
 
 def test_hand_computed_answer_is_exact():
@@ -98,7 +101,7 @@ def test_unexplained_restart_and_rollback():
     assert report.incidents[0].downtime == pytest.approx(12.0)  # last event 10 .. stepping again at 22
 
 
-def test_hang_seen_from_two_nodes_is_charged_to_the_node_that_found_the_culprit():
+def test_hang_seen_from_two_nodes_is_one_incident_named_after_the_stopped_rank():
     """Rank 2 on host b is SIGSTOPped: b names it (and its node mate 3 blocked); a sees 0 and 1 stall, no culprit."""
 
     def hang(t, host, rank, fault, found_here):
@@ -121,14 +124,21 @@ def test_hang_seen_from_two_nodes_is_charged_to_the_node_that_found_the_culprit(
         hang(15, "b", 2, "hang", True),
         hang(15, "b", 3, "hang_blocked", True),
     ]
-    faults = {i.target: i.fault for i in compute_goodput(log).incidents}
-    assert faults == {"rank0": "hang_blocked", "rank1": "hang_blocked", "rank2": "hang", "rank3": "hang_blocked"}
-    # One node alone, no culprit (a wedged thread, not a stopped process): its ranks stay the hang.
+    [inc] = compute_goodput(log).incidents
+    assert (inc.kind, inc.target, inc.suspects, inc.ts) == ("hang", "rank 2", False, T0 + 15)
+    blocked = sorted(c.text.split(" blocked")[0] for c in inc.consequences if c.action == "blocked")
+    assert blocked == ["rank 0", "rank 1", "rank 3"]
+    # One node alone, no culprit (a wedged thread, not a stopped process): its ranks are the suspects.
     alone = base + [hang(14, "a", 0, "hang", False), hang(14, "a", 1, "hang", False)]
-    assert {i.target: i.fault for i in compute_goodput(alone).incidents} == {"rank0": "hang", "rank1": "hang"}
-    # A culprit found much later is another incident: it does not relabel this one.
-    later = alone + [hang(14 + 61, "b", 2, "hang", True)]
-    assert [i.fault for i in compute_goodput(later).incidents] == ["hang", "hang", "hang"]
+    [inc] = compute_goodput(alone).incidents
+    assert (inc.kind, inc.target, inc.suspects) == ("hang", "suspects: ranks 0, 1", True)
+    assert "no stopped process was found (suspects)" in inc.summary
+    # After the job stepped again, a culprit is another incident: it does not relabel the first.
+    later = alone + steps(6, 8, 30.0, "a", 0, 0, data_s=0.0) + [hang(40, "b", 2, "hang", True)]
+    assert [(i.kind, i.target) for i in compute_goodput(later).incidents] == [
+        ("hang", "suspects: ranks 0, 1"),
+        ("hang", "rank 2"),
+    ]
 
 
 def test_ranks_of_one_group_on_agents_with_different_restart_counts_are_one_incarnation():
@@ -156,7 +166,7 @@ def test_ranks_of_one_group_on_agents_with_different_restart_counts_are_one_inca
             e["pid"] = 300
     report = compute_goodput(log)
     assert report.incarnations == 2
-    assert [(i.kind, i.fault) for i in report.incidents] == [("fault", "rank_exit")]
+    assert [(i.kind, i.target) for i in report.incidents] == [("rank_died", "rank 1")]
     assert report.steps_kept == 10 and report.steps_lost == 0
 
 
@@ -199,11 +209,14 @@ def test_torn_lines_in_a_run_dir(tmp_path):
 def test_renderings(tmp_path):
     report = compute_goodput(hand_log())
     text = format_text(report)
-    assert "goodput     43.75 %" in text and "process_exit" in text and "lost_progress" in text
+    assert "goodput     43.75 %" in text and "rank_died" in text and "lost_progress" in text
+    assert "incidents   1 fault(s), 0 planned" in text and report.incidents[0].summary in text
     data = json.loads(json.dumps(to_json(report)))
     assert data["goodput"] == report.goodput and data["wall_seconds"] == report.wall_seconds
     assert data["badput"] == report.badput and data["productive_seconds"] == report.productive_seconds
     assert data["incidents"][0]["lost_seconds"] == report.incidents[0].lost_seconds
+    assert data["incidents"][0]["summary"] == report.incidents[0].summary
+    assert data["incidents"][0]["consequences"][0]["text"] == report.incidents[0].consequences[0].text
     page = render_html(report, hand_log())
     assert page.startswith("<!DOCTYPE html>") and "43.75 %" in page
     assert "http://" not in page and "https://" not in page and "<script" not in page and "<link" not in page
