@@ -66,6 +66,10 @@ def run(args: argparse.Namespace, overrides: list[str]) -> int:
         from stalwart.runtime.train import train
 
         train(cfg)
+        if _under_launcher():
+            from stalwart.launcher.worker import leave
+
+            leave(0)
         return 0
     plan = plan_job(cfg, args.nproc_per_node)
     print(

@@ -14,6 +14,7 @@ import os
 import signal
 import sys
 import threading
+from typing import NoReturn
 
 from stalwart.jobenv import WARM_SPARE_ENV
 from stalwart.runtime.config import Config
@@ -70,9 +71,16 @@ def worker_main(cfg: Config) -> int:
     from stalwart.runtime.train import train
 
     trainer = train(cfg)
-    code = EXIT_REJOIN if trainer.step < cfg.training.steps and not trainer.preempted else 0
-    # Everything is committed and closed. After an in-process recovery the interpreter's own teardown
-    # can wait on the lost generation's process-group threads: leave without it.
+    leave(EXIT_REJOIN if trainer.step < cfg.training.steps and not trainer.preempted else 0)
+
+
+def leave(code: int) -> NoReturn:
+    """End a rank whose work is committed and closed, without the interpreter's teardown.
+
+    That teardown destroys process groups and stores while their C++ threads may still run
+    (``terminate called without an active exception``, exit -6, seen under torchrun on 2 cores), and
+    after an in-process recovery it can wait on the lost generation's threads.
+    """
     sys.stdout.flush()
     sys.stderr.flush()
     os._exit(code)

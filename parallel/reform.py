@@ -160,9 +160,8 @@ class GroupSlots:
 
         A group's sockets close only when the group object goes away; peers still blocked in a
         collective with this rank (alive, but not yet aware of the failure) then fail at once
-        instead of waiting out the group's timeout: the failure spreads in milliseconds (seven
-        survivors of an 8-rank job all noticed within 0.5 s on two loaded cores). Reference counting
-        frees them; a full ``gc.collect()`` is not needed (it cost a second).
+        instead of waiting out the group's timeout: the failure spreads in milliseconds. Groups held in
+        reference cycles need the caller's ``gc.collect()`` after this.
         """
         for slot in self.slots:
             if isinstance(slot.owner, (dict, list)):

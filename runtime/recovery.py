@@ -24,6 +24,7 @@ cannot complete raises :class:`~stalwart.parallel.reform.ReformError` and the ra
 
 from __future__ import annotations
 
+import gc
 import io
 import logging
 import os
@@ -156,7 +157,10 @@ class InProcessRecovery:
             abort = getattr(dist.distributed_c10d, "_abort_process_group", None)
             if abort is not None:
                 abort()
-        dist.destroy_process_group()  # nothing else holds the old groups now: their sockets close here
+        dist.destroy_process_group()
+        # Reference counting alone left groups alive (held in cycles) in 2-core CI runs, so peers blocked
+        # on this rank waited out the group timeout: collect, so that their sockets close now.
+        gc.collect()
         released = time.monotonic()
         self.before_forming(self.completed.step)
         self._form(self.store.advance(failed))
