@@ -100,6 +100,7 @@ class InProcessRecovery:
         abandon_step: Callable[[], None],
         restore_completed: Callable[[Completed], None],
         checkpointer: Checkpointer | None = None,
+        load_committed: Callable[[], int | None] | None = None,
         heartbeat: HeartbeatClient | None = None,
         max_reformations: int = 10,
         timeout_s: float = 60.0,
@@ -119,6 +120,8 @@ class InProcessRecovery:
         self.abandon_step = abandon_step
         self.restore_completed = restore_completed
         self.checkpointer = checkpointer
+        # Storage restores go through the trainer's own resume (a pending rollback order first).
+        self.load_committed = load_committed or (lambda: checkpointer.resume("latest") if checkpointer else None)
         self.heartbeat = heartbeat
         self.max_reformations = max_reformations
         self.timeout_s = timeout_s
@@ -247,7 +250,7 @@ class InProcessRecovery:
         if self.checkpointer is None:
             raise ReformError(f"{why}, and checkpoints are disabled: nothing to restore the replacement from")
         log.warning("rank %d: %s; every rank loads the newest intact checkpoint", self.rank, why)
-        step = self.checkpointer.resume("latest")
+        step = self.load_committed()
         if step is None:
             raise ReformError(f"{why}, and no checkpoint is committed yet")
         self.completed.step = step

@@ -159,7 +159,7 @@ class Trainer:
         if replacing is not None and self.recovery is not None:
             self.recovery.join_as_replacement()  # the state of a peer holding the same shard
         elif self.checkpointer is not None and cfg.checkpoint.resume != "none":
-            self._resume()
+            self._load_committed(self.cfg.checkpoint.resume)
         self.health.start(self.step, startup_check=replacing is None)
         self._completed()
         self.events.emit(EventKind.INIT_DONE, seconds=time.time() - t0, replacement=replacing is not None)
@@ -384,8 +384,12 @@ class Trainer:
             self.checkpointer.on_save = health.checkpoint_phase
         return health
 
-    def _resume(self) -> None:
-        """Continue from a controller's rollback order, else the newest intact committed step (or start fresh)."""
+    def _load_committed(self, resume: str = "latest") -> int | None:
+        """Load the step a controller's pending rollback order names, else ``resume``; collective.
+
+        Start-up (``checkpoint.resume``) and an in-process recovery that restores from storage (the
+        newest step) both come here, so that an order is carried out however the ranks come back, once.
+        """
         order = pending_rollback(self.cfg.run_dir)
         if order is not None:
             try:
@@ -404,11 +408,12 @@ class Trainer:
             if self.env.is_main:
                 mark_applied(self.cfg.run_dir, order, step)
                 print(f"rolled back to step {step} as the controller ordered ({order.reason})", flush=True)
-            return
-        step = self.checkpointer.resume(self.cfg.checkpoint.resume)
+            return step
+        step = self.checkpointer.resume(resume)
         if step is not None and self.env.is_main:
             source = "host-memory tier" if self.checkpointer.last_load_tier == "memory" else self.cfg.checkpoint_url
             print(f"resumed from step {step} ({source})", flush=True)
+        return step
 
     # ------------------------------------------------------------------ in-process recovery
 
@@ -432,6 +437,7 @@ class Trainer:
             abandon_step=self._abandon_step,
             restore_completed=self._restore_completed,
             checkpointer=self.checkpointer,
+            load_committed=self._load_committed,
             heartbeat=self.heartbeat,
             max_reformations=r.max_reformations,
             timeout_s=r.reform_timeout_s,
