@@ -13,6 +13,7 @@ NODE_ID_ENV = "STALWART_NODE_ID"  # the node's name (--node-id)
 HEALTHD_ENV = "STALWART_HEALTHD"  # the node's healthd address
 CONTROLLER_ENV = "STALWART_CONTROLLER"  # the job controller's gRPC address
 TOKEN_FILE_ENV = "STALWART_TOKEN_FILE"  # the job token that mutating RPCs present
+PARENT_PID_ENV = "STALWART_PARENT_PID"  # the stalwart process that started this one (see lifeline.py)
 
 
 def node_name() -> str:
