@@ -142,6 +142,7 @@ class CheckpointManager:
             self.wait()
         except CheckpointError as e:
             logger.warning("%s; saving step %d anyway", e, step)
+        self._flush_events()  # the step's own events (step_end) reach the log before it can be committed
         started = time.monotonic()
         token = self._broadcast(uuid.uuid4().hex[:12] if self.rank == 0 else None)
         tmp = naming.tmp_name(step, token)
@@ -218,6 +219,7 @@ class CheckpointManager:
                 step=step, world_size=self.world_size, files=files, checksum=self.checksum, **meta
             )
             self.storage.write_bytes(f"{tmp}/{MANIFEST_NAME}", manifest.to_json().encode())
+            self._flush_events()  # nothing the log said before the commit may be lost after it
             marker = json.dumps({"step": step, "dir": tmp, "committed_at": time.time()}).encode()
             self.storage.write_bytes(f"{tmp}/{naming.COMMIT_MARKER}", marker, exclusive=True)
             if self.storage.is_local:
@@ -233,6 +235,7 @@ class CheckpointManager:
             bytes=manifest.total_bytes,
             tier=self.storage.scheme,
         )
+        self._flush_events()
         logger.info(
             "checkpoint step %d committed under %s (%d bytes)", step, self.storage.base_url, manifest.total_bytes
         )
@@ -479,6 +482,10 @@ class CheckpointManager:
     def _fail(self, step: int, reason: str) -> None:
         logger.error("checkpoint step %d: %s", step, reason)
         self._emit(EventKind.CKPT_FAIL, step=step, reason=reason, tier=self.storage.scheme)
+
+    def _flush_events(self) -> None:
+        if self.events is not None:
+            self.events.flush()
 
     def _emit(self, kind: EventKind, **fields: Any) -> None:
         if self.events is not None:

@@ -87,14 +87,20 @@ class StepResult:
 
 
 class PreemptionFlag:
-    """SIGTERM (preemption, a scheduler's stop) sets it: the step finishes, the job saves and exits cleanly."""
+    """SIGTERM (preemption, a scheduler's stop) sets it: the step finishes, the job saves and exits cleanly.
 
-    def __init__(self) -> None:
+    The event log is flushed at once: a SIGKILL may follow the grace period.
+    """
+
+    def __init__(self, events: EventLog | None = None) -> None:
         self.at: float | None = None  # time.monotonic() of the signal: the grace period starts there
+        self.events = events
         signal.signal(signal.SIGTERM, self._on_signal)
 
     def _on_signal(self, signum: int, frame: object) -> None:
         self.at = self.at or time.monotonic()
+        if self.events is not None:
+            self.events.flush_soon()
 
     @property
     def raised(self) -> bool:
@@ -150,7 +156,7 @@ class Trainer:
     # ------------------------------------------------------------------------------- the loop
 
     def run(self) -> None:
-        cfg, status, preemption = self.cfg, "failed", PreemptionFlag()
+        cfg, status, preemption = self.cfg, "failed", PreemptionFlag(self.events)
         try:
             while self.step < cfg.training.steps:
                 self.step += 1

@@ -25,6 +25,8 @@ from stalwart.runtime.faults.plan import FaultKind, FaultPlan, FaultSpec
 ANY_NODE = "any"  # a node fault for whichever node gets there first (random soak plans)
 # Faults that one process of a node carries out for the whole node (its local rank 0).
 NODE_KINDS = frozenset({FaultKind.GPU_FAULT, FaultKind.KILL_AGENT})
+# Faults that fire right after a persistent save returned instead of at a step's start.
+AFTER_SAVE_KINDS = frozenset({FaultKind.CKPT_KILL_DURING_WRITE, FaultKind.KILL_AFTER_COMMIT})
 
 
 class FaultInjector:
@@ -60,7 +62,8 @@ class FaultInjector:
             (self.node if spec.node == ANY_NODE else spec.node) if spec.kind in NODE_KINDS else f"rank{spec.rank or 0}"
         )
         self.events.emit(EventKind.FAULT_INJECTED, fault=spec.kind.value, target=target, step=step, spec=spec.to_dict())
-        self.events.flush()
+        if spec.kind != FaultKind.KILL_AFTER_COMMIT:  # that kill must find the log as the trainer left it
+            self.events.flush()
 
     def before_step(
         self,
@@ -77,8 +80,8 @@ class FaultInjector:
             if step <= last_step:
                 burn_cpu(seconds)
         for spec in self.plan.faults:
-            if spec.step > step or not self.mine(spec) or spec.kind == FaultKind.CKPT_KILL_DURING_WRITE:
-                continue  # a kill during the write fires in after_save_started
+            if spec.step > step or not self.mine(spec) or spec.kind in AFTER_SAVE_KINDS:
+                continue  # these fire in after_save_started
             if spec.kind == FaultKind.CKPT_CORRUPT:
                 directory = newest_checkpoint()
                 if directory is None or not self._claim(spec):
@@ -98,10 +101,10 @@ class FaultInjector:
             self._fire(spec, step, parameters)
 
     def after_save_started(self, step: int) -> None:
-        """Right after a save began (async: its write is in flight): kill this rank mid-write."""
+        """Right after a save returned: an async one is still being written, a sync one is committed; kill this rank."""
         for spec in self.plan.faults:
             if (
-                spec.kind == FaultKind.CKPT_KILL_DURING_WRITE
+                spec.kind in AFTER_SAVE_KINDS
                 and spec.step <= step
                 and self.mine(spec)
                 and self._claim(spec)
@@ -123,6 +126,12 @@ class FaultInjector:
             burn_cpu(spec.seconds)
         elif kind == FaultKind.FLIP_BIT:
             flip_one_parameter_bit(parameters(), spec.bit, seed=spec.step)
+        elif kind == FaultKind.NAN_PARAMS:
+            from stalwart.health.sdc import local_tensor
+
+            with torch.no_grad():
+                for p in parameters():
+                    local_tensor(p).fill_(float("nan"))
         elif kind == FaultKind.GPU_FAULT:
             write_gpu_fault(self.run_dir, self.node)
         elif kind == FaultKind.KILL_AGENT:
