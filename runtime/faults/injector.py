@@ -103,12 +103,7 @@ class FaultInjector:
     def after_save_started(self, step: int) -> None:
         """Right after a save returned: an async one is still being written, a sync one is committed; kill this rank."""
         for spec in self.plan.faults:
-            if (
-                spec.kind in AFTER_SAVE_KINDS
-                and spec.step <= step
-                and self.mine(spec)
-                and self._claim(spec)
-            ):
+            if spec.kind in AFTER_SAVE_KINDS and spec.step <= step and self.mine(spec) and self._claim(spec):
                 self._record(spec, step)
                 os.kill(os.getpid(), signal.SIGKILL)
 

@@ -1,4 +1,4 @@
-"""Nothing outlives its job: SIGKILL of a launcher (``stalwart train``, a node agent, the demo) ends every process it started.
+"""Nothing outlives its job: SIGKILL of a launcher (`stalwart train`, a node agent, the demo) ends all it started.
 
 Each test starts the real command, waits until its ranks are training (or, for the start-up case,
 merely exist), snapshots the launcher's whole process tree, SIGKILLs the launcher alone, and
