@@ -252,7 +252,7 @@ class CheckpointManager:
             aside = naming.tmp_name(step, uuid.uuid4().hex[:12])  # still committed, but older
             self.storage.rename_dir(final, aside)
             self.storage.rename_dir(tmp, final)
-            self.storage.delete_tree(aside)
+            self.catalog.uncommit(aside)  # marker first: a crash here never leaves a committed copy with holes
         else:
             self.storage.rename_dir(tmp, final)
 
