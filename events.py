@@ -21,7 +21,7 @@ Schema (version 1). Every line is a JSON object with these common keys:
 Kind-specific keys (all optional unless noted):
 
 - ``job_start`` / ``job_end``: ``config`` (dict), ``steps`` (target), ``status`` ("ok", "failed",
-  "preempted").
+  "preempted", "fenced": another job took the run's lease over, "stopped_by_healthd").
 - ``worker_start`` / ``worker_stop``: ``world_size``, ``layout`` (parallel degrees),
   ``exit_code``, ``reason``.
 - ``init_done``: start-up finished (process group, model, data, optimizer ready), ``seconds``.

@@ -13,6 +13,7 @@ NODE_ID_ENV = "STALWART_NODE_ID"  # the node's name (--node-id)
 HEALTHD_ENV = "STALWART_HEALTHD"  # the node's healthd address
 CONTROLLER_ENV = "STALWART_CONTROLLER"  # the job controller's gRPC address
 TOKEN_FILE_ENV = "STALWART_TOKEN_FILE"  # the job token that mutating RPCs present
+JOB_ID_ENV = "STALWART_JOB_ID"  # one job's identity across its nodes and restarts (the run lease's holder)
 PARENT_PID_ENV = "STALWART_PARENT_PID"  # the stalwart process that started this one (see lifeline.py)
 
 

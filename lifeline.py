@@ -11,7 +11,8 @@ entry (:func:`bind_to_parent`):
   its parent and stays unbound: that program is not ours);
 - binding sets Linux's parent-death signal (``prctl(PR_SET_PDEATHSIG)``): the kernel signals us
   the moment the parent goes;
-- a watchdog thread covers what that misses: the parent died before ``prctl`` took effect (we were
+- a watchdog thread covers what that misses (and, for a process that handles the signal to stop
+  cleanly, follows up with SIGKILL after :data:`STOP_GRACE_S`): the parent died before ``prctl`` took effect (we were
   re-parented already: checked at once), a re-parent to a subreaper, a death signal cleared by an
   exec of a set-uid binary, or a parent that is alive but is not the one that started us. It
   compares ``getppid()`` with the pid the parent exported, every ``poll_s``.
@@ -37,6 +38,7 @@ from stalwart.jobenv import PARENT_PID_ENV
 log = logging.getLogger(__name__)
 
 POLL_S = 1.0
+STOP_GRACE_S = 5.0  # a process told to stop cleanly (SIGTERM) gets this long, then SIGKILL
 _PR_SET_PDEATHSIG = 1
 _bound: int | None = None  # the parent pid this process is bound to
 
@@ -101,10 +103,15 @@ def _watch(parent: int, sig: signal.Signals, poll_s: float) -> None:
 
 
 def _end(sig: signal.Signals, parent: int) -> None:
+    """Send ``sig`` to this process; one that handles it (a service stopping cleanly) gets SIGKILL after a grace."""
     print(
         f"stalwart: the process that started this one (pid {parent}) is gone; pid {os.getpid()} ends with it "
         f"({sig.name})",
         file=sys.stderr,
         flush=True,
     )
+    if sig != signal.SIGKILL:
+        escalate = threading.Timer(STOP_GRACE_S, os.kill, (os.getpid(), signal.SIGKILL))
+        escalate.daemon = True
+        escalate.start()
     os.kill(os.getpid(), sig)

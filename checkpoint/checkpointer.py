@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from stalwart.checkpoint.manager import CheckpointError, CheckpointManager, NoCheckpointError
+from stalwart.checkpoint.manager import CheckpointError, CheckpointManager, LeaseLost, NoCheckpointError
 
 logger = logging.getLogger(__name__)
 
@@ -102,6 +102,8 @@ class Checkpointer:
         """Let the in-flight save finish; one that fails is logged (a rollback does not need it)."""
         try:
             self.manager.wait()
+        except LeaseLost:
+            raise
         except CheckpointError as e:
             logger.warning("in-flight checkpoint did not commit (%s); going on", e)
 

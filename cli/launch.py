@@ -107,6 +107,11 @@ def register(sub: Subparsers) -> None:
 
 
 def run(args: argparse.Namespace, overrides: list[str]) -> int:
+    from stalwart.cli.train import refuse_a_second_job
     from stalwart.launcher.main import launch
+    from stalwart.runtime.config import load_config
 
+    # Every node of one job (and its restarts) is the same run-lease holder; another job is refused here.
+    cfg = load_config(args.config, [*overrides, *(["--job.run_dir", args.run_dir] if args.run_dir else [])])
+    refuse_a_second_job(cfg, f"launch:{args.rdzv_id}@{args.rdzv_endpoint}")
     return launch(args, overrides)

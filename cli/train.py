@@ -12,10 +12,11 @@ import math
 import os
 import sys
 import time
+import uuid
 from typing import TYPE_CHECKING
 
 from stalwart.cli.command import Subparsers, subcommand
-from stalwart.jobenv import LAUNCHER_ENV
+from stalwart.jobenv import JOB_ID_ENV, LAUNCHER_ENV
 
 if TYPE_CHECKING:
     from stalwart.runtime.config import Config
@@ -64,10 +65,22 @@ def run(args: argparse.Namespace, overrides: list[str]) -> int:
         train(cfg)
         return 0
     plan = plan_job(cfg, args.nproc_per_node)
+    refuse_a_second_job(cfg, f"train:{uuid.uuid4().hex}")
     print(
         f"stalwart train: {args.nproc_per_node} ranks, layout {plan.dims.describe()}, run dir {cfg.run_dir}", flush=True
     )
     return _run_ranks(args, overrides, cfg)
+
+
+def refuse_a_second_job(cfg: Config, job: str) -> None:
+    """Export this job's identity for its ranks and refuse at once (one line) if another job holds the run."""
+    from stalwart.checkpoint.lease import refuse_if_held
+    from stalwart.checkpoint.storage import s3_storage_options
+
+    os.environ.setdefault(JOB_ID_ENV, job)
+    if cfg.checkpoint.enabled:
+        c = cfg.checkpoint
+        refuse_if_held(cfg.checkpoint_url, s3_storage_options(c.s3_endpoint, c.s3_max_attempts), os.environ[JOB_ID_ENV])
 
 
 def _run_ranks(args: argparse.Namespace, overrides: list[str], cfg: Config) -> int:

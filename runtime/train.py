@@ -20,7 +20,7 @@ import numpy as np
 import torch
 
 from stalwart.checkpoint.checkpointer import Checkpointer, SaveCadence, SaveMeta
-from stalwart.checkpoint.manager import CheckpointError, CheckpointManager, NoCheckpointError
+from stalwart.checkpoint.manager import CheckpointError, CheckpointManager, LeaseLost, NoCheckpointError
 from stalwart.checkpoint.memory_tier import MemoryTier, default_memory_dir
 from stalwart.checkpoint.preemption import grace_deadline
 from stalwart.checkpoint.storage import s3_storage_options
@@ -189,6 +189,9 @@ class Trainer:
             if self.checkpointer:
                 self.checkpointer.finished()
             status = "ok"
+        except LeaseLost:
+            status = "fenced"  # another job took the run over: this one stops without committing
+            raise
         finally:
             self.events.emit(EventKind.WORKER_STOP, reason=status)
             if self.env.is_main:
@@ -304,6 +307,7 @@ class Trainer:
             keep_every=c.keep_every,
             events=self.events,
             memory=memory,
+            lease_ttl_s=c.lease_ttl_s,
         )
         meta = SaveMeta(self.dims.as_dict(), self.cfg.layout_hash(), hf_config_from_args(self.model_args))
         # on_save is the health side's checkpoint phase; bound once the health components exist.
