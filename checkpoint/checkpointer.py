@@ -121,6 +121,9 @@ class Checkpointer:
             self.state, to, reason=reason, from_step=from_step, verified_only=verified_only, **details
         )
 
+    def committed_steps(self) -> list[int]:
+        return self.manager.committed_steps()
+
     @property
     def last_load_tier(self) -> str | None:
         return self.manager.last_load_tier

@@ -10,6 +10,7 @@ checkpointer's cadence.
 
 from __future__ import annotations
 
+import math
 import os
 import random
 import signal
@@ -25,7 +26,7 @@ from stalwart.checkpoint.memory_tier import MemoryTier, default_memory_dir
 from stalwart.checkpoint.preemption import grace_deadline
 from stalwart.checkpoint.storage import s3_storage_options
 from stalwart.events import EventKind, EventLog
-from stalwart.health.anomaly import Anomaly, AnomalyGuard
+from stalwart.health.anomaly import Anomaly, AnomalyGuard, NonFiniteState
 from stalwart.health.ledger import VerificationLedger
 from stalwart.health.rollback import ROLLBACK_FILE, mark_applied, pending_rollback
 from stalwart.health.sdc_monitor import FindingReporter, SdcMonitor
@@ -86,6 +87,19 @@ class StepResult:
     anomaly: Anomaly | None = None  # the guard held the update back
 
 
+def state_known_finite(result: StepResult) -> bool:
+    """The pre-commit check, from what the step already computed (no pass over the weights).
+
+    A finite job-wide loss and grad norm, with a clip norm that config validation holds finite and
+    positive, make a finite update; a step the guard held back had its parameters checked by the
+    replay. (The fingerprint pass, when due at this step, counted NaN/Inf parameters too: a finding
+    rolled back before this point.)
+    """
+    if math.isfinite(result.loss) and math.isfinite(result.grad_norm):
+        return True
+    return result.anomaly is not None and result.anomaly.state_finite is True
+
+
 class PreemptionFlag:
     """SIGTERM (preemption, a scheduler's stop) sets it: the step finishes, the job saves and exits cleanly.
 
@@ -136,7 +150,9 @@ class Trainer:
         )
         collectives = ProcessGroupCollectives(self.env.world_size, replica_group)
         self.health = self._build_health(collectives)
-        self.guard = AnomalyGuard(self.model_step, collectives.gather_world, cfg.health.spike_factor)
+        self.guard = AnomalyGuard(
+            self.model_step, collectives.gather_world, cfg.health.spike_factor, parameters=self.model_step.parameters
+        )
         self.preempted = False
         self.history: list[StepResult] = []
         self.peak_flops = peak_flops(self.env.device, cfg.logging.peak_tflops)
@@ -180,6 +196,8 @@ class Trainer:
                     )
                 if self.health.after_step(self.step, step_seconds, result.anomaly) == StepAction.ROLLED_BACK:
                     continue
+                if not state_known_finite(result):  # never reached past the guard; never commit it if it were
+                    raise NonFiniteState(f"step {self.step}: the state is not known finite; not committing it")
                 if (
                     self.checkpointer
                     and self.checkpointer.maybe_save(self.step, last=self.step == cfg.training.steps)
@@ -191,6 +209,9 @@ class Trainer:
             status = "ok"
         except LeaseLost:
             status = "fenced"  # another job took the run over: this one stops without committing
+            raise
+        except NonFiniteState:
+            status = "nonfinite"  # no finite state to continue from: stop, never commit NaN
             raise
         finally:
             self.events.emit(EventKind.WORKER_STOP, reason=status)
