@@ -75,6 +75,8 @@ def ensure_healthd(address: str, run_dir: Path, node_id: str, controller: str = 
         job_token_file(run_dir),
         "--node",
         node_id,
+        "--worker-ancestor",  # only processes this launcher started can register as its ranks
+        str(os.getpid()),
         *(["--controller", controller] if controller else []),
     ]
     return _start(argv, f"healthd on {address}", run_dir / "health" / f"healthd-{node_id}.log")
