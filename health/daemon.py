@@ -49,7 +49,7 @@ from stalwart.health.controller_client import ControllerClient
 from stalwart.health.hang import HangConfig, HangDetector, Phase
 from stalwart.health.probes import FaultInjectionProbe, GpuIssue, GpuProbe, GpuReport, HostProbe, HostReport
 from stalwart.health.proto import healthd_pb2, healthd_pb2_grpc
-from stalwart.health.security import TlsConfig, heartbeat_key
+from stalwart.health.security import TlsConfig, heartbeat_key, quiet_malformed_requests
 
 log = logging.getLogger(__name__)
 
@@ -147,6 +147,7 @@ class HealthDaemon:
             ],
             maximum_concurrent_rpcs=4 * max_workers,
         )
+        quiet_malformed_requests()
         healthd_pb2_grpc.add_NodeHealthServicer_to_server(_Servicer(self), self._server)
         health_pb2_grpc.add_HealthServicer_to_server(self._health, self._server)
         self.address = ""

@@ -126,8 +126,36 @@ class TlsConfig:
         return ctx
 
 
+class _MalformedRequestsInOneLine(logging.Filter):
+    """grpc logs a request it cannot parse with the parser's whole traceback; a bad client deserves one line."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        error = record.exc_info[1] if record.exc_info else None
+        if error is not None and type(error).__name__ == "DecodeError":
+            record.msg, record.args, record.exc_info, record.exc_text = (
+                "refused a malformed request (%s); the client sent bytes that are not this API's messages",
+                (str(error).splitlines()[0][:200],),
+                None,
+                None,
+            )
+            record.levelno, record.levelname = logging.WARNING, "WARNING"
+        return True
+
+
+_MALFORMED = _MalformedRequestsInOneLine()
+
+
+def quiet_malformed_requests() -> None:
+    """One log line, not a library traceback, per request grpc cannot parse (healthd and the controller)."""
+    for name in ("grpc._common", "grpc._server"):
+        logger = logging.getLogger(name)
+        if _MALFORMED not in logger.filters:
+            logger.addFilter(_MALFORMED)
+
+
 def add_port(server: grpc.Server, bind: str, tls: TlsConfig | None, what: str) -> str:
     """Bind ``server`` to ``bind`` (``host:port``, port 0 picks one); returns the bound address."""
+    quiet_malformed_requests()
     if bind.rsplit(":", 1)[0] in _ALL_INTERFACES and tls is None:
         log.warning(
             "%s listens on every interface (%s) without TLS: state is readable by anyone who can reach it; mutations "
