@@ -56,8 +56,9 @@ class LeaseLost(CheckpointError, UserError):
 def job_id(env: dict[str, str] | None = None) -> str:
     """This job's identity, the same in every rank and incarnation of one job, different between jobs.
 
-    ``stalwart launch`` exports ``$STALWART_JOB_ID`` (rendezvous id and endpoint); torchrun and
-    ``stalwart train --nproc-per-node`` give a fresh run id per invocation; a lone process is its own job.
+    ``stalwart launch`` exports ``$STALWART_JOB_ID`` (rendezvous id and endpoint); torchrun (and
+    ``stalwart train --nproc-per-node``, which runs torchrun's agent) gives a fresh run id per
+    invocation; a lone process is its own job.
     """
     env = os.environ if env is None else env
     if env.get(JOB_ID_ENV):

@@ -16,7 +16,7 @@ import uuid
 from typing import TYPE_CHECKING
 
 from stalwart.cli.command import Subparsers, subcommand
-from stalwart.jobenv import JOB_ID_ENV, LAUNCHER_ENV
+from stalwart.jobenv import LAUNCHER_ENV
 
 if TYPE_CHECKING:
     from stalwart.runtime.config import Config
@@ -62,10 +62,14 @@ def run(args: argparse.Namespace, overrides: list[str]) -> int:
     if _under_launcher() or args.nproc_per_node == 1:
         from stalwart.runtime.train import train
 
+        if not _under_launcher():  # a lone process is its own job: refuse before building anything
+            from stalwart.checkpoint.lease import job_id
+
+            refuse_a_second_job(cfg, job_id({}))  # this process
         train(cfg)
         return 0
     plan = plan_job(cfg, args.nproc_per_node)
-    refuse_a_second_job(cfg, f"train:{uuid.uuid4().hex}")
+    refuse_a_second_job(cfg, f"train:{uuid.uuid4().hex}")  # a new job: any live holder is another one
     print(
         f"stalwart train: {args.nproc_per_node} ranks, layout {plan.dims.describe()}, run dir {cfg.run_dir}", flush=True
     )
@@ -73,14 +77,13 @@ def run(args: argparse.Namespace, overrides: list[str]) -> int:
 
 
 def refuse_a_second_job(cfg: Config, job: str) -> None:
-    """Export this job's identity for its ranks and refuse at once (one line) if another job holds the run."""
+    """Refuse at once (one line) if a live job other than ``job`` holds the run; rank 0 takes the lease later."""
     from stalwart.checkpoint.lease import refuse_if_held
     from stalwart.checkpoint.storage import s3_storage_options
 
-    os.environ.setdefault(JOB_ID_ENV, job)
     if cfg.checkpoint.enabled:
         c = cfg.checkpoint
-        refuse_if_held(cfg.checkpoint_url, s3_storage_options(c.s3_endpoint, c.s3_max_attempts), os.environ[JOB_ID_ENV])
+        refuse_if_held(cfg.checkpoint_url, s3_storage_options(c.s3_endpoint, c.s3_max_attempts), job)
 
 
 def _run_ranks(args: argparse.Namespace, overrides: list[str], cfg: Config) -> int:

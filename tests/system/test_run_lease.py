@@ -23,7 +23,7 @@ from stalwart.checkpoint import naming
 from stalwart.checkpoint.catalog import CheckpointCatalog
 from stalwart.checkpoint.lease import current_record
 from stalwart.events import read_events
-from stalwart.jobenv import PARENT_PID_ENV
+from stalwart.jobenv import JOB_ID_ENV, PARENT_PID_ENV
 
 ROOT = Path(__file__).resolve().parents[2]
 TINY = [
@@ -70,7 +70,8 @@ def train_argv(run_dir: Path, steps: int, *extra: str) -> list[str]:
 
 
 def env() -> dict[str, str]:
-    return {**{k: v for k, v in os.environ.items() if k != PARENT_PID_ENV}, "PYTHONWARNINGS": "ignore"}
+    inherited = {k: v for k, v in os.environ.items() if k not in (PARENT_PID_ENV, JOB_ID_ENV)}
+    return {**inherited, "PYTHONWARNINGS": "ignore"}
 
 
 def start(argv: list[str], log: Path) -> subprocess.Popen:
