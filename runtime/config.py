@@ -72,6 +72,7 @@ class TrainingConfig:
     beta2: float = 0.95
     eps: float = 1e-8
     max_grad_norm: float = 1.0
+    """Clip the total gradient norm to this (positive; inf turns clipping off)."""
     device: Literal["auto", "cpu", "cuda"] = "auto"
     dtype: Literal["auto", "float32", "bfloat16"] = "auto"
     """auto: bf16 autocast on CUDA, fp32 on CPU."""
@@ -347,11 +348,11 @@ def validate(cfg: Config) -> None:
         raise ConfigError(f"checkpoint.preemption_grace_s = {cfg.checkpoint.preemption_grace_s} must be positive")
     if not (math.isfinite(t.lr) and t.lr > 0):
         raise ConfigError(f"training.lr = {t.lr} must be a positive number")
-    if not (math.isfinite(t.max_grad_norm) and t.max_grad_norm > 0):
+    if not t.max_grad_norm > 0:  # NaN fails this too; inf is allowed: it turns clipping off
         raise ConfigError(
             f"training.max_grad_norm = {t.max_grad_norm} cannot train (clipping multiplies every gradient by "
-            "max_grad_norm / norm, so a negative or non-finite value turns the update into NaN); use a positive "
-            "number such as 1.0"
+            "max_grad_norm / norm: a negative or NaN value turns the update into NaN, 0 into nothing); use a positive "
+            "number such as 1.0, or inf for no clipping"
         )
     h = cfg.health
     for key, value in (

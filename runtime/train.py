@@ -90,8 +90,8 @@ class StepResult:
 def state_known_finite(result: StepResult) -> bool:
     """The pre-commit check, from what the step already computed (no pass over the weights).
 
-    A finite job-wide loss and grad norm, with a clip norm that config validation holds finite and
-    positive, make a finite update; a step the guard held back had its parameters checked by the
+    A finite job-wide loss and grad norm, with a clip norm that config validation holds positive
+    (and not NaN), make a finite update; a step the guard held back had its parameters checked by the
     replay. (The fingerprint pass, when due at this step, counted NaN/Inf parameters too: a finding
     rolled back before this point.)
     """
