@@ -2,7 +2,8 @@
 
 Goodput reports are a pure function of this log, so every state change that costs or earns
 wall-clock time is an event. Each process appends to its own file under ``RUN/events/`` (no
-cross-process locking, and a process that dies loses at most one flush interval of events).
+cross-process locking). A process that dies loses at most one flush interval of events, and none
+from before a checkpoint commit: the checkpoint manager flushes before it writes the marker.
 
 Schema (version 1). Every line is a JSON object with these common keys:
 
@@ -20,7 +21,7 @@ Schema (version 1). Every line is a JSON object with these common keys:
 Kind-specific keys (all optional unless noted):
 
 - ``job_start`` / ``job_end``: ``config`` (dict), ``steps`` (target), ``status`` ("ok", "failed",
-  "preempted").
+  "preempted", "fenced": another job took the run's lease over, "stopped_by_healthd").
 - ``worker_start`` / ``worker_stop``: ``world_size``, ``layout`` (parallel degrees),
   ``exit_code``, ``reason``.
 - ``init_done``: start-up finished (process group, model, data, optimizer ready), ``seconds``.
@@ -56,6 +57,9 @@ Kind-specific keys (all optional unless noted):
   ``signalled_ts`` (when SIGTERM arrived). The agent's ``rank_exit`` carries ``exit_code`` and
   ``failures`` (every failed local rank's ``exit_code`` and ``pid``).
 - ``clock``: ``mono`` (``time.monotonic()`` at ``ts``) for skew estimation.
+- ``events_dropped``: the process's event writes failed (a full disk) and were retried:
+  ``write_failures`` (failed writes so far), ``dropped`` (events given up for good so far);
+  written once the disk takes writes again.
 """
 
 from __future__ import annotations
@@ -65,14 +69,17 @@ import enum
 import json
 import os
 import socket
+import sys
 import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, TextIO
+from typing import Any
 
 SCHEMA_VERSION = 1
-FLUSH_INTERVAL_S = 1.0
+FLUSH_INTERVAL_ENV = "STALWART_EVENTS_FLUSH_S"  # seconds between background flushes (tests lengthen it)
+FLUSH_INTERVAL_S = float(os.environ.get(FLUSH_INTERVAL_ENV) or 1.0)
+MAX_UNWRITTEN_BYTES = 16 << 20  # events waiting for a full disk; beyond this the oldest are dropped
 
 
 class EventKind(str, enum.Enum):
@@ -99,28 +106,51 @@ class EventKind(str, enum.Enum):
     WORKERS_KILLED = "workers_killed"
     ROLLBACK_ORDERED = "rollback_ordered"
     CLOCK = "clock"
+    EVENTS_DROPPED = "events_dropped"
 
 
 _COMMON_KEYS = frozenset({"v", "ts", "kind", "role", "host", "node", "pid", "rank", "attempt"})
 
 
 class EventLog:
-    """Buffered, thread-safe appender for one process; flushed every second and at exit."""
+    """Buffered, thread-safe appender for one process; flushed every second, before each commit and at exit.
 
-    def __init__(self, run_dir: str | Path, role: str, rank: int | None = None, node: int | None = None) -> None:
+    A write that fails (a full disk, an I/O error) keeps its bytes and is retried at the next flush,
+    counted in ``write_failures``; the writer thread never dies of it. When more than
+    ``max_unwritten_bytes`` wait, the oldest whole lines are dropped and counted in ``dropped``. Once
+    a write succeeds again the log records an ``events_dropped`` event with both counts, so the
+    goodput report can say how many events it never saw.
+    """
+
+    def __init__(
+        self,
+        run_dir: str | Path,
+        role: str,
+        rank: int | None = None,
+        node: int | None = None,
+        *,
+        max_unwritten_bytes: int = MAX_UNWRITTEN_BYTES,
+    ) -> None:
         self.role = role
         self.rank = rank
         self.node = node
         self.host = socket.gethostname()
         self.attempt = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0"))
+        self.max_unwritten_bytes = max_unwritten_bytes
         events_dir = Path(run_dir) / "events"
         events_dir.mkdir(parents=True, exist_ok=True)
         who = f"{role}-r{rank}" if rank is not None else role
         self.path = events_dir / f"{who}-{self.host}-{os.getpid()}.jsonl"
-        self._file: TextIO | None = open(self.path, "a", encoding="utf-8")
+        self._fd: int | None = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
         self._buffer: list[str] = []
+        self._unwritten = b""  # bytes a failed write left behind; may start in the middle of a line
+        self._mid_line = False  # the file ends inside a line (a write stopped part-way)
+        self.write_failures = 0
+        self.dropped = 0
+        self._reported = (0, 0)  # (write_failures, dropped) already recorded in the log
         self._lock = threading.Lock()
         self._stop = threading.Event()
+        self._wake = threading.Event()
         self._flusher = threading.Thread(target=self._flush_periodically, name="event-flush", daemon=True)
         self._flusher.start()
         atexit.register(self.close)
@@ -148,25 +178,110 @@ class EventLog:
             self._buffer.append(line)
         return record
 
-    def flush(self) -> None:
+    def flush(self) -> bool:
+        """Write what is buffered; True when nothing is left unwritten. Never raises for a write error."""
         with self._lock:
-            if self._file is None or not self._buffer:
-                return
-            self._file.write("\n".join(self._buffer) + "\n")
-            self._file.flush()
-            self._buffer.clear()
+            return self._flush_locked()
+
+    def flush_soon(self) -> None:
+        """Flush from a signal handler: at once if the lock is free, else the writer thread does it next.
+
+        A handler runs between two bytecodes of the main thread, which may hold the lock (inside
+        ``emit``): blocking on it there would deadlock.
+        """
+        if self._lock.acquire(blocking=False):
+            try:
+                self._flush_locked()
+            finally:
+                self._lock.release()
+        else:
+            self._wake.set()
+
+    def _flush_locked(self) -> bool:
+        if self._fd is None:
+            return not self._buffer
+        data = self._unwritten + ("\n".join(self._buffer) + "\n" if self._buffer else "").encode()
+        self._buffer.clear()
+        self._unwritten = self._write(data)
+        if not self._unwritten and (self.write_failures, self.dropped) != self._reported:
+            # The disk takes writes again: record what the log went through on the way.
+            self._reported = (self.write_failures, self.dropped)
+            self._unwritten = self._write((self._trouble_line() + "\n").encode())
+        return not self._unwritten
+
+    def _write(self, data: bytes) -> bytes:
+        """Append ``data``; returns what could not be written (bounded by :meth:`_trim`)."""
+        written = 0
+        try:
+            while written < len(data):
+                written += os.write(self._fd, data[written:])
+        except OSError as e:
+            self.write_failures += 1
+            if self.write_failures == 1 or self.write_failures % 100 == 0:
+                print(
+                    f"stalwart: cannot write events to {self.path} ({e.strerror or e}); retrying, "
+                    f"{len(data) - written} bytes wait (write failures so far: {self.write_failures})",
+                    file=sys.stderr,
+                    flush=True,
+                )
+        if written:
+            self._mid_line = not data[:written].endswith(b"\n")
+        return self._trim(data[written:])
+
+    def _trim(self, rest: bytes) -> bytes:
+        """Bound what waits: keep the end of a line the file has started, drop the oldest whole lines."""
+        if len(rest) <= self.max_unwritten_bytes:
+            return rest
+        head = b""
+        if self._mid_line:
+            cut = rest.find(b"\n") + 1
+            head, rest = rest[:cut], rest[cut:]
+        while len(head) + len(rest) > self.max_unwritten_bytes and rest:
+            cut = rest.find(b"\n") + 1 or len(rest)
+            rest = rest[cut:]
+            self.dropped += 1
+        return head + rest
+
+    def _trouble_line(self) -> str:
+        record = {
+            "v": SCHEMA_VERSION,
+            "ts": time.time(),
+            "kind": EventKind.EVENTS_DROPPED.value,
+            "role": self.role,
+            "host": self.host,
+            "node": self.node,
+            "pid": os.getpid(),
+            "rank": self.rank,
+            "attempt": self.attempt,
+            "dropped": self.dropped,
+            "write_failures": self.write_failures,
+        }
+        return json.dumps(record, separators=(",", ":"), default=str)
 
     def _flush_periodically(self) -> None:
-        while not self._stop.wait(FLUSH_INTERVAL_S):
-            self.flush()
+        while not self._stop.is_set():
+            self._wake.wait(FLUSH_INTERVAL_S)
+            self._wake.clear()
+            try:
+                self.flush()
+            except Exception as e:  # the writer must outlive anything: a lost thread loses every later event
+                print(f"stalwart: event flush failed ({type(e).__name__}: {e}); retrying", file=sys.stderr)
 
     def close(self) -> None:
         self._stop.set()
-        self.flush()
+        self._wake.set()
         with self._lock:
-            if self._file is not None:
-                self._file.close()
-                self._file = None
+            self._flush_locked()
+            if self._fd is not None:
+                if self._unwritten:
+                    lost = self._unwritten.count(b"\n")
+                    print(
+                        f"stalwart: {lost} events never reached {self.path} (the disk refused them)",
+                        file=sys.stderr,
+                        flush=True,
+                    )
+                os.close(self._fd)
+                self._fd = None
 
 
 def read_events(run_dir: str | Path) -> Iterator[dict[str, Any]]:

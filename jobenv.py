@@ -18,6 +18,8 @@ TOKEN_FILE_ENV = "STALWART_TOKEN_FILE"  # the job token that mutating RPCs prese
 JOB_STORE_ENV = "STALWART_JOB_STORE"
 REPLACEMENT_ENV = "STALWART_REPLACEMENT"  # set on a rank started to replace a lost one: the generation it replaces
 WARM_SPARE_ENV = "STALWART_WARM_SPARE"  # set on a node's warm spare: it imports the trainer, then waits on stdin
+JOB_ID_ENV = "STALWART_JOB_ID"  # one job's identity across its nodes and restarts (the run lease's holder)
+PARENT_PID_ENV = "STALWART_PARENT_PID"  # the stalwart process that started this one (see lifeline.py)
 
 
 def node_name() -> str:

@@ -6,7 +6,8 @@ and intact. Reading never raises for a damaged step: a marker or manifest that i
 truncated or garbage makes that step *damaged* (named in the answer), and readers fall back past it.
 
 Commit protocol (written by the manager, read here): a step directory holds its shards, then
-``manifest.json``, then the ``COMMITTED`` marker, written last and exclusively. Retention removes a
+``manifest.json``, then the ``COMMITTED`` marker, written last and exclusively. Under a run lease
+(:mod:`stalwart.checkpoint.lease`) only markers of the lease's epoch, or inherited by it, count. Retention removes a
 step's marker before any of its files (:meth:`CheckpointCatalog.prune`), so a crash mid-prune leaves
 an uncommitted leftover, never a committed step with holes.
 """
@@ -74,12 +75,36 @@ class CheckpointCatalog:
         A marker that cannot be read still marks its directory committed (it may be damaged; a
         load checks); between two copies of a step, one with a readable marker wins.
         """
+        from stalwart.checkpoint.lease import current_record
+
+        lease = current_record(self.storage)
         found: dict[int, list[str]] = {}
         for name in self.storage.list_dir():
             parsed = naming.parse(name)
-            if parsed is not None and self.storage.exists(f"{name}/{naming.COMMIT_MARKER}"):
-                found.setdefault(parsed.step, []).append(name)
+            if parsed is None or not self.storage.exists(f"{name}/{naming.COMMIT_MARKER}"):
+                continue
+            if lease is not None and name not in lease.fence and self._fenced(name, lease.epoch):
+                logger.warning("ignoring %s: committed by an older lease epoch after a takeover (fenced)", name)
+                continue
+            found.setdefault(parsed.step, []).append(name)
         return {step: max(names, key=self._committed_at) for step, names in found.items()}
+
+    def _marker(self, name: str) -> dict[str, Any]:
+        """The commit marker's JSON; {} when unreadable."""
+        try:
+            value = json.loads(self.storage.read_bytes(f"{name}/{naming.COMMIT_MARKER}"))
+        except _READ_ERRORS:
+            return {}
+        return value if isinstance(value, dict) else {}
+
+    def _fenced(self, name: str, epoch: int) -> bool:
+        """Whether ``name``'s marker names an epoch other than the lease's ``epoch`` (a late writer).
+
+        Only a readable marker that names its epoch is fenced: an unreadable one stays a damaged
+        step that loads fall back past (every marker this code writes names its epoch).
+        """
+        written_by = self._marker(name).get("epoch")
+        return isinstance(written_by, int) and written_by != epoch
 
     def _committed_at(self, name: str) -> float:
         """When ``name`` was committed; -1 for an unreadable marker (it loses against any intact copy)."""

@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from stalwart.checkpoint.manager import CheckpointError, CheckpointManager, NoCheckpointError
+from stalwart.checkpoint.manager import CheckpointError, CheckpointManager, LeaseLost, NoCheckpointError
 
 logger = logging.getLogger(__name__)
 
@@ -102,6 +102,8 @@ class Checkpointer:
         """Let the in-flight save finish; one that fails is logged (a rollback does not need it)."""
         try:
             self.manager.wait()
+        except LeaseLost:
+            raise
         except CheckpointError as e:
             logger.warning("in-flight checkpoint did not commit (%s); going on", e)
 
@@ -122,6 +124,9 @@ class Checkpointer:
         return self.manager.rollback(
             self.state, to, reason=reason, from_step=from_step, verified_only=verified_only, **details
         )
+
+    def committed_steps(self) -> list[int]:
+        return self.manager.committed_steps()
 
     @property
     def last_load_tier(self) -> str | None:

@@ -10,6 +10,11 @@ Protocol of one save of step N (every rank calls :meth:`CheckpointManager.save`)
    (create-if-absent), and on local disk renames the directory to ``step-N``;
 4. rank 0 prunes old steps and stale temporary directories.
 
+With ``lease_ttl_s`` set, rank 0 holds the run's lease (:mod:`stalwart.checkpoint.lease`) from
+construction to :meth:`close`: a second job refuses to start (:class:`LeaseHeld`), and the marker
+of step 3 is written only while the lease is still this job's and names its epoch; a job that
+lost the lease gets :class:`LeaseLost` on every rank at its next save (or ``wait``) and stops.
+
 With a :class:`~stalwart.checkpoint.memory_tier.MemoryTier` attached, ``load("latest")`` and
 ``load(N)`` take the newest complete copy among the host-memory tier and this persistent tier
 (``ckpt_load`` events say which in ``tier``); ``latest-verified`` reads only the persistent tier,
@@ -43,6 +48,7 @@ from torch.distributed.checkpoint.staging import BlockingAsyncStager
 
 from stalwart.checkpoint import naming
 from stalwart.checkpoint.catalog import CheckpointCatalog, CheckpointError, NoCheckpointError
+from stalwart.checkpoint.lease import LeaseHeld, LeaseLost, RunLease
 from stalwart.checkpoint.manifest import MANIFEST_NAME, CheckpointManifest, compute_files
 from stalwart.checkpoint.memory_tier import TIER as MEMORY_TIER
 from stalwart.checkpoint.memory_tier import MemoryTier
@@ -51,10 +57,11 @@ from stalwart.events import EventKind, EventLog
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["CheckpointError", "CheckpointManager", "NoCheckpointError", "storage_reader"]
+__all__ = ["CheckpointError", "CheckpointManager", "LeaseHeld", "LeaseLost", "NoCheckpointError", "storage_reader"]
 
 # DCP's CheckpointException derives from BaseException; catch it explicitly next to Exception.
 _SAVE_ERRORS = (Exception, CheckpointException)
+_FENCED = "fenced: "  # a commit error that means the run lease is lost (it stops the job on every rank)
 
 
 @dataclass
@@ -87,6 +94,7 @@ class CheckpointManager:
         thread_count: int = 1,
         cache_staging: bool = False,
         memory: MemoryTier | None = None,
+        lease_ttl_s: float | None = None,
     ) -> None:
         if keep_last < 1:
             raise ValueError(f"keep_last={keep_last}: keep at least the newest checkpoint (keep_last >= 1)")
@@ -113,6 +121,31 @@ class CheckpointManager:
         self._loading: set[int] = set()
         self.memory = memory
         self.last_load_tier: str | None = None  # where the last load came from: "memory" or storage.scheme
+        self.lease: RunLease | None = None
+        if lease_ttl_s is not None:
+            self._take_lease(lease_ttl_s)
+
+    # ---------------------------------------------------------------------------------- lease
+
+    def _take_lease(self, ttl_s: float) -> None:
+        """Rank 0 takes the run's lease; every rank raises :class:`LeaseHeld` when another live job holds it."""
+        answer: tuple[str, str] | None = None
+        if self.rank == 0:
+            lease = RunLease(self.storage, ttl_s=ttl_s)
+            try:
+                record = lease.acquire(inherited=lambda: self.catalog.committed_dirs().values())
+            except LeaseHeld as e:
+                answer = ("held", str(e))
+            except Exception as e:
+                answer = ("error", f"cannot take the run lease under {self.storage.base_url}: {_describe(e)}")
+            else:
+                self.lease, answer = lease, ("ok", str(record.epoch))
+                lease.start_renewing()
+        kind, detail = self._broadcast(answer)
+        if kind == "held":
+            raise LeaseHeld(detail)
+        if kind == "error":
+            raise CheckpointError(f"{detail}; retry when the store is reachable")
 
     # ----------------------------------------------------------------------------------- save
 
@@ -140,8 +173,11 @@ class CheckpointManager:
         """
         try:
             self.wait()
+        except LeaseLost:
+            raise
         except CheckpointError as e:
             logger.warning("%s; saving step %d anyway", e, step)
+        self._flush_events()  # the step's own events (step_end) reach the log before it can be committed
         started = time.monotonic()
         token = self._broadcast(uuid.uuid4().hex[:12] if self.rank == 0 else None)
         tmp = naming.tmp_name(step, token)
@@ -239,10 +275,16 @@ class CheckpointManager:
                 step=step, world_size=self.world_size, files=files, checksum=self.checksum, **meta
             )
             self.storage.write_bytes(f"{tmp}/{MANIFEST_NAME}", manifest.to_json().encode())
-            marker = json.dumps({"step": step, "dir": tmp, "committed_at": time.time()}).encode()
-            self.storage.write_bytes(f"{tmp}/{naming.COMMIT_MARKER}", marker, exclusive=True)
+            self._flush_events()  # nothing the log said before the commit may be lost after it
+            if self.lease is not None:
+                self.lease.check()  # a job that lost the run to another never commits into it
+            marker = {"step": step, "dir": tmp, "committed_at": time.time(), "epoch": self.lease and self.lease.epoch}
+            self.storage.write_bytes(f"{tmp}/{naming.COMMIT_MARKER}", json.dumps(marker).encode(), exclusive=True)
             if self.storage.is_local:
                 self._rename_committed(step, tmp)
+        except LeaseLost as e:
+            self._fail(step, f"not committed: {e}")
+            return _FENCED + str(e)
         except _SAVE_ERRORS as e:
             reason = f"committing {self.storage.url(tmp)} failed: {_describe(e)}"
             self._fail(step, reason)
@@ -254,6 +296,7 @@ class CheckpointManager:
             bytes=manifest.total_bytes,
             tier=self.storage.scheme,
         )
+        self._flush_events()
         logger.info(
             "checkpoint step %d committed under %s (%d bytes)", step, self.storage.base_url, manifest.total_bytes
         )
@@ -270,11 +313,13 @@ class CheckpointManager:
             aside = naming.tmp_name(step, uuid.uuid4().hex[:12])  # still committed, but older
             self.storage.rename_dir(final, aside)
             self.storage.rename_dir(tmp, final)
-            self.storage.delete_tree(aside)
+            self.catalog.uncommit(aside)  # marker first: a crash here never leaves a committed copy with holes
         else:
             self.storage.rename_dir(tmp, final)
 
     def _raise_if_failed(self, step: int, error: str | None) -> None:
+        if error is not None and error.startswith(_FENCED):
+            raise LeaseLost(f"checkpoint step {step} was not committed: {error.removeprefix(_FENCED)}")
         if error is not None:
             raise CheckpointError(
                 f"checkpoint step {step} did not commit: {error}; the previous committed step is intact"
@@ -478,6 +523,8 @@ class CheckpointManager:
             self._stager.close()
             if self.memory is not None:
                 self.memory.close()
+            if self.lease is not None:
+                self.lease.close(release=True)  # the job ended here: the next one may take the run at once
 
     def _writer(self, rel: str) -> dcp.StorageWriter:
         if self.storage.is_local:
@@ -500,6 +547,10 @@ class CheckpointManager:
     def _fail(self, step: int, reason: str) -> None:
         logger.error("checkpoint step %d: %s", step, reason)
         self._emit(EventKind.CKPT_FAIL, step=step, reason=reason, tier=self.storage.scheme)
+
+    def _flush_events(self) -> None:
+        if self.events is not None:
+            self.events.flush()
 
     def _emit(self, kind: EventKind, **fields: Any) -> None:
         if self.events is not None:

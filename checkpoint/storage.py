@@ -116,8 +116,13 @@ class Storage:
         return {p[len(base) + 1 :]: int(info["size"]) for p, info in found.items() if info.get("type") != "directory"}
 
     def delete_file(self, rel: str) -> None:
-        """Remove one file; ``FileNotFoundError`` when it is not there."""
+        """Remove one file; ``FileNotFoundError`` when it is not there. Durable locally (the directory is fsynced).
+
+        The removal of a commit marker must reach the disk before the files it covered go.
+        """
         self.fs.rm_file(self.path(rel))
+        if self.is_local:
+            fsync_dir(os.path.dirname(self.path(rel)))
         self.invalidate_cache()
 
     def delete_tree(self, rel: str) -> None:

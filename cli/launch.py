@@ -10,9 +10,11 @@ The flags are defined here; :mod:`stalwart.launcher.main` checks them and runs t
 from __future__ import annotations
 
 import argparse
+import os
 import socket
 
 from stalwart.cli.command import Subparsers, subcommand
+from stalwart.jobenv import JOB_ID_ENV
 
 DEFAULT_HEALTHD = "127.0.0.1:50051"
 
@@ -109,6 +111,12 @@ def register(sub: Subparsers) -> None:
 
 
 def run(args: argparse.Namespace, overrides: list[str]) -> int:
+    from stalwart.cli.train import refuse_a_second_job
     from stalwart.launcher.main import launch
+    from stalwart.runtime.config import load_config
 
+    # Every node of one job (and its restarts) is the same run-lease holder; another job is refused here.
+    cfg = load_config(args.config, [*overrides, *(["--job.run_dir", args.run_dir] if args.run_dir else [])])
+    os.environ[JOB_ID_ENV] = f"launch:{args.rdzv_id}@{args.rdzv_endpoint}"  # what the ranks hold the lease as
+    refuse_a_second_job(cfg, os.environ[JOB_ID_ENV])
     return launch(args, overrides)

@@ -8,12 +8,15 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import signal
 import sys
 
 from stalwart import __version__
 from stalwart.errors import UserError
 
 COMMANDS = ("train", "launch", "demo", "healthd", "controller", "store", "goodput", "ckpt")
+# Services end cleanly (SIGTERM: they flush their events) when their launcher goes; everything else at once.
+_SERVICES = ("healthd", "controller", "store")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -33,6 +36,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.command is None:
         parser.print_help()
         return 0
+    from stalwart.lifeline import bind_to_parent
+
+    bind_to_parent(signal.SIGTERM if args.command in _SERVICES else signal.SIGKILL)  # nothing outlives its launcher
     try:
         if extra and not args.takes_overrides:
             raise UserError(f"unexpected arguments {' '.join(extra)}; see stalwart {args.command} --help")

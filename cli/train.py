@@ -12,6 +12,7 @@ import math
 import os
 import sys
 import time
+import uuid
 from typing import TYPE_CHECKING
 
 from stalwart.cli.command import Subparsers, subcommand
@@ -65,6 +66,10 @@ def run(args: argparse.Namespace, overrides: list[str]) -> int:
     if _under_launcher() or args.nproc_per_node == 1:
         from stalwart.runtime.train import train
 
+        if not _under_launcher():  # a lone process is its own job: refuse before building anything
+            from stalwart.checkpoint.lease import job_id
+
+            refuse_a_second_job(cfg, job_id({}))  # this process
         train(cfg)
         if _under_launcher():
             from stalwart.launcher.worker import leave
@@ -72,10 +77,21 @@ def run(args: argparse.Namespace, overrides: list[str]) -> int:
             leave(0)
         return 0
     plan = plan_job(cfg, args.nproc_per_node)
+    refuse_a_second_job(cfg, f"train:{uuid.uuid4().hex}")  # a new job: any live holder is another one
     print(
         f"stalwart train: {args.nproc_per_node} ranks, layout {plan.dims.describe()}, run dir {cfg.run_dir}", flush=True
     )
     return _run_ranks(args, overrides, cfg)
+
+
+def refuse_a_second_job(cfg: Config, job: str) -> None:
+    """Refuse at once (one line) if a live job other than ``job`` holds the run; rank 0 takes the lease later."""
+    from stalwart.checkpoint.lease import refuse_if_held
+    from stalwart.checkpoint.storage import s3_storage_options
+
+    if cfg.checkpoint.enabled:
+        c = cfg.checkpoint
+        refuse_if_held(cfg.checkpoint_url, s3_storage_options(c.s3_endpoint, c.s3_max_attempts), job)
 
 
 def _run_ranks(args: argparse.Namespace, overrides: list[str], cfg: Config) -> int:

@@ -119,6 +119,8 @@ class GoodputReport:
     clock_offsets: dict[str, float]
     segments: list[Segment] = field(default_factory=list)
     steps: list[StepRecord] = field(default_factory=list)
+    events_dropped: int = 0  # events the processes gave up writing (a full disk): this report never saw them
+    event_write_failures: int = 0  # failed event writes that were retried
 
     def seconds(self, category: str) -> float:
         return self.productive_seconds if category == PRODUCTIVE else self.badput[category]
@@ -323,6 +325,17 @@ def _resolve(intervals: list[tuple[float, float, str]], lo: float, hi: float) ->
     return segments
 
 
+def _event_log_trouble(evs: list[dict[str, Any]]) -> tuple[int, int]:
+    """(events dropped, event writes retried) over every process; each process's counts are cumulative."""
+    newest: dict[tuple[Any, Any], tuple[int, int]] = {}
+    for e in evs:
+        if e["kind"] == "events_dropped":
+            key = (e.get("host"), e.get("pid"))
+            old = newest.get(key, (0, 0))
+            newest[key] = (max(old[0], int(_num(e.get("dropped")))), max(old[1], int(_num(e.get("write_failures")))))
+    return sum(d for d, _ in newest.values()), sum(f for _, f in newest.values())
+
+
 def compute_goodput(
     events: Iterable[dict[str, Any]], since: float | None = None, until: float | None = None
 ) -> GoodputReport:
@@ -391,6 +404,7 @@ def compute_goodput(
     wall = hi - lo
     incidents = find_incidents(evs, records, partial, [inc.start for inc in incs[1:]], lo, hi)
     kept = [r for r in records if r.kept]
+    dropped, failures = _event_log_trouble(evs)
     return GoodputReport(
         wall_start=lo,
         wall_end=hi,
@@ -406,6 +420,8 @@ def compute_goodput(
         clock_offsets=offsets,
         segments=segments,
         steps=records,
+        events_dropped=dropped,
+        event_write_failures=failures,
     )
 
 

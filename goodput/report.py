@@ -48,6 +48,12 @@ def format_text(report: GoodputReport) -> str:
         f"{'total':<20}{sum(s for _, s, _ in category_rows(report)):>14,.2f}"
         f"{100.0 if report.wall_seconds else 0.0:>8.2f}%"
     )
+    if report.events_dropped or report.event_write_failures:
+        lines += [
+            "",
+            f"event log   {report.events_dropped} events dropped, {report.event_write_failures} failed writes retried "
+            "(a full or failing disk under RUN/events): the figures above miss what was dropped",
+        ]
     skewed = {h: o for h, o in report.clock_offsets.items() if o}
     if skewed:
         lines += ["", "clock offsets applied: " + ", ".join(f"{h} {o:+.3f} s" for h, o in sorted(skewed.items()))]
@@ -110,6 +116,8 @@ def to_json(report: GoodputReport, include_timeline: bool = False) -> dict[str, 
         "last_step": report.last_step,
         "incarnations": report.incarnations,
         "clock_offsets": dict(report.clock_offsets),
+        "events_dropped": report.events_dropped,
+        "event_write_failures": report.event_write_failures,
         "incidents": [incident_dict(i) for i in report.incidents],
     }
     if include_timeline:

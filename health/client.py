@@ -23,6 +23,8 @@ import grpc
 
 from stalwart.health.hang import Phase
 from stalwart.health.proto import healthd_pb2, healthd_pb2_grpc
+from stalwart.health.security import TokenError, heartbeat_key, read_token
+from stalwart.jobenv import TOKEN_FILE_ENV
 
 log = logging.getLogger(__name__)
 
@@ -55,13 +57,30 @@ def install_stack_dump_handler(path: str | Path) -> Path:
     return path
 
 
+def job_heartbeat_key() -> str:
+    """The heartbeat key of the job token in ``$STALWART_TOKEN_FILE``; "" (healthd will refuse) without one."""
+    try:
+        return heartbeat_key(read_token(None))
+    except TokenError as e:
+        log.warning("no job token for heartbeats (%s); healthd will refuse them", e)
+        return ""
+
+
 class HeartbeatClient:
     """Sends this rank's (step, phase, progress time) to the node's healthd; see the module docstring."""
 
     def __init__(
-        self, address: str, rank: int, local_rank: int, interval_s: float = 0.5, rpc_timeout_s: float = 2.0
+        self,
+        address: str,
+        rank: int,
+        local_rank: int,
+        interval_s: float = 0.5,
+        rpc_timeout_s: float = 2.0,
+        auth: str | None = None,
     ) -> None:
+        """``auth`` is the job's heartbeat key; None derives it from the job token in ``$STALWART_TOKEN_FILE``."""
         self.address = address
+        self.auth = job_heartbeat_key() if auth is None else auth
         self.rank = rank
         self.local_rank = local_rank
         self.interval_s = interval_s
@@ -125,12 +144,22 @@ class HeartbeatClient:
             phase=_PROTO_PHASE[phase],
             ts=ts,
             step_seconds=step_seconds,
+            auth=self.auth,
         )
         try:
             reply = self._stub.Heartbeat(request, timeout=self.rpc_timeout_s)
         except grpc.RpcError as e:
             self.failures += 1
-            if self.failures == 1 or self.failures % 100 == 0:
+            if e.code() == grpc.StatusCode.UNAUTHENTICATED and self.failures == 1:
+                log.error(
+                    "healthd at %s refuses rank %d's heartbeats (%s): it cannot detect a hang of this rank; give the "
+                    "rank the job's token file ($%s)",
+                    self.address,
+                    self.rank,
+                    e.details(),
+                    TOKEN_FILE_ENV,
+                )
+            elif self.failures == 1 or self.failures % 100 == 0:
                 log.info("healthd at %s unreachable (%s); training continues, retrying", self.address, e.code())
             return
         self.sent += 1

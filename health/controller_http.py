@@ -34,6 +34,7 @@ import re
 import socket
 import ssl
 import statistics
+import sys
 import threading
 from collections.abc import Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -216,7 +217,12 @@ class _Server(ThreadingHTTPServer):
         super().finish_request(request, client_address)
 
     def handle_error(self, request: Any, client_address: Any) -> None:
-        log.warning("http %s: request failed", client_address[0] if client_address else "?", exc_info=True)
+        who = client_address[0] if client_address else "?"
+        error = sys.exc_info()[1]
+        if isinstance(error, (ConnectionError, ssl.SSLError, TimeoutError)):  # the client hung up or spoke nonsense
+            log.info("http %s: client went away (%s: %s)", who, type(error).__name__, error)
+            return
+        log.warning("http %s: request failed", who, exc_info=True)  # ours: keep the traceback
 
 
 class _Server6(_Server):

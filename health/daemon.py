@@ -9,11 +9,15 @@ controller may read its status but is never needed for any of this; with ``contr
 background thread pushes the status there every ``report_interval_s`` (at once after a fault) and
 keeps retrying while the controller is down.
 
-Trust model: heartbeats and status are unauthenticated (bind to loopback or a ``unix:`` socket,
-which is made mode 0600); the one mutating call, ``KillWorkers``, needs the job token. A heartbeat
-can only make the daemon kill a pid that runs as the daemon's user (any pid when the daemon is root),
-is not the daemon or one of its ancestors, descends from ``worker_ancestor`` when that is set, and
-still has the start time it had when it first beat (no pid-reuse kills).
+Trust model: status is open to whoever reaches the socket (bind to loopback or a ``unix:`` socket,
+which is made mode 0600); the mutating calls, ``KillWorkers`` and ``Quarantine``, need the job
+token; a heartbeat needs the job's heartbeat key (:func:`~stalwart.health.security.heartbeat_key`
+of the token, which the launcher hands its ranks through ``$STALWART_TOKEN_FILE``). A heartbeat
+without it is refused, counted (``refused_heartbeats`` in the status) and logged, and registers
+nothing: only the job's own ranks can be declared hung. Even then the daemon only kills a pid that
+runs as its user (any pid when it is root), is not the daemon or one of its ancestors, descends
+from ``worker_ancestor`` when that is set (the launcher sets itself), and still has the start
+time it had when it first beat (no pid-reuse kills).
 """
 
 from __future__ import annotations
@@ -45,7 +49,7 @@ from stalwart.health.controller_client import ControllerClient
 from stalwart.health.hang import HangConfig, HangDetector, Phase
 from stalwart.health.probes import FaultInjectionProbe, GpuIssue, GpuProbe, GpuReport, HostProbe, HostReport
 from stalwart.health.proto import healthd_pb2, healthd_pb2_grpc
-from stalwart.health.security import TlsConfig
+from stalwart.health.security import TlsConfig, heartbeat_key, quiet_malformed_requests
 
 log = logging.getLogger(__name__)
 
@@ -104,6 +108,9 @@ class HealthDaemon:
         self.health_dir = self.run_dir / "health"
         self.health_dir.mkdir(parents=True, exist_ok=True)
         self._token = token.encode()
+        self._heartbeat_key = heartbeat_key(token).encode()
+        self.refused_heartbeats = 0
+        self._refused_by_peer: dict[str, int] = {}
         self.bind = bind
         self.node = str(node)
         self.node_label = f"node{self.node}" if self.node.isdigit() else self.node  # "node3" for a bare node rank
@@ -148,6 +155,7 @@ class HealthDaemon:
             ],
             maximum_concurrent_rpcs=4 * max_workers,
         )
+        quiet_malformed_requests()
         healthd_pb2_grpc.add_NodeHealthServicer_to_server(_Servicer(self), self._server)
         health_pb2_grpc.add_HealthServicer_to_server(self._health, self._server)
         self.address = ""
@@ -270,6 +278,7 @@ class HealthDaemon:
                 ts=now,
                 host_name=self.events.host,
                 address=self.address,
+                refused_heartbeats=self.refused_heartbeats,
             )
             for rank in sorted(self._ranks):
                 e = self._ranks[rank]
@@ -312,6 +321,25 @@ class HealthDaemon:
 
     def check_token(self, token: str) -> bool:
         return hmac.compare_digest(token.encode(), self._token)
+
+    def heartbeat_authentic(self, auth: str) -> bool:
+        return hmac.compare_digest(auth.encode(), self._heartbeat_key)
+
+    def refuse_heartbeat(self, peer: str, request: healthd_pb2.HeartbeatRequest) -> None:
+        """Count an unauthenticated heartbeat; one log line for a peer's first, then for every 100th."""
+        with self._lock:
+            self.refused_heartbeats += 1
+            seen = self._refused_by_peer[peer] = self._refused_by_peer.get(peer, 0) + 1
+        if seen == 1 or seen % 100 == 0:
+            log.warning(
+                "refused heartbeat #%d from %s (rank %d, pid %d): no valid heartbeat key; it registers nothing and "
+                "cannot get any process declared hung (%d refused in all)",
+                seen,
+                peer,
+                request.rank,
+                request.pid,
+                self.refused_heartbeats,
+            )
 
     # ---------------------------------------------------------------- detection
 
@@ -573,6 +601,9 @@ class _Servicer(healthd_pb2_grpc.NodeHealthServicer):
         self.daemon = daemon
 
     def Heartbeat(self, request: Any, context: grpc.ServicerContext) -> Any:
+        if not self.daemon.heartbeat_authentic(request.auth):
+            self.daemon.refuse_heartbeat(context.peer(), request)
+            context.abort(grpc.StatusCode.UNAUTHENTICATED, "heartbeats need the job's heartbeat key (its token file)")
         try:
             return healthd_pb2.HeartbeatReply(action=self.daemon.heartbeat(request))
         except ValueError as e:

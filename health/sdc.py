@@ -61,20 +61,51 @@ def tensor_fingerprint(t: torch.Tensor) -> torch.Tensor:
     with ``c_i = 1 + i mod 65521``. The sums are exact integers, so changing one word changes at
     least one of the two by a nonzero amount below 2^32, which the prime modulus cannot hide.
     """
-    words = _words(local_tensor(t))
+    return _fingerprint_and_nonfinite(t)[0]
+
+
+_FP32_EXPONENT = 0x7F800000  # an fp32 word with every exponent bit set is Inf or NaN
+
+
+def _fingerprint_and_nonfinite(t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The fingerprint of ``t`` and how many of its elements are NaN/Inf, counted in the same pass over fp32 words."""
+    local = local_tensor(t)
+    words = _words(local)
     acc = torch.zeros(2, dtype=torch.int64, device=words.device)
+    nonfinite = torch.zeros((), dtype=torch.int64, device=words.device)
+    count_words = local.dtype == torch.float32
     for start in range(0, words.numel(), _CHUNK):
         w = words[start : start + _CHUNK].to(torch.int64) & 0xFFFFFFFF
         weight = torch.arange(start, start + w.numel(), dtype=torch.int64, device=w.device) % _WEIGHT_PERIOD + 1
         chunk = torch.stack([((w & 0xFFFF) * weight).sum(), ((w >> 16) * weight).sum()])
         acc = (acc + chunk) % _PRIME
-    return acc
+        if count_words:
+            nonfinite += ((w & _FP32_EXPONENT) == _FP32_EXPONENT).sum()
+    if not count_words and local.is_floating_point():  # bf16/fp16/fp64 parameters: a plain check (rare here)
+        nonfinite += (~torch.isfinite(local.detach())).sum()
+    return acc, nonfinite
 
 
 def fingerprint(tensors: Iterable[torch.Tensor]) -> torch.Tensor:
     """One ``[low, high]`` row per tensor, as a CPU int64 tensor ``[n, 2]`` (small, cheap to gather)."""
-    rows = [tensor_fingerprint(t) for t in tensors]
-    return torch.stack(rows).cpu() if rows else torch.zeros(0, 2, dtype=torch.int64)
+    return fingerprint_and_nonfinite(tensors)[0]
+
+
+def fingerprint_and_nonfinite(tensors: Iterable[torch.Tensor]) -> tuple[torch.Tensor, int]:
+    """:func:`fingerprint`, and the number of NaN/Inf elements among ``tensors`` (local shards), from the same pass."""
+    rows, bad = [], []
+    for t in tensors:
+        row, nonfinite = _fingerprint_and_nonfinite(t)
+        rows.append(row)
+        bad.append(nonfinite)
+    if not rows:
+        return torch.zeros(0, 2, dtype=torch.int64), 0
+    return torch.stack(rows).cpu(), int(torch.stack(bad).sum().item())
+
+
+def all_finite(tensors: Iterable[torch.Tensor]) -> bool:
+    """Whether every element of this rank's shards of ``tensors`` is finite (one pass; for the rare checks)."""
+    return all(bool(torch.isfinite(local_tensor(t).detach()).all()) for t in tensors)
 
 
 # ------------------------------------------------------------------------------------------ voting
@@ -212,6 +243,7 @@ class SpikeDetector:
 class Verdict(str, enum.Enum):
     BAD_DATA = "bad_data"  # every recomputation reproduces the anomaly
     BAD_HARDWARE = "bad_hardware"  # a recomputation of the same step from the same state differs
+    BAD_STATE = "bad_state"  # the parameters themselves hold NaN/Inf: every batch would reproduce it
 
 
 @dataclass(frozen=True)

@@ -16,18 +16,19 @@ from typing import Protocol
 import torch
 
 from stalwart.events import EventKind
-from stalwart.health.sdc import fingerprint, golden_workload, odd_ones_out
+from stalwart.health.sdc import all_finite, fingerprint_and_nonfinite, golden_workload, odd_ones_out
 
 log = logging.getLogger(__name__)
 
 NamedTensors = Callable[[], Iterable[tuple[str, torch.Tensor]]]
+NONFINITE = "nonfinite"  # the fingerprint pass found NaN/Inf parameters: a bad state, not a bad device
 
 
 @dataclass(frozen=True)
 class SdcFinding:
     """Ranks that hold or compute wrong numbers; ``suspects`` when the check could not tell which."""
 
-    layer: str  # "fingerprint", "golden", "fingerprint+golden" or "replay"
+    layer: str  # "fingerprint", "golden", "fingerprint+golden", "replay", or NONFINITE (no rank to blame)
     faulty: tuple[int, ...] = ()
     suspects: tuple[int, ...] = ()
     params: tuple[str, ...] = ()  # first mismatching parameters (fingerprint layer, this replica group)
@@ -98,7 +99,8 @@ class SdcMonitor:
     def fingerprint_check(self) -> SdcFinding | None:
         """Compare this replica group's parameter fingerprints; suspects of all groups, job-wide."""
         named = list(self.parameters())
-        rows = self.comm.gather_replicas(fingerprint(p for _, p in named))
+        local, nonfinite = fingerprint_and_nonfinite(p for _, p in named)
+        rows = self.comm.gather_replicas(local)
         vote = odd_ones_out(rows)
         params: tuple[str, ...] = ()
         if not vote.agree:
@@ -106,16 +108,24 @@ class SdcMonitor:
             good = next((i for i in range(len(rows)) if i not in vote.odd), (bad + 1) % len(rows))
             differing = (rows[good] != rows[bad]).any(dim=1).nonzero().flatten().tolist()
             params = tuple(named[i][0] for i in differing[:4])
-        flags = torch.zeros(self.comm.world_size, dtype=torch.int32)
+        flags = torch.zeros(self.comm.world_size + 1, dtype=torch.int32)  # per rank, then "some rank is NaN/Inf"
         group = self.comm.replica_ranks()
         for i in vote.odd:
             flags[group[i]] = 1 if vote.undetermined else 2
-        flags = self.comm.max_world(flags).tolist()  # merged over every replica group
+        flags[-1] = int(nonfinite > 0)
+        *flags, any_nonfinite = self.comm.max_world(flags).tolist()  # merged over every replica group
+        if any_nonfinite:  # replicas that agree on NaN agree on a bad state: no hardware to blame, roll back
+            return SdcFinding(NONFINITE)
         faulty = tuple(r for r, f in enumerate(flags) if f == 2)
         suspects = tuple(r for r, f in enumerate(flags) if f == 1)
         if not faulty and not suspects:
             return None
         return SdcFinding("fingerprint", faulty=faulty, suspects=suspects, params=params)
+
+    def parameters_finite(self) -> bool:
+        """Whether every rank's parameters are finite; collective (a pass over the weights: for rollbacks only)."""
+        flags = torch.tensor([0 if all_finite(p for _, p in self.parameters()) else 1], dtype=torch.int32)
+        return not bool(self.comm.max_world(flags).item())
 
     def golden_check(self) -> SdcFinding | None:
         """Golden workload on every rank: odd ones out by majority, or a change since the first run."""

@@ -1,8 +1,9 @@
 """Transport security shared by healthd and the controller: the job token, TLS / mutual TLS, binding.
 
-The trust model: reads (status, state, heartbeats) are open to whoever can reach the socket, so the
-servers bind to loopback unless told the cluster interface; every mutation (kill, exclude,
-rollback) carries the job token, compared in constant time. TLS is optional and, when a CA is
+The trust model: reads (status, state) are open to whoever can reach the socket, so the servers
+bind to loopback unless told the cluster interface; every mutation (kill, exclude, rollback)
+carries the job token, compared in constant time. A heartbeat, which can get a silent rank
+declared hung and killed, carries the job's heartbeat key (:func:`heartbeat_key`). TLS is optional and, when a CA is
 given to a server, mutual: clients must then present a certificate signed by that CA.
 """
 
@@ -55,6 +56,15 @@ def read_token(path: str | os.PathLike | None) -> str:
     if path.stat().st_mode & (stat.S_IRWXG | stat.S_IRWXO):
         log.warning("token file %s is readable by other users; chmod 600 it", path)
     return token
+
+
+def heartbeat_key(token: str) -> str:
+    """The job's heartbeat key: what a rank presents to prove it belongs to this node's job.
+
+    Derived from the job token (HMAC), so that a heartbeat, which any rank sends twice a second,
+    never carries the token that authorises kills and exclusions itself.
+    """
+    return hmac.new(token.encode(), b"stalwart heartbeat v1", "sha256").hexdigest()
 
 
 def token_matches(given: str, expected: str) -> bool:
@@ -116,8 +126,36 @@ class TlsConfig:
         return ctx
 
 
+class _MalformedRequestsInOneLine(logging.Filter):
+    """grpc logs a request it cannot parse with the parser's whole traceback; a bad client deserves one line."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        error = record.exc_info[1] if record.exc_info else None
+        if error is not None and type(error).__name__ == "DecodeError":
+            record.msg, record.args, record.exc_info, record.exc_text = (
+                "refused a malformed request (%s); the client sent bytes that are not this API's messages",
+                (str(error).splitlines()[0][:200],),
+                None,
+                None,
+            )
+            record.levelno, record.levelname = logging.WARNING, "WARNING"
+        return True
+
+
+_MALFORMED = _MalformedRequestsInOneLine()
+
+
+def quiet_malformed_requests() -> None:
+    """One log line, not a library traceback, per request grpc cannot parse (healthd and the controller)."""
+    for name in ("grpc._common", "grpc._server"):
+        logger = logging.getLogger(name)
+        if _MALFORMED not in logger.filters:
+            logger.addFilter(_MALFORMED)
+
+
 def add_port(server: grpc.Server, bind: str, tls: TlsConfig | None, what: str) -> str:
     """Bind ``server`` to ``bind`` (``host:port``, port 0 picks one); returns the bound address."""
+    quiet_malformed_requests()
     if bind.rsplit(":", 1)[0] in _ALL_INTERFACES and tls is None:
         log.warning(
             "%s listens on every interface (%s) without TLS: state is readable by anyone who can reach it; mutations "

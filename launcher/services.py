@@ -6,11 +6,9 @@ and ignored, and the launcher only *reads* healthd (UNHEALTHY → leave the job)
 
 from __future__ import annotations
 
-import ctypes
 import logging
 import os
 import secrets
-import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -40,14 +38,6 @@ def job_token_file(run_dir: Path) -> str:
     return path
 
 
-_PRCTL = ctypes.CDLL(None).prctl if sys.platform.startswith("linux") else None
-
-
-def _die_with_launcher() -> None:
-    """preexec_fn (runs between fork and exec: no imports, no locks): end with the launcher, even on SIGKILL."""
-    _PRCTL(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
-
-
 def _start(argv: list[str], what: str, log_path: Path) -> subprocess.Popen | None:
     log_path.parent.mkdir(parents=True, exist_ok=True)
     with open(log_path, "ab") as out:
@@ -57,8 +47,7 @@ def _start(argv: list[str], what: str, log_path: Path) -> subprocess.Popen | Non
                 stdout=out,
                 stderr=subprocess.STDOUT,
                 stdin=subprocess.DEVNULL,
-                preexec_fn=_die_with_launcher if _PRCTL else None,
-            )
+            )  # it binds itself to this launcher on start (stalwart.lifeline)
         except OSError as e:
             log.warning("could not start %s (%s); training goes on without it", what, e)
             return None
@@ -91,6 +80,8 @@ def ensure_healthd(
         node_id,
         "--hang-kill",
         hang_kill,
+        "--worker-ancestor",  # only processes this launcher started can register as its ranks
+        str(os.getpid()),
         *(["--controller", controller] if controller else []),
     ]
     return _start(argv, f"healthd on {address}", run_dir / "health" / f"healthd-{node_id}.log")

@@ -4,7 +4,8 @@ The agent narrows ``WORLD_SIZE`` to the ranks the layout can use; a rank with ``
 is on a spare node: it joins no process group and sleeps until its agent stops it (SIGTERM at the
 next re-rendezvous, or when the job ends). A rank that stopped early because *another* rank was
 preempted (the trainer agrees on preemption job-wide) exits :data:`EXIT_REJOIN`, so its agent
-re-forms the group instead of taking exit 0 for "training finished".
+re-forms the group instead of taking exit 0 for "training finished". A rank ends with its agent
+(SIGKILL, :mod:`stalwart.lifeline`, bound at the CLI's entry).
 """
 
 from __future__ import annotations
@@ -20,18 +21,6 @@ from stalwart.jobenv import WARM_SPARE_ENV
 from stalwart.runtime.config import Config
 
 EXIT_REJOIN = 75  # EX_TEMPFAIL: stopped with the group, not finished; restart me
-
-
-def _die_with_agent() -> None:
-    """SIGKILL this rank when its agent dies (elastic starts ranks in sessions of their own)."""
-    if not sys.platform.startswith("linux"):
-        return
-    import ctypes
-
-    pr_set_pdeathsig = 1
-    ctypes.CDLL(None, use_errno=True).prctl(pr_set_pdeathsig, signal.SIGKILL)
-    if os.getppid() == 1:  # the agent died before prctl took effect
-        os._exit(1)
 
 
 def wait_as_spare(rank: int, world_size: int) -> int:
@@ -51,7 +40,6 @@ def warm_spare_main(cfg: Config) -> int:
     The agent writes the lost rank's environment as one JSON line on stdin (a closed stdin: not
     needed any more). Importing torch and the trainer is most of a replacement's start-up.
     """
-    _die_with_agent()
     import stalwart.runtime.train  # noqa: F401  (the expensive part, done while nothing is waiting)
 
     line = sys.stdin.readline()
@@ -64,7 +52,6 @@ def warm_spare_main(cfg: Config) -> int:
 
 def worker_main(cfg: Config) -> int:
     """Entry of every rank under ``stalwart launch``; returns the process exit code."""
-    _die_with_agent()
     rank, world_size = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
     if rank >= world_size:
         return wait_as_spare(rank, world_size)

@@ -190,6 +190,11 @@ def args_from_hf_config(config: dict[str, Any]) -> ModelArgs:
 def hf_config_from_args(args: ModelArgs, dtype: torch.dtype | None = None) -> dict[str, Any]:
     """config.json contents for `args`, readable by transformers v4 and v5."""
     scaling = args.rope_scaling
+    context = args.max_seq_len
+    if scaling is not None and context <= scaling.original_max_position_embeddings:
+        # A small model with Llama 3.1's scaling (the debug flavor): transformers requires the context to exceed
+        # the original one; the scaled rope is made for original × factor positions (and is the same at any length).
+        context = int(scaling.original_max_position_embeddings * scaling.factor)
     config: dict[str, Any] = {
         "architectures": ["LlamaForCausalLM"],
         "model_type": "llama",
@@ -200,7 +205,7 @@ def hf_config_from_args(args: ModelArgs, dtype: torch.dtype | None = None) -> di
         "num_key_value_heads": args.n_kv_heads,
         "head_dim": args.head_dim,
         "vocab_size": args.vocab_size,
-        "max_position_embeddings": args.max_seq_len,
+        "max_position_embeddings": context,
         "rms_norm_eps": args.norm_eps,
         "rope_theta": args.rope_theta,
         "rope_scaling": None if scaling is None else {"rope_type": "llama3", **dataclasses.asdict(scaling)},

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 import tomllib
 import types
 import typing
@@ -71,6 +72,7 @@ class TrainingConfig:
     beta2: float = 0.95
     eps: float = 1e-8
     max_grad_norm: float = 1.0
+    """Clip the total gradient norm to this (positive; inf turns clipping off)."""
     device: Literal["auto", "cpu", "cuda"] = "auto"
     dtype: Literal["auto", "float32", "bfloat16"] = "auto"
     """auto: bf16 autocast on CUDA, fp32 on CPU."""
@@ -122,6 +124,8 @@ class CheckpointConfig:
     """Copy the state to host memory (own node + a peer node) every this many steps; 0 turns the tier off."""
     memory_dir: str = ""
     """Where the host-memory tier lives; empty means a per-job directory on /dev/shm (tmpfs)."""
+    lease_ttl_s: float = 30.0
+    """The run lease's time to live: another job may take over a run whose holder renewed it no longer ago."""
 
 
 @dataclass
@@ -351,10 +355,18 @@ def validate(cfg: Config) -> None:
         raise ConfigError(
             f"checkpoint.memory_interval = {cfg.checkpoint.memory_interval} must be 0 (off) or a number of steps"
         )
+    if not (math.isfinite(cfg.checkpoint.lease_ttl_s) and cfg.checkpoint.lease_ttl_s > 0):
+        raise ConfigError(f"checkpoint.lease_ttl_s = {cfg.checkpoint.lease_ttl_s} must be a positive number of seconds")
     if cfg.checkpoint.preemption_grace_s <= 0:
         raise ConfigError(f"checkpoint.preemption_grace_s = {cfg.checkpoint.preemption_grace_s} must be positive")
-    if t.lr <= 0:
-        raise ConfigError(f"training.lr = {t.lr} must be positive")
+    if not (math.isfinite(t.lr) and t.lr > 0):
+        raise ConfigError(f"training.lr = {t.lr} must be a positive number")
+    if not t.max_grad_norm > 0:  # NaN fails this too; inf is allowed: it turns clipping off
+        raise ConfigError(
+            f"training.max_grad_norm = {t.max_grad_norm} cannot train (clipping multiplies every gradient by "
+            "max_grad_norm / norm: a negative or NaN value turns the update into NaN, 0 into nothing); use a positive "
+            "number such as 1.0, or inf for no clipping"
+        )
     h = cfg.health
     for key, value in (
         ("health.fingerprint_every", h.fingerprint_every),

@@ -23,13 +23,13 @@ import torch
 import torch.distributed as dist
 
 from stalwart.events import EventKind, EventLog
-from stalwart.health.anomaly import Anomaly
+from stalwart.health.anomaly import Anomaly, NonFiniteState
 from stalwart.health.client import HeartbeatClient, faulthandler_path, install_stack_dump_handler
 from stalwart.health.controller_client import ControllerClient
 from stalwart.health.hang import Phase
 from stalwart.health.ledger import VerificationLedger
 from stalwart.health.sdc import all_gather_rows
-from stalwart.health.sdc_monitor import FindingReporter, SdcFinding, SdcMonitor
+from stalwart.health.sdc_monitor import NONFINITE, FindingReporter, SdcFinding, SdcMonitor
 from stalwart.health.security import TokenError, read_token
 from stalwart.jobenv import CONTROLLER_ENV, HEALTHD_ENV, node_name
 from stalwart.runtime.config import HealthConfig
@@ -52,6 +52,13 @@ class RollbackTarget(Protocol):
     def settle(self) -> None: ...
 
     def rollback(self, *, reason: str, from_step: int, to: int | str = "latest-verified") -> int: ...
+
+    def committed_steps(self) -> list[int]: ...
+
+
+# A state that turns non-finite again after this many rollbacks diverges by itself (learning rate, data):
+# rolling back once more would loop.
+MAX_NONFINITE_ROLLBACKS = 3
 
 
 class ProcessGroupCollectives:
@@ -132,6 +139,7 @@ class StepHealth:
         self.controller = controller
         self.node = node_name()
         self._cpu_mark = time.process_time()
+        self.nonfinite_rollbacks = 0
 
     @property
     def stop_requested(self) -> bool:
@@ -161,12 +169,16 @@ class StepHealth:
         if self.controller is not None:
             cpu, self._cpu_mark = time.process_time() - self._cpu_mark, time.process_time()
             self.controller.report_rank_metrics(self.rank, self.node, step, step_seconds, cpu)
+        if anomaly is not None and anomaly.bad_state:
+            return self.roll_back_nonfinite(step, f"{anomaly.reason}; {anomaly.outcome.detail}", "replay")
         forced = anomaly is not None and not anomaly.bad_data
         if anomaly is not None:
             self._report_anomaly(step, anomaly)
         action = StepAction.CONTINUE
         if forced or self.monitor.due(step):
             finding = self.monitor.check(step, force=forced)
+            if finding is not None and finding.layer == NONFINITE:
+                return self.roll_back_nonfinite(step, "the parameter fingerprints found NaN/Inf", "sdc-fingerprint")
             if finding is None:
                 self.ledger.passed(step)
                 if forced and not anomaly.outcome.ranks:
@@ -209,6 +221,50 @@ class StepHealth:
         if self.is_main:
             print(f"rollback: step {from_step} -> verified step {to_step} ({reason})", flush=True)
         return to_step
+
+    def roll_back_nonfinite(self, step: int, why: str, detector: str) -> StepAction:
+        """The state holds NaN/Inf: load the newest committed step whose state is finite; collective.
+
+        Steps are tried newest first, each checked after loading (a committed step may itself hold
+        the NaN of an update that looked finite); the newer ones are flagged rolled back. Raises
+        :class:`NonFiniteState` (one line) when none is finite, there are no checkpoints, or the
+        state keeps diverging.
+        """
+        if self.is_main:
+            self.events.emit(
+                EventKind.FAULT_DETECTED, fault="nonfinite_state", target=f"step{step}", detector=detector, detail=why
+            )
+        self.nonfinite_rollbacks += 1
+        fix = (
+            "lower training.lr, check the data, or resume from an earlier step (stalwart ckpt ls; --checkpoint.resume)"
+        )
+        if self.checkpoints is None:
+            raise NonFiniteState(
+                f"the model state became non-finite at step {step} ({why}) and checkpoints are "
+                f"off: nothing to roll back to; {fix}"
+            )
+        if self.nonfinite_rollbacks > MAX_NONFINITE_ROLLBACKS:
+            raise NonFiniteState(
+                f"the model state became non-finite again at step {step} ({why}) after "
+                f"{MAX_NONFINITE_ROLLBACKS} rollbacks: training diverges by itself; {fix}"
+            )
+        self.checkpoints.settle()
+        candidates = sorted(self.checkpoints.committed_steps(), reverse=True)
+        while candidates:
+            loaded = self.checkpoints.rollback(
+                reason=f"non-finite state at step {step}: {why}", from_step=step, to=candidates[0]
+            )
+            if self.monitor.parameters_finite():
+                self.ledger.rolled_back(loaded)
+                if self.is_main:
+                    print(f"step {step}: non-finite state ({why}); rolled back to step {loaded}", flush=True)
+                return StepAction.ROLLED_BACK
+            log.error("committed step %d holds a non-finite state too; trying an earlier one", loaded)
+            candidates = [s for s in candidates if s < loaded]
+        raise NonFiniteState(
+            f"the model state became non-finite at step {step} ({why}) and no committed step holds a finite "
+            f"state to roll back to; {fix}"
+        )
 
     def _report_anomaly(self, step: int, anomaly: Anomaly) -> None:
         outcome = anomaly.outcome

@@ -10,6 +10,7 @@ checkpointer's cadence.
 
 from __future__ import annotations
 
+import math
 import os
 import random
 import signal
@@ -21,12 +22,12 @@ import torch
 import torch.distributed as dist
 
 from stalwart.checkpoint.checkpointer import Checkpointer, SaveCadence, SaveMeta
-from stalwart.checkpoint.manager import CheckpointError, CheckpointManager, NoCheckpointError
+from stalwart.checkpoint.manager import CheckpointError, CheckpointManager, LeaseLost, NoCheckpointError
 from stalwart.checkpoint.memory_tier import MemoryTier, default_memory_dir
 from stalwart.checkpoint.preemption import grace_deadline
 from stalwart.checkpoint.storage import s3_storage_options
 from stalwart.events import EventKind, EventLog
-from stalwart.health.anomaly import Anomaly, AnomalyGuard
+from stalwart.health.anomaly import Anomaly, AnomalyGuard, NonFiniteState
 from stalwart.health.ledger import VerificationLedger
 from stalwart.health.rollback import ROLLBACK_FILE, mark_applied, pending_rollback
 from stalwart.health.sdc_monitor import FindingReporter, SdcMonitor
@@ -97,15 +98,34 @@ class StepResult:
     anomaly: Anomaly | None = None  # the guard held the update back
 
 
-class PreemptionFlag:
-    """SIGTERM (preemption, a scheduler's stop) sets it: the step finishes, the job saves and exits cleanly."""
+def state_known_finite(result: StepResult) -> bool:
+    """The pre-commit check, from what the step already computed (no pass over the weights).
 
-    def __init__(self) -> None:
+    A finite job-wide loss and grad norm, with a clip norm that config validation holds positive
+    (and not NaN), make a finite update; a step the guard held back had its parameters checked by the
+    replay. (The fingerprint pass, when due at this step, counted NaN/Inf parameters too: a finding
+    rolled back before this point.)
+    """
+    if math.isfinite(result.loss) and math.isfinite(result.grad_norm):
+        return True
+    return result.anomaly is not None and result.anomaly.state_finite is True
+
+
+class PreemptionFlag:
+    """SIGTERM (preemption, a scheduler's stop) sets it: the step finishes, the job saves and exits cleanly.
+
+    The event log is flushed at once: a SIGKILL may follow the grace period.
+    """
+
+    def __init__(self, events: EventLog | None = None) -> None:
         self.at: float | None = None  # time.monotonic() of the signal: the grace period starts there
+        self.events = events
         signal.signal(signal.SIGTERM, self._on_signal)
 
     def _on_signal(self, signum: int, frame: object) -> None:
         self.at = self.at or time.monotonic()
+        if self.events is not None:
+            self.events.flush_soon()
 
     @property
     def raised(self) -> bool:
@@ -151,7 +171,9 @@ class Trainer:
         )
         collectives = ProcessGroupCollectives(self.env.world_size, replica_group)
         self.health = self._build_health(collectives)
-        self.guard = AnomalyGuard(self.model_step, collectives.gather_world, cfg.health.spike_factor)
+        self.guard = AnomalyGuard(
+            self.model_step, collectives.gather_world, cfg.health.spike_factor, parameters=self.model_step.parameters
+        )
         self.preempted = False
         self.history: list[StepResult] = []
         self.peak_flops = peak_flops(self.env.device, cfg.logging.peak_tflops)
@@ -175,7 +197,7 @@ class Trainer:
     # ------------------------------------------------------------------------------- the loop
 
     def run(self) -> None:
-        cfg, status, preemption = self.cfg, "failed", PreemptionFlag()
+        cfg, status, preemption = self.cfg, "failed", PreemptionFlag(self.events)
         try:
             while self.step < cfg.training.steps:
                 try:
@@ -190,6 +212,12 @@ class Trainer:
             if self.checkpointer:
                 self.checkpointer.finished()
             status = "ok"
+        except LeaseLost:
+            status = "fenced"  # another job took the run over: this one stops without committing
+            raise
+        except NonFiniteState:
+            status = "nonfinite"  # no finite state to continue from: stop, never commit NaN
+            raise
         finally:
             # A preemption's stop says when the signal came: the planned incident starts there.
             signalled = {"signalled_ts": time.time() - (time.monotonic() - preemption.at)} if preemption.at else {}
@@ -222,6 +250,8 @@ class Trainer:
         if self.health.after_step(self.step, step_seconds, result.anomaly) == StepAction.ROLLED_BACK:
             self._completed()
             return False
+        if not state_known_finite(result):  # never reached past the guard; never commit it if it were
+            raise NonFiniteState(f"step {self.step}: the state is not known finite; not committing it")
         if (
             self.checkpointer
             and self.checkpointer.maybe_save(self.step, last=self.step == cfg.training.steps)
@@ -339,6 +369,7 @@ class Trainer:
             keep_every=c.keep_every,
             events=self.events,
             memory=memory,
+            lease_ttl_s=c.lease_ttl_s,
         )
         meta = SaveMeta(self.dims.as_dict(), self.cfg.layout_hash(), hf_config_from_args(self.model_args))
         # on_save is the health side's checkpoint phase; bound once the health components exist.

@@ -25,43 +25,43 @@ _sym_db = _symbol_database.Default()
 from google.protobuf import empty_pb2 as google_dot_protobuf_dot_empty__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n#stalwart/health/proto/healthd.proto\x12\x0fstalwart.health\x1a\x1bgoogle/protobuf/empty.proto\"\x98\x01\n\x10HeartbeatRequest\x12\x0c\n\x04rank\x18\x01 \x01(\x05\x12\x12\n\nlocal_rank\x18\x02 \x01(\x05\x12\x0b\n\x03pid\x18\x03 \x01(\x05\x12\x0c\n\x04step\x18\x04 \x01(\x03\x12%\n\x05phase\x18\x05 \x01(\x0e\x32\x16.stalwart.health.Phase\x12\n\n\x02ts\x18\x06 \x01(\x01\x12\x14\n\x0cstep_seconds\x18\x07 \x01(\x01\"9\n\x0eHeartbeatReply\x12\'\n\x06\x61\x63tion\x18\x01 \x01(\x0e\x32\x17.stalwart.health.Action\"\xd2\x01\n\nRankStatus\x12\x0c\n\x04rank\x18\x01 \x01(\x05\x12\x12\n\nlocal_rank\x18\x02 \x01(\x05\x12\x0b\n\x03pid\x18\x03 \x01(\x05\x12\x0c\n\x04step\x18\x04 \x01(\x03\x12%\n\x05phase\x18\x05 \x01(\x0e\x32\x16.stalwart.health.Phase\x12\x1c\n\x14last_heartbeat_age_s\x18\x06 \x01(\x01\x12\x1b\n\x13last_progress_age_s\x18\x07 \x01(\x01\x12\x0f\n\x07limit_s\x18\x08 \x01(\x01\x12\x14\n\x0cstep_seconds\x18\t \x01(\x01\"E\n\x08GpuIssue\x12\x0c\n\x04kind\x18\x01 \x01(\t\x12\r\n\x05\x66\x61tal\x18\x02 \x01(\x08\x12\x0c\n\x04\x63ode\x18\x03 \x01(\x03\x12\x0e\n\x06\x64\x65tail\x18\x04 \x01(\t\"a\n\tGpuStatus\x12\r\n\x05index\x18\x01 \x01(\x05\x12\x0c\n\x04name\x18\x02 \x01(\t\x12\x0c\n\x04uuid\x18\x03 \x01(\t\x12)\n\x06issues\x18\x04 \x03(\x0b\x32\x19.stalwart.health.GpuIssue\"V\n\tGpuReport\x12\x0f\n\x07present\x18\x01 \x01(\x08\x12\x0e\n\x06reason\x18\x02 \x01(\t\x12(\n\x04gpus\x18\x03 \x03(\x0b\x32\x1a.stalwart.health.GpuStatus\"B\n\nHostStatus\x12\x1b\n\x13mem_available_bytes\x18\x01 \x01(\x03\x12\x17\n\x0f\x64isk_free_bytes\x18\x02 \x01(\x03\"\x86\x02\n\nNodeStatus\x12\x0c\n\x04node\x18\x01 \x01(\t\x12)\n\x05state\x18\x02 \x01(\x0e\x32\x1a.stalwart.health.NodeState\x12\x0f\n\x07reasons\x18\x03 \x03(\t\x12*\n\x05ranks\x18\x04 \x03(\x0b\x32\x1b.stalwart.health.RankStatus\x12\'\n\x03gpu\x18\x05 \x01(\x0b\x32\x1a.stalwart.health.GpuReport\x12)\n\x04host\x18\x06 \x01(\x0b\x32\x1b.stalwart.health.HostStatus\x12\n\n\x02ts\x18\x07 \x01(\x01\x12\x11\n\thost_name\x18\x08 \x01(\t\x12\x0f\n\x07\x61\x64\x64ress\x18\t \x01(\t\",\n\x0bKillRequest\x12\r\n\x05token\x18\x01 \x01(\t\x12\x0e\n\x06reason\x18\x02 \x01(\t\" \n\tKillReply\x12\x13\n\x0bkilled_pids\x18\x01 \x03(\x05\"O\n\x11QuarantineRequest\x12\r\n\x05token\x18\x01 \x01(\t\x12\x0c\n\x04rank\x18\x02 \x01(\x05\x12\r\n\x05\x66\x61ult\x18\x03 \x01(\t\x12\x0e\n\x06reason\x18\x04 \x01(\t\"<\n\x0fQuarantineReply\x12)\n\x05state\x18\x01 \x01(\x0e\x32\x1a.stalwart.health.NodeState*5\n\x05Phase\x12\x08\n\x04INIT\x10\x00\x12\x08\n\x04STEP\x10\x01\x12\x0e\n\nCHECKPOINT\x10\x02\x12\x08\n\x04\x45VAL\x10\x03* \n\x06\x41\x63tion\x12\x0c\n\x08\x43ONTINUE\x10\x00\x12\x08\n\x04STOP\x10\x01*5\n\tNodeState\x12\x0b\n\x07HEALTHY\x10\x00\x12\x0c\n\x08\x44\x45GRADED\x10\x01\x12\r\n\tUNHEALTHY\x10\x02\x32\xbc\x02\n\nNodeHealth\x12O\n\tHeartbeat\x12!.stalwart.health.HeartbeatRequest\x1a\x1f.stalwart.health.HeartbeatReply\x12@\n\tGetStatus\x12\x16.google.protobuf.Empty\x1a\x1b.stalwart.health.NodeStatus\x12G\n\x0bKillWorkers\x12\x1c.stalwart.health.KillRequest\x1a\x1a.stalwart.health.KillReply\x12R\n\nQuarantine\x12\".stalwart.health.QuarantineRequest\x1a .stalwart.health.QuarantineReplyb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n#stalwart/health/proto/healthd.proto\x12\x0fstalwart.health\x1a\x1bgoogle/protobuf/empty.proto\"\xa6\x01\n\x10HeartbeatRequest\x12\x0c\n\x04rank\x18\x01 \x01(\x05\x12\x12\n\nlocal_rank\x18\x02 \x01(\x05\x12\x0b\n\x03pid\x18\x03 \x01(\x05\x12\x0c\n\x04step\x18\x04 \x01(\x03\x12%\n\x05phase\x18\x05 \x01(\x0e\x32\x16.stalwart.health.Phase\x12\n\n\x02ts\x18\x06 \x01(\x01\x12\x14\n\x0cstep_seconds\x18\x07 \x01(\x01\x12\x0c\n\x04\x61uth\x18\x08 \x01(\t\"9\n\x0eHeartbeatReply\x12\'\n\x06\x61\x63tion\x18\x01 \x01(\x0e\x32\x17.stalwart.health.Action\"\xd2\x01\n\nRankStatus\x12\x0c\n\x04rank\x18\x01 \x01(\x05\x12\x12\n\nlocal_rank\x18\x02 \x01(\x05\x12\x0b\n\x03pid\x18\x03 \x01(\x05\x12\x0c\n\x04step\x18\x04 \x01(\x03\x12%\n\x05phase\x18\x05 \x01(\x0e\x32\x16.stalwart.health.Phase\x12\x1c\n\x14last_heartbeat_age_s\x18\x06 \x01(\x01\x12\x1b\n\x13last_progress_age_s\x18\x07 \x01(\x01\x12\x0f\n\x07limit_s\x18\x08 \x01(\x01\x12\x14\n\x0cstep_seconds\x18\t \x01(\x01\"E\n\x08GpuIssue\x12\x0c\n\x04kind\x18\x01 \x01(\t\x12\r\n\x05\x66\x61tal\x18\x02 \x01(\x08\x12\x0c\n\x04\x63ode\x18\x03 \x01(\x03\x12\x0e\n\x06\x64\x65tail\x18\x04 \x01(\t\"a\n\tGpuStatus\x12\r\n\x05index\x18\x01 \x01(\x05\x12\x0c\n\x04name\x18\x02 \x01(\t\x12\x0c\n\x04uuid\x18\x03 \x01(\t\x12)\n\x06issues\x18\x04 \x03(\x0b\x32\x19.stalwart.health.GpuIssue\"V\n\tGpuReport\x12\x0f\n\x07present\x18\x01 \x01(\x08\x12\x0e\n\x06reason\x18\x02 \x01(\t\x12(\n\x04gpus\x18\x03 \x03(\x0b\x32\x1a.stalwart.health.GpuStatus\"B\n\nHostStatus\x12\x1b\n\x13mem_available_bytes\x18\x01 \x01(\x03\x12\x17\n\x0f\x64isk_free_bytes\x18\x02 \x01(\x03\"\xa2\x02\n\nNodeStatus\x12\x0c\n\x04node\x18\x01 \x01(\t\x12)\n\x05state\x18\x02 \x01(\x0e\x32\x1a.stalwart.health.NodeState\x12\x0f\n\x07reasons\x18\x03 \x03(\t\x12*\n\x05ranks\x18\x04 \x03(\x0b\x32\x1b.stalwart.health.RankStatus\x12\'\n\x03gpu\x18\x05 \x01(\x0b\x32\x1a.stalwart.health.GpuReport\x12)\n\x04host\x18\x06 \x01(\x0b\x32\x1b.stalwart.health.HostStatus\x12\n\n\x02ts\x18\x07 \x01(\x01\x12\x11\n\thost_name\x18\x08 \x01(\t\x12\x0f\n\x07\x61\x64\x64ress\x18\t \x01(\t\x12\x1a\n\x12refused_heartbeats\x18\n \x01(\x04\",\n\x0bKillRequest\x12\r\n\x05token\x18\x01 \x01(\t\x12\x0e\n\x06reason\x18\x02 \x01(\t\" \n\tKillReply\x12\x13\n\x0bkilled_pids\x18\x01 \x03(\x05\"O\n\x11QuarantineRequest\x12\r\n\x05token\x18\x01 \x01(\t\x12\x0c\n\x04rank\x18\x02 \x01(\x05\x12\r\n\x05\x66\x61ult\x18\x03 \x01(\t\x12\x0e\n\x06reason\x18\x04 \x01(\t\"<\n\x0fQuarantineReply\x12)\n\x05state\x18\x01 \x01(\x0e\x32\x1a.stalwart.health.NodeState*5\n\x05Phase\x12\x08\n\x04INIT\x10\x00\x12\x08\n\x04STEP\x10\x01\x12\x0e\n\nCHECKPOINT\x10\x02\x12\x08\n\x04\x45VAL\x10\x03* \n\x06\x41\x63tion\x12\x0c\n\x08\x43ONTINUE\x10\x00\x12\x08\n\x04STOP\x10\x01*5\n\tNodeState\x12\x0b\n\x07HEALTHY\x10\x00\x12\x0c\n\x08\x44\x45GRADED\x10\x01\x12\r\n\tUNHEALTHY\x10\x02\x32\xbc\x02\n\nNodeHealth\x12O\n\tHeartbeat\x12!.stalwart.health.HeartbeatRequest\x1a\x1f.stalwart.health.HeartbeatReply\x12@\n\tGetStatus\x12\x16.google.protobuf.Empty\x1a\x1b.stalwart.health.NodeStatus\x12G\n\x0bKillWorkers\x12\x1c.stalwart.health.KillRequest\x1a\x1a.stalwart.health.KillReply\x12R\n\nQuarantine\x12\".stalwart.health.QuarantineRequest\x1a .stalwart.health.QuarantineReplyb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'stalwart.health.proto.healthd_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_PHASE']._serialized_start=1326
-  _globals['_PHASE']._serialized_end=1379
-  _globals['_ACTION']._serialized_start=1381
-  _globals['_ACTION']._serialized_end=1413
-  _globals['_NODESTATE']._serialized_start=1415
-  _globals['_NODESTATE']._serialized_end=1468
+  _globals['_PHASE']._serialized_start=1368
+  _globals['_PHASE']._serialized_end=1421
+  _globals['_ACTION']._serialized_start=1423
+  _globals['_ACTION']._serialized_end=1455
+  _globals['_NODESTATE']._serialized_start=1457
+  _globals['_NODESTATE']._serialized_end=1510
   _globals['_HEARTBEATREQUEST']._serialized_start=86
-  _globals['_HEARTBEATREQUEST']._serialized_end=238
-  _globals['_HEARTBEATREPLY']._serialized_start=240
-  _globals['_HEARTBEATREPLY']._serialized_end=297
-  _globals['_RANKSTATUS']._serialized_start=300
-  _globals['_RANKSTATUS']._serialized_end=510
-  _globals['_GPUISSUE']._serialized_start=512
-  _globals['_GPUISSUE']._serialized_end=581
-  _globals['_GPUSTATUS']._serialized_start=583
-  _globals['_GPUSTATUS']._serialized_end=680
-  _globals['_GPUREPORT']._serialized_start=682
-  _globals['_GPUREPORT']._serialized_end=768
-  _globals['_HOSTSTATUS']._serialized_start=770
-  _globals['_HOSTSTATUS']._serialized_end=836
-  _globals['_NODESTATUS']._serialized_start=839
-  _globals['_NODESTATUS']._serialized_end=1101
-  _globals['_KILLREQUEST']._serialized_start=1103
-  _globals['_KILLREQUEST']._serialized_end=1147
-  _globals['_KILLREPLY']._serialized_start=1149
-  _globals['_KILLREPLY']._serialized_end=1181
-  _globals['_QUARANTINEREQUEST']._serialized_start=1183
-  _globals['_QUARANTINEREQUEST']._serialized_end=1262
-  _globals['_QUARANTINEREPLY']._serialized_start=1264
-  _globals['_QUARANTINEREPLY']._serialized_end=1324
-  _globals['_NODEHEALTH']._serialized_start=1471
-  _globals['_NODEHEALTH']._serialized_end=1787
+  _globals['_HEARTBEATREQUEST']._serialized_end=252
+  _globals['_HEARTBEATREPLY']._serialized_start=254
+  _globals['_HEARTBEATREPLY']._serialized_end=311
+  _globals['_RANKSTATUS']._serialized_start=314
+  _globals['_RANKSTATUS']._serialized_end=524
+  _globals['_GPUISSUE']._serialized_start=526
+  _globals['_GPUISSUE']._serialized_end=595
+  _globals['_GPUSTATUS']._serialized_start=597
+  _globals['_GPUSTATUS']._serialized_end=694
+  _globals['_GPUREPORT']._serialized_start=696
+  _globals['_GPUREPORT']._serialized_end=782
+  _globals['_HOSTSTATUS']._serialized_start=784
+  _globals['_HOSTSTATUS']._serialized_end=850
+  _globals['_NODESTATUS']._serialized_start=853
+  _globals['_NODESTATUS']._serialized_end=1143
+  _globals['_KILLREQUEST']._serialized_start=1145
+  _globals['_KILLREQUEST']._serialized_end=1189
+  _globals['_KILLREPLY']._serialized_start=1191
+  _globals['_KILLREPLY']._serialized_end=1223
+  _globals['_QUARANTINEREQUEST']._serialized_start=1225
+  _globals['_QUARANTINEREQUEST']._serialized_end=1304
+  _globals['_QUARANTINEREPLY']._serialized_start=1306
+  _globals['_QUARANTINEREPLY']._serialized_end=1366
+  _globals['_NODEHEALTH']._serialized_start=1513
+  _globals['_NODEHEALTH']._serialized_end=1829
 # @@protoc_insertion_point(module_scope)

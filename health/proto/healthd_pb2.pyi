@@ -36,7 +36,7 @@ DEGRADED: NodeState
 UNHEALTHY: NodeState
 
 class HeartbeatRequest(_message.Message):
-    __slots__ = ("rank", "local_rank", "pid", "step", "phase", "ts", "step_seconds")
+    __slots__ = ("rank", "local_rank", "pid", "step", "phase", "ts", "step_seconds", "auth")
     RANK_FIELD_NUMBER: _ClassVar[int]
     LOCAL_RANK_FIELD_NUMBER: _ClassVar[int]
     PID_FIELD_NUMBER: _ClassVar[int]
@@ -44,6 +44,7 @@ class HeartbeatRequest(_message.Message):
     PHASE_FIELD_NUMBER: _ClassVar[int]
     TS_FIELD_NUMBER: _ClassVar[int]
     STEP_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    AUTH_FIELD_NUMBER: _ClassVar[int]
     rank: int
     local_rank: int
     pid: int
@@ -51,7 +52,8 @@ class HeartbeatRequest(_message.Message):
     phase: Phase
     ts: float
     step_seconds: float
-    def __init__(self, rank: _Optional[int] = ..., local_rank: _Optional[int] = ..., pid: _Optional[int] = ..., step: _Optional[int] = ..., phase: _Optional[_Union[Phase, str]] = ..., ts: _Optional[float] = ..., step_seconds: _Optional[float] = ...) -> None: ...
+    auth: str
+    def __init__(self, rank: _Optional[int] = ..., local_rank: _Optional[int] = ..., pid: _Optional[int] = ..., step: _Optional[int] = ..., phase: _Optional[_Union[Phase, str]] = ..., ts: _Optional[float] = ..., step_seconds: _Optional[float] = ..., auth: _Optional[str] = ...) -> None: ...
 
 class HeartbeatReply(_message.Message):
     __slots__ = ("action",)
@@ -124,7 +126,7 @@ class HostStatus(_message.Message):
     def __init__(self, mem_available_bytes: _Optional[int] = ..., disk_free_bytes: _Optional[int] = ...) -> None: ...
 
 class NodeStatus(_message.Message):
-    __slots__ = ("node", "state", "reasons", "ranks", "gpu", "host", "ts", "host_name", "address")
+    __slots__ = ("node", "state", "reasons", "ranks", "gpu", "host", "ts", "host_name", "address", "refused_heartbeats")
     NODE_FIELD_NUMBER: _ClassVar[int]
     STATE_FIELD_NUMBER: _ClassVar[int]
     REASONS_FIELD_NUMBER: _ClassVar[int]
@@ -134,6 +136,7 @@ class NodeStatus(_message.Message):
     TS_FIELD_NUMBER: _ClassVar[int]
     HOST_NAME_FIELD_NUMBER: _ClassVar[int]
     ADDRESS_FIELD_NUMBER: _ClassVar[int]
+    REFUSED_HEARTBEATS_FIELD_NUMBER: _ClassVar[int]
     node: str
     state: NodeState
     reasons: _containers.RepeatedScalarFieldContainer[str]
@@ -143,7 +146,8 @@ class NodeStatus(_message.Message):
     ts: float
     host_name: str
     address: str
-    def __init__(self, node: _Optional[str] = ..., state: _Optional[_Union[NodeState, str]] = ..., reasons: _Optional[_Iterable[str]] = ..., ranks: _Optional[_Iterable[_Union[RankStatus, _Mapping]]] = ..., gpu: _Optional[_Union[GpuReport, _Mapping]] = ..., host: _Optional[_Union[HostStatus, _Mapping]] = ..., ts: _Optional[float] = ..., host_name: _Optional[str] = ..., address: _Optional[str] = ...) -> None: ...
+    refused_heartbeats: int
+    def __init__(self, node: _Optional[str] = ..., state: _Optional[_Union[NodeState, str]] = ..., reasons: _Optional[_Iterable[str]] = ..., ranks: _Optional[_Iterable[_Union[RankStatus, _Mapping]]] = ..., gpu: _Optional[_Union[GpuReport, _Mapping]] = ..., host: _Optional[_Union[HostStatus, _Mapping]] = ..., ts: _Optional[float] = ..., host_name: _Optional[str] = ..., address: _Optional[str] = ..., refused_heartbeats: _Optional[int] = ...) -> None: ...
 
 class KillRequest(_message.Message):
     __slots__ = ("token", "reason")

@@ -61,7 +61,8 @@ class NodeHealthServicer:
     """Missing associated documentation comment in .proto file."""
 
     def Heartbeat(self, request, context):
-        """Missing associated documentation comment in .proto file."""
+        """Authenticated: carries the job's heartbeat key; only ranks that present it can be declared hung.
+        """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')

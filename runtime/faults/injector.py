@@ -22,10 +22,12 @@ from stalwart.files import atomic_write
 from stalwart.jobenv import node_name
 from stalwart.runtime.faults.plan import FaultKind, FaultPlan, FaultSpec
 
-_ELSEWHERE = frozenset({FaultKind.CKPT_KILL_DURING_WRITE, FaultKind.KILL_DURING_REFORM})
 ANY_NODE = "any"  # a node fault for whichever node gets there first (random soak plans)
 # Faults that one process of a node carries out for the whole node (its local rank 0).
 NODE_KINDS = frozenset({FaultKind.GPU_FAULT, FaultKind.KILL_AGENT})
+# Faults that fire right after a persistent save returned instead of at a step's start.
+AFTER_SAVE_KINDS = frozenset({FaultKind.CKPT_KILL_DURING_WRITE, FaultKind.KILL_AFTER_COMMIT})
+_ELSEWHERE = AFTER_SAVE_KINDS | {FaultKind.KILL_DURING_REFORM}  # not at a step's start
 
 
 class FaultInjector:
@@ -61,7 +63,8 @@ class FaultInjector:
             (self.node if spec.node == ANY_NODE else spec.node) if spec.kind in NODE_KINDS else f"rank{spec.rank or 0}"
         )
         self.events.emit(EventKind.FAULT_INJECTED, fault=spec.kind.value, target=target, step=step, spec=spec.to_dict())
-        self.events.flush()
+        if spec.kind != FaultKind.KILL_AFTER_COMMIT:  # that kill must find the log as the trainer left it
+            self.events.flush()
 
     def before_step(
         self,
@@ -79,7 +82,7 @@ class FaultInjector:
                 burn_cpu(seconds)
         for spec in self.plan.faults:
             if spec.step > step or not self.mine(spec) or spec.kind in _ELSEWHERE:
-                continue  # a kill during a write or a re-formation fires there
+                continue  # these fire after a save or in a re-formation
             if spec.kind == FaultKind.CKPT_CORRUPT:
                 directory = newest_checkpoint()
                 if directory is None or not self._claim(spec):
@@ -111,14 +114,9 @@ class FaultInjector:
                 os.kill(os.getpid(), signal.SIGKILL)
 
     def after_save_started(self, step: int) -> None:
-        """Right after a save began (async: its write is in flight): kill this rank mid-write."""
+        """Right after a save returned: an async one is still being written, a sync one is committed; kill this rank."""
         for spec in self.plan.faults:
-            if (
-                spec.kind == FaultKind.CKPT_KILL_DURING_WRITE
-                and spec.step <= step
-                and self.mine(spec)
-                and self._claim(spec)
-            ):
+            if spec.kind in AFTER_SAVE_KINDS and spec.step <= step and self.mine(spec) and self._claim(spec):
                 self._record(spec, step)
                 os.kill(os.getpid(), signal.SIGKILL)
 
@@ -136,6 +134,12 @@ class FaultInjector:
             burn_cpu(spec.seconds)
         elif kind == FaultKind.FLIP_BIT:
             flip_one_parameter_bit(parameters(), spec.bit, seed=spec.step)
+        elif kind == FaultKind.NAN_PARAMS:
+            from stalwart.health.sdc import local_tensor
+
+            with torch.no_grad():
+                for p in parameters():
+                    local_tensor(p).fill_(float("nan"))
         elif kind == FaultKind.GPU_FAULT:
             write_gpu_fault(self.run_dir, self.node)
         elif kind == FaultKind.KILL_AGENT:

@@ -42,6 +42,8 @@ class FaultKind(str, enum.Enum):
     GPU_FAULT = "gpu_fault"  # the node's health probe reports a fatal GPU fault (XID 79)
     KILL_AGENT = "kill_agent"  # SIGKILL one node's launcher agent and its workers: a lost node
     CKPT_KILL_DURING_WRITE = "ckpt_kill_during_write"  # SIGKILL a rank while a save is being written
+    KILL_AFTER_COMMIT = "kill_after_commit"  # SIGKILL a rank right after its save returned (committed when sync)
+    NAN_PARAMS = "nan_params"  # every local parameter of one rank turns NaN (what a diverged update leaves)
     CKPT_CORRUPT = "ckpt_corrupt"  # flip a byte in a committed shard of the newest step
     SIGTERM = "sigterm"  # preemption: SIGTERM to the launcher (or the rank without one)
     KILL_DURING_REFORM = "kill_during_reform"  # SIGKILL a rank while it re-forms after another rank's loss

@@ -23,9 +23,12 @@ from stalwart.health.daemon import MAX_MESSAGE_BYTES, HealthDaemon, _find_py_spy
 from stalwart.health.hang import HangConfig, Phase
 from stalwart.health.probes import FAULT_INJECTION_ENV, GpuProbe
 from stalwart.health.proto import healthd_pb2, healthd_pb2_grpc
+from stalwart.health.security import heartbeat_key
+from stalwart.jobenv import TOKEN_FILE_ENV
 
 CASES = Path(__file__).resolve().parents[1] / "health_cases.py"
 TOKEN = "s3cret-job-token"
+AUTH = heartbeat_key(TOKEN)
 # Floor 3 s: beats every 0.2 s on a loaded 2-core CI box can stall past 2 s without a real hang.
 FAST = HangConfig(
     warmup_steps=3,
@@ -35,9 +38,20 @@ FAST = HangConfig(
 )
 
 
-def spawn_beater(address: str, run_dir: Path, rank: int, mode: str = "beat") -> subprocess.Popen:
+def token_file(run_dir: Path) -> Path:
+    """The job token file a launcher would hand its ranks (they derive the heartbeat key from it)."""
+    path = run_dir / "token"
+    path.write_text(TOKEN + "\n")
+    path.chmod(0o600)
+    return path
+
+
+def spawn_beater(address: str, run_dir: Path, rank: int, mode: str = "beat", token: bool = True) -> subprocess.Popen:
+    env = {k: v for k, v in os.environ.items() if k != TOKEN_FILE_ENV}
+    if token:
+        env[TOKEN_FILE_ENV] = str(token_file(run_dir))
     proc = subprocess.Popen(
-        [sys.executable, str(CASES), mode, address, str(run_dir), str(rank)], stdout=subprocess.PIPE, text=True
+        [sys.executable, str(CASES), mode, address, str(run_dir), str(rank)], stdout=subprocess.PIPE, text=True, env=env
     )
     line = proc.stdout.readline()
     assert line.strip() == "ready", f"heartbeat child did not start (got {line!r}, exit {proc.poll()})"
@@ -150,11 +164,11 @@ def test_grpc_health_auth_and_malformed_requests(daemon, tmp_path):
             garbage(b"\xff\xff\xff\xff\x0f\x01", timeout=5)
         assert err.value.code() != grpc.StatusCode.OK
         for bad in (
-            healthd_pb2.HeartbeatRequest(rank=2, pid=os.getpid(), ts=time.time()),  # the daemon itself
-            healthd_pb2.HeartbeatRequest(rank=2, pid=2**31 - 1, ts=time.time()),  # no such process
-            healthd_pb2.HeartbeatRequest(rank=-1, pid=proc.pid, ts=time.time()),
-            healthd_pb2.HeartbeatRequest(rank=2, pid=proc.pid, phase=7, ts=time.time()),
-            healthd_pb2.HeartbeatRequest(rank=2, pid=proc.pid, ts=float("nan")),
+            healthd_pb2.HeartbeatRequest(rank=2, pid=os.getpid(), ts=time.time(), auth=AUTH),  # the daemon itself
+            healthd_pb2.HeartbeatRequest(rank=2, pid=2**31 - 1, ts=time.time(), auth=AUTH),  # no such process
+            healthd_pb2.HeartbeatRequest(rank=-1, pid=proc.pid, ts=time.time(), auth=AUTH),
+            healthd_pb2.HeartbeatRequest(rank=2, pid=proc.pid, phase=7, ts=time.time(), auth=AUTH),
+            healthd_pb2.HeartbeatRequest(rank=2, pid=proc.pid, ts=float("nan"), auth=AUTH),
         ):
             with pytest.raises(grpc.RpcError) as err:
                 api.Heartbeat(bad, timeout=5)
@@ -222,7 +236,9 @@ def test_injected_gpu_fault_marks_node_unhealthy(tmp_path, monkeypatch):
         assert [i.code for g in status.gpu.gpus for i in g.issues] == [79]
         newcomer = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
         try:  # a worker group restarted on this node is told to stop
-            beat = healthd_pb2.HeartbeatRequest(rank=0, pid=newcomer.pid, phase=healthd_pb2.INIT, ts=time.time())
+            beat = healthd_pb2.HeartbeatRequest(
+                rank=0, pid=newcomer.pid, phase=healthd_pb2.INIT, ts=time.time(), auth=AUTH
+            )
             assert stub(d.address).Heartbeat(beat, timeout=5).action == healthd_pb2.STOP
         finally:
             newcomer.kill()
@@ -316,3 +332,58 @@ def test_culprit_mode_kills_only_the_stopped_rank_and_escalates_if_nobody_recove
             for proc in (culprit, blocked):
                 proc.kill()
                 proc.wait()
+
+
+def test_an_unauthenticated_client_cannot_get_a_worker_killed_but_the_jobs_own_rank_is_declared_hung(tmp_path):
+    """A real ``stalwart healthd``: heartbeats without the job's key register nothing; the job's rank still hangs."""
+    from polling import free_port
+
+    address = f"127.0.0.1:{free_port()}"
+    log = open(tmp_path / "healthd.log", "wb")
+    healthd = subprocess.Popen(
+        [sys.executable, "-m", "stalwart", "healthd", "--run-dir", str(tmp_path), "--bind", address]
+        + ["--token-file", str(token_file(tmp_path)), "--floor-s", "1", "--init-limit-s", "3", "--step-limit-s", "3"],
+        stdout=log,
+        stderr=subprocess.STDOUT,
+    )
+    victim = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(120)"])
+    rank = None
+    try:
+        api = stub(address)
+        empty = healthd_pb2.google_dot_protobuf_dot_empty__pb2.Empty()
+        wait_for(lambda: _answers(api, empty), 60, "healthd to serve")
+        refused = 0
+        for step, key in enumerate(["", "not-the-key", heartbeat_key("another-job's-token")] * 3):
+            beat = healthd_pb2.HeartbeatRequest(rank=0, pid=victim.pid, step=step, ts=time.time(), auth=key)
+            with pytest.raises(grpc.RpcError) as err:
+                api.Heartbeat(beat, timeout=5)
+            assert err.value.code() == grpc.StatusCode.UNAUTHENTICATED
+            refused += 1
+        time.sleep(6)  # twice the hang limit of silence after the last "beat"
+        status = api.GetStatus(empty, timeout=5)
+        assert victim.poll() is None and list(status.ranks) == [] and status.refused_heartbeats == refused
+
+        rank = spawn_beater(address, tmp_path, rank=1)  # the job's own rank: it has the token file
+        rank.send_signal(signal.SIGSTOP)
+        assert rank.wait(timeout=30) == -signal.SIGKILL  # declared hung and killed
+        (hang,) = wait_for(lambda: faults(tmp_path, "hang"), 10, "the hang event")
+        assert hang["target"] == "rank1" and hang["detail"]["killed_pids"] == [rank.pid]
+        assert victim.poll() is None  # the process the unauthenticated client named is untouched
+    finally:
+        for proc in (victim, rank):
+            if proc is not None:
+                proc.kill()
+                proc.wait()
+        healthd.terminate()
+        healthd.wait(30)
+    text = (tmp_path / "healthd.log").read_text()
+    assert "Traceback" not in text
+    assert text.count("refused heartbeat #1 ") == 1  # one line for the peer's first refusal, not one per beat
+
+
+def _answers(api: healthd_pb2_grpc.NodeHealthStub, empty) -> bool:
+    try:
+        api.GetStatus(empty, timeout=1)
+        return True
+    except grpc.RpcError:
+        return False

@@ -310,3 +310,68 @@ def test_checkpoint_phase_yields_whether_the_state_is_verified():
     assert not health.stop_requested
     with contextlib.suppress(RuntimeError):
         health.start(6)  # no golden workload configured in the fake monitor: nothing to raise
+
+
+# ---------------------------------------------------------------------------- non-finite state
+
+
+def test_a_nan_that_every_batch_reproduces_because_the_parameters_are_nan_is_a_bad_state_not_bad_data():
+    steps = FakeSteps()
+    steps.norm = math.nan  # the replay reproduces the NaN grad norm too
+    weights = [torch.ones(4), torch.ones(3)]
+    guard = AnomalyGuard(steps, one_rank, parameters=lambda: weights)
+    found = guard.check(batch_of(math.nan), torch.tensor(math.nan), loss=math.nan, grad_norm=math.nan)
+    assert found.bad_data and found.state_finite is True  # finite weights: the data is bad, the batch dropped
+    weights[1][2] = math.inf
+    found = guard.check(batch_of(math.nan), torch.tensor(math.nan), loss=math.nan, grad_norm=math.nan)
+    assert found.bad_state and not found.bad_data and found.state_finite is False and found.outcome.ranks == (0,)
+
+
+def test_the_fingerprint_pass_counts_nonfinite_parameters_and_reports_a_bad_state():
+    from stalwart.health.sdc import fingerprint_and_nonfinite
+
+    named = params()
+    rows, bad = fingerprint_and_nonfinite(t for _, t in named)
+    assert bad == 0 and torch.equal(rows, fingerprint(t for _, t in named))
+    named[1][1][3, 4] = math.nan
+    named[0][1][7] = -math.inf
+    assert fingerprint_and_nonfinite(t for _, t in named)[1] == 2
+    same = monitor(FakeCollectives(2, others={1: fingerprint(t for _, t in named)}), named=lambda: named)
+    assert same.check(5) == SdcFinding("nonfinite")  # replicas that agree on NaN agree on a bad state
+    assert not same.parameters_finite()
+
+
+class NonFiniteCheckpoints(FakeCheckpoints):
+    """Committed steps 2, 4, 6; loading one makes the state finite only if it is in ``finite``."""
+
+    def __init__(self, finite: set[int], monitor: FakeMonitor) -> None:
+        super().__init__()
+        self.finite, self.monitor = finite, monitor
+
+    def committed_steps(self) -> list[int]:
+        return [2, 4, 6]
+
+    def rollback(self, *, reason: str, from_step: int, to: int | str = "latest-verified") -> int:
+        self.calls.append(("rollback", to, from_step))
+        self.monitor.finite = to in self.finite
+        return to
+
+
+def test_a_bad_state_rolls_back_to_the_newest_commit_that_is_finite_and_stops_when_none_is():
+    from stalwart.health.anomaly import Anomaly, NonFiniteState
+    from stalwart.health.sdc import ReplayOutcome
+
+    bad_state = Anomaly("non-finite loss (nan)", ReplayOutcome(Verdict.BAD_STATE, (0,), "nan weights"), False)
+    health, _, _ = step_health(None)
+    health.monitor.parameters_finite = lambda: health.monitor.finite
+    health.checkpoints = checkpoints = NonFiniteCheckpoints({2}, health.monitor)
+    assert health.after_step(7, 0.1, bad_state) == StepAction.ROLLED_BACK
+    assert checkpoints.calls == [("settle",), ("rollback", 6, 7), ("rollback", 4, 7), ("rollback", 2, 7)]
+    assert health.events.emitted[0][1]["fault"] == "nonfinite_state"
+    checkpoints.finite = set()
+    with pytest.raises(NonFiniteState, match="no committed step holds a finite state"):
+        health.after_step(7, 0.1, bad_state)
+    checkpoints.finite = {6}
+    with pytest.raises(NonFiniteState, match="after 3 rollbacks"):
+        for _ in range(3):
+            health.after_step(7, 0.1, bad_state)

@@ -17,6 +17,7 @@ from stalwart.model.flops import count_params, flops_per_token, mfu
 from stalwart.model.hf import (
     args_from_hf_config,
     from_hf,
+    hf_config_from_args,
     load_hf_checkpoint,
     save_hf_checkpoint,
     to_hf,
@@ -278,3 +279,22 @@ def test_get_flavor_rejects_unknown_names_listing_valid_ones() -> None:
     assert get_flavor("8B") is FLAVORS["8B"]
     with pytest.raises(ValueError, match="bogus.*debug, 1B, 3B, 8B, 70B, 405B"):
         get_flavor("bogus")
+
+
+@pytest.mark.parametrize("flavor", ["debug", "1B", "8B"])
+def test_exported_config_loads_in_transformers_without_warnings(flavor: str, tmp_path: Path) -> None:
+    import logging
+
+    import transformers
+
+    (tmp_path / "config.json").write_text(json.dumps(hf_config_from_args(get_flavor(flavor))))
+    records: list[logging.LogRecord] = []
+    handler = logging.Handler(logging.WARNING)
+    handler.emit = records.append
+    root = logging.getLogger("transformers")
+    root.addHandler(handler)
+    try:
+        transformers.AutoConfig.from_pretrained(tmp_path)
+    finally:
+        root.removeHandler(handler)
+    assert [r.getMessage() for r in records] == []
