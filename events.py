@@ -75,6 +75,11 @@ SCHEMA_VERSION = 1
 FLUSH_INTERVAL_S = 1.0
 
 
+# The start of a ``ckpt_fail`` reason for a save an in-process recovery gave up (a peer was lost while it
+# was in flight): the loss's consequence, never a storage incident of its own.
+ABANDONED_SAVE = "abandoned: a peer rank was lost during the save"
+
+
 class EventKind(str, enum.Enum):
     JOB_START = "job_start"
     JOB_END = "job_end"
