@@ -82,6 +82,11 @@ FLUSH_INTERVAL_S = float(os.environ.get(FLUSH_INTERVAL_ENV) or 1.0)
 MAX_UNWRITTEN_BYTES = 16 << 20  # events waiting for a full disk; beyond this the oldest are dropped
 
 
+# The start of a ``ckpt_fail`` reason for a save an in-process recovery gave up (a peer was lost while it
+# was in flight): the loss's consequence, never a storage incident of its own.
+ABANDONED_SAVE = "abandoned: a peer rank was lost during the save"
+
+
 class EventKind(str, enum.Enum):
     JOB_START = "job_start"
     JOB_END = "job_end"

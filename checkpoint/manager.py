@@ -53,7 +53,7 @@ from stalwart.checkpoint.manifest import MANIFEST_NAME, CheckpointManifest, comp
 from stalwart.checkpoint.memory_tier import TIER as MEMORY_TIER
 from stalwart.checkpoint.memory_tier import MemoryTier
 from stalwart.checkpoint.storage import Storage
-from stalwart.events import EventKind, EventLog
+from stalwart.events import ABANDONED_SAVE, EventKind, EventLog
 
 logger = logging.getLogger(__name__)
 
@@ -247,7 +247,7 @@ class CheckpointManager:
                 error = pending.future.result(timeout=timeout_s)
             except BaseException as e:  # noqa: BLE001 (DCP's CheckpointException is a BaseException)
                 error = str(e)
-            self._fail(pending.step, f"abandoned: a peer rank was lost during the save ({error or 'in flight'})")
+            self._fail(pending.step, f"{ABANDONED_SAVE} ({error or 'in flight'})")
         if self.memory is not None:
             self.memory.abandon(timeout_s)
 

@@ -40,7 +40,7 @@ import signal
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from stalwart.events import EventKind
+from stalwart.events import ABANDONED_SAVE, EventKind
 
 if TYPE_CHECKING:
     from stalwart.goodput.accounting import StepRecord
@@ -398,6 +398,8 @@ class _Builder:
             return _Claim("preemption", _STRONG, ("preemption", gap), planned=True, ts=_num(e.get("signalled_ts")))
         if kind == EventKind.CKPT_FAIL.value and e.get("tier") != "preemption":
             reason, step = str(e.get("reason") or ""), e.get("step")
+            if reason.startswith(ABANDONED_SAVE):
+                return None  # given up by an in-process recovery: whatever the gap's incident is caused it
             if "is damaged" in reason:
                 evidence = {"step": step, "reason": reason.split(" is damaged: ", 1)[-1]}
                 return _Claim("storage_damage", _STRONG, ("storage_damage", step), independent=True, evidence=evidence)

@@ -164,8 +164,6 @@ def test_dashboard_follows_the_controller_live(chromium, tmp_path, token_file): 
         # Slow-moving numbers: the page shows what /api/state says now.
         state, shown = api_state(http_addr), page(chromium)
         assert shown["runDir"] == state["job"]["run_dir"]
-        assert shown["goodputRatio"] == f"{100 * state['goodput']['ratio']:.2f} %"
-        assert shown["badput"] == {c: f"{state['goodput']['badput_s'][c]:.2f}" for c in CATEGORIES}
         assert (
             sorted(map(tuple, shown["checkpoints"]))
             == [(c["step"], str(c["verified"]).lower()) for c in state["checkpoints"]]
@@ -179,6 +177,9 @@ def test_dashboard_follows_the_controller_live(chromium, tmp_path, token_file): 
         assert row["stepSeconds"] == f"{rank['step_seconds']:.3f}"
         assert row["stragglerScore"].startswith(f"{rank['straggler_score']:.2f}")
         assert rank["step"] > 0 and shown["lastState"]["job"] == state["job"]
+        fetched = shown["lastState"]["goodput"]  # the ratio moves fast early in a run
+        assert shown["goodputRatio"] == f"{100 * fetched['ratio']:.2f} %"
+        assert shown["badput"] == {c: f"{fetched['badput_s'][c]:.2f}" for c in CATEGORIES}
         full_page_screenshot(chromium, tmp_path / "dashboard-healthy.png")
 
         polls = page(chromium)["polls"]
