@@ -95,6 +95,7 @@ class CheckpointManager:
         cache_staging: bool = False,
         memory: MemoryTier | None = None,
         lease_ttl_s: float | None = None,
+        joining: bool = False,
     ) -> None:
         if keep_last < 1:
             raise ValueError(f"keep_last={keep_last}: keep at least the newest checkpoint (keep_last >= 1)")
@@ -123,12 +124,19 @@ class CheckpointManager:
         self.last_load_tier: str | None = None  # where the last load came from: "memory" or storage.scheme
         self.lease: RunLease | None = None
         if lease_ttl_s is not None:
-            self._take_lease(lease_ttl_s)
+            self._take_lease(lease_ttl_s, collective=not joining)
 
     # ---------------------------------------------------------------------------------- lease
 
-    def _take_lease(self, ttl_s: float) -> None:
-        """Rank 0 takes the run's lease; every rank raises :class:`LeaseHeld` when another live job holds it."""
+    def _take_lease(self, ttl_s: float, collective: bool = True) -> None:
+        """Rank 0 takes the run's lease; every rank raises :class:`LeaseHeld` when another live job holds it.
+
+        A rank joining a running world in a lost rank's place (``collective`` false) cannot broadcast:
+        its peers are not in this call. As rank 0 it takes the lease alone (the same job: the next
+        epoch); any other rank leaves it to the rank 0 that holds it.
+        """
+        if not collective and self.rank != 0:
+            return
         answer: tuple[str, str] | None = None
         if self.rank == 0:
             lease = RunLease(self.storage, ttl_s=ttl_s)
@@ -141,7 +149,7 @@ class CheckpointManager:
             else:
                 self.lease, answer = lease, ("ok", str(record.epoch))
                 lease.start_renewing()
-        kind, detail = self._broadcast(answer)
+        kind, detail = self._broadcast(answer) if collective else answer
         if kind == "held":
             raise LeaseHeld(detail)
         if kind == "error":

@@ -140,6 +140,7 @@ class Trainer:
         # rank, so that survivors can re-form in place; a replacement joins the survivors' generation.
         self.job_store = JobStore.from_env(cfg.recovery.reform_timeout_s) if cfg.recovery.in_process else None
         replacing = replaced_generation() if self.job_store is not None else None
+        self.replacing = replacing is not None  # joins a running world in a lost rank's place
         generation = 0 if replacing is None else self.job_store.wait_past(replacing, cfg.recovery.reform_timeout_s)
         store = self.job_store.prefix(generation) if self.job_store is not None else None
         # A replacement waits no longer than a recovery may take: past that, the launcher restarts the world.
@@ -370,6 +371,7 @@ class Trainer:
             events=self.events,
             memory=memory,
             lease_ttl_s=c.lease_ttl_s,
+            joining=self.replacing,
         )
         meta = SaveMeta(self.dims.as_dict(), self.cfg.layout_hash(), hf_config_from_args(self.model_args))
         # on_save is the health side's checkpoint phase; bound once the health components exist.

@@ -226,9 +226,9 @@ def test_flipped_bit_in_one_replica_is_named_and_rolled_back_to_the_verified_ste
 
 
 @pytest.mark.slow
-def test_trainer_heartbeats_reach_a_real_health_daemon(tmp_path):
+def test_trainer_heartbeats_reach_a_real_health_daemon(tmp_path, token_file):
     config = HangConfig(initial_limits={p: 120.0 for p in Phase}, floor_s=30.0)
-    daemon = HealthDaemon(tmp_path, "token", hang_config=config, probe_interval_s=5.0)
+    daemon = HealthDaemon(tmp_path, token_file.read_text().strip(), hang_config=config, probe_interval_s=5.0)
     address = daemon.start()
     seen: dict[int, set[int]] = {}
     phases: set[int] = set()
