@@ -515,7 +515,9 @@ class _Builder:
                     self.merge(by_key[c.key], e, c)
                 else:
                     by_key[c.key] = self.new_draft(e, c)
-        for e in notable:  # what they prove unless an incident explains them
+        # What they prove unless an incident explains them. Failed saves go last: a save that fails
+        # because a peer died can fail seconds before that death is detected (a lost node's silence).
+        for e in sorted(notable, key=lambda e: (c := claims[id(e)]) is not None and c.kind == "save_failed"):
             c = claims[id(e)]
             if c is None or c.strength != _LINKED:
                 continue
