@@ -122,6 +122,11 @@ class Suite:
         print(f"[{self.budget.elapsed():6.1f} s] {name}: {entry['status']}", flush=True)
         return entry if entry["status"] == "ok" else None
 
+    def partial(self, name: str, figures: dict[str, Any]) -> None:
+        """What a phase measured so far, on disk before its next part runs (replaced when it ends)."""
+        self.results["phases"][name] = {"status": "partial", **figures}
+        self.write()
+
     def write(self) -> None:
         self.results["suite"]["elapsed_s"] = round(self.budget.elapsed(), 2)
         atomic_write_json(self.out / RESULTS_FILE, self.results, durable=False)
@@ -377,8 +382,13 @@ class HfRun:
         }
 
 
-def mfu_phase(run: TrainerRun, shape: Shape, budget: Budget, rounds: int = 2) -> dict[str, Any]:
-    """The trainer and transformers in one process, timed in alternating rounds (medians over all)."""
+def mfu_phase(
+    run: TrainerRun, shape: Shape, budget: Budget, record: Callable[[dict[str, Any]], None], rounds: int = 2
+) -> dict[str, Any]:
+    """The trainer and transformers in one process, timed in alternating rounds (medians over all).
+
+    ``record`` keeps the figures measured so far (the trainer's first round) before transformers compiles.
+    """
     trainer, device = run.trainer, run.device
     args = trainer.model_args
     peak = trainer.peak_flops or peak_flops(device, 0.0)
@@ -399,6 +409,13 @@ def mfu_phase(run: TrainerRun, shape: Shape, budget: Budget, rounds: int = 2) ->
         "warmup_seconds": warm,
         "peak_memory_gib": peak_memory_gib(device),
     }
+    per_round = max(2, shape.steps // rounds)
+    times = run.steps(per_round, budget, reserve_s=90)
+
+    def figures() -> dict[str, Any]:
+        return {**ours, **throughput(times, run.tokens_per_step, args, shape.seq_len, peak)}
+
+    record({"stalwart": figures()})  # kept if transformers' compilation runs past the command's limit
     try:
         hf: HfRun | None = HfRun(shape, args, device)
     except ImportError as e:
@@ -409,14 +426,14 @@ def mfu_phase(run: TrainerRun, shape: Shape, budget: Budget, rounds: int = 2) ->
         if device.type == "cuda":
             own = torch.cuda.max_memory_allocated(device) - hf.allocated_before
             theirs["peak_memory_gib"] = own / 2**30  # beyond the trainer's state, resident meanwhile
-    per_round = max(2, shape.steps // rounds)
-    times: list[float] = []
     hf_times: list[float] = []
-    for _ in range(rounds):
-        times += run.steps(per_round, budget, reserve_s=90)
+    for i in range(rounds):  # stalwart, transformers, stalwart, transformers, ...
+        if i > 0:
+            times += run.steps(per_round, budget, reserve_s=90)
         if hf is not None:
             hf_times += [hf.step() for _ in range(per_round if budget.left() > 90 else 2)]
-    ours.update(throughput(times, run.tokens_per_step, args, shape.seq_len, peak), loss_last=trainer.history[-1].loss)
+    ours = figures()
+    ours["loss_last"] = trainer.history[-1].loss
     result: dict[str, Any] = {"stalwart": ours, "transformers": theirs, "rounds": rounds}
     if hf is not None:
         theirs.update(throughput(hf_times, hf.tokens_per_step, args, shape.seq_len, peak), loss_last=hf.losses[-1])
@@ -630,10 +647,12 @@ def summary(results: dict[str, Any]) -> str:
         entry = p.get(name)
         if entry is None:
             return
-        if entry["status"] != "ok":
+        if entry["status"] == "partial":
+            lines.append(f"{name:12s} partial (the run stopped inside this phase): {render(entry)}")
+        elif entry["status"] != "ok":
             lines.append(f"{name:12s} {entry['status']}: {entry.get('reason') or entry.get('error')}")
-            return
-        lines.append(f"{name:12s} {render(entry)}")
+        else:
+            lines.append(f"{name:12s} {render(entry)}")
 
     def rate(e: dict[str, Any]) -> str:
         m = f"{100 * e['mfu']:.1f} %" if e.get("mfu") is not None else "-"
@@ -645,7 +664,8 @@ def summary(results: dict[str, Any]) -> str:
         )
 
     def speed(e: dict[str, Any]) -> str:
-        ours, theirs = e["stalwart"], e["transformers"]
+        ours = e["stalwart"]
+        theirs = e.get("transformers", {"status": "not reached", "reason": "the run stopped before it"})
         text = f"stalwart {rate(ours)}"
         if "tokens_per_s" not in theirs:
             return f"{text}\n{'':13s}transformers {theirs['status']}: {theirs['reason']}"
@@ -706,9 +726,10 @@ def main() -> int:
     parser.add_argument("--no-compile", action="store_true", help="eager on CUDA too (a quicker, slower check)")
     args = parser.parse_args()
 
-    device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else args.device)
-    if device.type == "auto":
-        device = torch.device("cpu")
+    if args.device == "auto":
+        device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    else:
+        device = torch.device(args.device)
     if device.type == "cuda" and not torch.cuda.is_available():
         parser.error("--device cuda needs a CUDA GPU; this torch sees none (use --device cpu)")
     shape = CUDA_SHAPE if device.type == "cuda" else CPU_SHAPE
@@ -731,7 +752,7 @@ def main() -> int:
 
     def first_phase() -> dict[str, Any]:
         runs.append(TrainerRun(trainer_config(shape, device, work / "health-off", health_every=0)))
-        return mfu_phase(runs[0], shape, budget)
+        return mfu_phase(runs[0], shape, budget, record=lambda partial: suite.partial("mfu", partial))
 
     try:
         suite.run_phase("nvml", 0, nvml_phase)
