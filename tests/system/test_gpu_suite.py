@@ -38,7 +38,7 @@ def check_rate(entry: dict) -> None:
 
 def test_cpu_path_measures_every_phase(tmp_path):
     out, work = tmp_path / "out", tmp_path / "work"
-    results = run_suite(out, "--work-dir", str(work))
+    results = run_suite(out, "--work-dir", str(work), "--checkpoint-dir", str(work / "checkpoints"))
     phases = results["phases"]
     failed = {name: e.get("traceback") or e.get("reason") for name, e in phases.items() if e["status"] != "ok"}
     assert not failed, failed
@@ -65,7 +65,8 @@ def test_cpu_path_measures_every_phase(tmp_path):
     assert ckpt["pinned_d2h_seconds"] is None  # a CPU state has no device-to-host copy
     assert 0 < ckpt["blocking_seconds"] < ckpt["write_seconds"]
     assert ckpt["steps_quiet"]["n"] >= 2
-    committed = list((work / "health-off" / "checkpoints").glob("step-*"))
+    assert ckpt["storage"].endswith(str(work / "checkpoints"))
+    committed = list((work / "checkpoints").glob("step-*"))
     assert committed, "the checkpoint phase committed no step"
 
     health = phases["health"]
