@@ -296,8 +296,6 @@ class TrainerRun:
 
 def state_tensors(state: dict[str, Any]) -> list[torch.Tensor]:
     """Every tensor of the trainer's checkpointed state (model and optimizer state dicts), as DCP saves them."""
-    from torch.distributed.checkpoint.state_dict_saver import _stateful_to_state_dict
-
     found: list[torch.Tensor] = []
 
     def walk(value: Any) -> None:
@@ -310,7 +308,7 @@ def state_tensors(state: dict[str, Any]) -> list[torch.Tensor]:
             for item in value:
                 walk(item)
 
-    walk(_stateful_to_state_dict(state))
+    walk({name: item.state_dict() if hasattr(item, "state_dict") else item for name, item in state.items()})
     return found
 
 
@@ -543,6 +541,7 @@ def health_phase(
 ) -> dict[str, Any]:
     """The phase-1 run again with heartbeats, golden checks and fingerprints on; steps/s against phase 1's."""
     run_dir = work / "health-on"
+    torch.compiler.reset()  # fresh compiled blocks, as the first trainer had (no recompile limit reached)
     with healthd_process(run_dir) as address:
         run = TrainerRun(trainer_config(shape, device, run_dir, health_every, healthd=address))
         try:
