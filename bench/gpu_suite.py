@@ -31,6 +31,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import gc
+import importlib.metadata
 import json
 import os
 import platform
@@ -151,10 +152,8 @@ def machine(device: torch.device, shape: Shape, budget: Budget) -> dict[str, Any
         "budget_s": budget.seconds,
         "shape": shape.__dict__,
     }
-    with contextlib.suppress(ImportError):
-        import transformers
-
-        info["transformers"] = transformers.__version__
+    with contextlib.suppress(importlib.metadata.PackageNotFoundError):
+        info["transformers"] = importlib.metadata.version("transformers")  # without importing it (seconds)
     return info
 
 
@@ -745,7 +744,15 @@ def main() -> int:
     )
     parser.add_argument("--steps", type=int, default=None, help="timed steps per measurement (default by device)")
     parser.add_argument("--health-every", type=int, default=None, help="golden/fingerprint cadence of phase 4")
-    parser.add_argument("--no-compile", action="store_true", help="eager on CUDA too (a quicker, slower check)")
+    parser.add_argument(
+        "--compile",
+        choices=("auto", "on", "off"),
+        default="auto",
+        help="torch.compile the trainer's blocks and the transformers model (auto: on CUDA only)",
+    )
+    parser.add_argument(
+        "--dtype", choices=("auto", "float32", "bfloat16"), default="auto", help="compute dtype (auto: bf16 on CUDA)"
+    )
     args = parser.parse_args()
 
     if args.device == "auto":
@@ -758,8 +765,10 @@ def main() -> int:
     overrides: dict[str, Any] = {}
     if args.steps:
         overrides["steps"] = args.steps
-    if args.no_compile:
-        overrides["compile"] = False
+    if args.compile != "auto":
+        overrides["compile"] = args.compile == "on"
+    if args.dtype != "auto":
+        overrides["dtype"] = args.dtype
     shape = Shape(**{**shape.__dict__, **overrides})
     health_every = args.health_every or (10 if device.type == "cuda" else 2)
     budget = Budget(args.budget_s if args.budget_s is not None else (240.0 if device.type == "cuda" else 120.0))

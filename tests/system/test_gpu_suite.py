@@ -38,7 +38,9 @@ def check_rate(entry: dict) -> None:
 
 def test_cpu_path_measures_every_phase(tmp_path):
     out, work = tmp_path / "out", tmp_path / "work"
-    results = run_suite(out, "--work-dir", str(work), "--checkpoint-dir", str(work / "checkpoints"))
+    # bf16 autocast as on the GPU: the trainer's chunked loss and transformers' autocast both run.
+    checkpoints = work / "checkpoints"
+    results = run_suite(out, "--work-dir", str(work), "--checkpoint-dir", str(checkpoints), "--dtype", "bfloat16")
     phases = results["phases"]
     failed = {name: e.get("traceback") or e.get("reason") for name, e in phases.items() if e["status"] != "ok"}
     assert not failed, failed
@@ -54,7 +56,8 @@ def test_cpu_path_measures_every_phase(tmp_path):
     assert ours["tokens_per_step"] == theirs["tokens_per_step"] == 2 * 64
     assert mfu["speedup"] == ours["tokens_per_s"] / theirs["tokens_per_s"]
     assert theirs["attn_implementation"] == "sdpa"
-    assert ours["compute_dtype"] == theirs["compute_dtype"] == "torch.float32"
+    assert ours["compute_dtype"] == theirs["compute_dtype"] == "torch.bfloat16"
+    assert ours["master_weights"] == theirs["master_weights"] == "torch.float32"
     args = get_flavor("debug")
     params = count_params(type(args)(**{**args.__dict__, "n_layers": 2}))
     assert ours["model"]["params"] == params
@@ -65,8 +68,8 @@ def test_cpu_path_measures_every_phase(tmp_path):
     assert ckpt["pinned_d2h_seconds"] is None  # a CPU state has no device-to-host copy
     assert 0 < ckpt["blocking_seconds"] < ckpt["write_seconds"]
     assert ckpt["steps_quiet"]["n"] >= 2
-    assert ckpt["storage"].endswith(str(work / "checkpoints"))
-    committed = list((work / "checkpoints").glob("step-*"))
+    assert ckpt["storage"].endswith(str(checkpoints))
+    committed = list(checkpoints.glob("step-*"))
     assert committed, "the checkpoint phase committed no step"
 
     health = phases["health"]
