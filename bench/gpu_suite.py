@@ -1,29 +1,38 @@
 """Every GPU figure of issue 17 in one run: MFU against Hugging Face, checkpoint blocking, health overhead, NVML.
 
     python bench/gpu_suite.py --out DIR [--device auto|cpu|cuda] [--budget-s 240] [--work-dir DIR]
+        [--checkpoint-dir auto|DIR] [--compile auto|on|off] [--dtype auto|float32|bfloat16] [--steps N]
 
 Writes ``DIR/gpu_suite.json`` (every figure, rewritten after each phase, so a run cut short keeps what it
-measured) and ``DIR/summary.txt`` (the same, a line per figure). Large files (checkpoints, event logs)
-go under ``--work-dir`` (a temporary folder by default), never under ``DIR``.
+measured) and ``DIR/summary.txt`` (the same, a line per figure, the goal beside it). Large files
+(checkpoints, event logs) go under ``--work-dir`` and ``--checkpoint-dir`` (temporary folders by
+default, removed at the end), never under ``DIR``. bench/RESULTS.md ("pending: GPU") has the exact
+device command and what it carries.
 
 Phases, in order (each one is skipped, with the reason recorded, when the budget left is too small,
 and a phase that fails records its error and the next one runs):
 
-1. ``stalwart``: the trainer (``runtime.train.Trainer``, the loop's own ``_one_step``) on the 1B flavor at
-   4 x 4096 on CUDA (per-block compile, bf16 autocast over fp32 master weights, fused AdamW), health
-   checks off; tokens/s, MFU (6N + 12·L·H·Dh·S FLOPs per token, ``model.flops``), peak memory.
-2. ``checkpoint``: the same trainer's state: pinned device-to-host copy time of every tensor, the
+1. ``nvml``: what ``health.probes.GpuProbe`` and the NVML queries it makes read on this machine
+   (temperature, power, clocks, ECC counters, row remaps, retired pages, XID event subscription), and
+   that a GPU missing from NVML's count is reported as a fatal ``lost`` issue (the dead-GPU path).
+2. ``mfu``: the trainer (``runtime.train.Trainer``, stepped through the loop's own ``_one_step``) on the
+   1B flavor at 4 x 4096 on CUDA (per-block compile, bf16 autocast over fp32 master weights, fused
+   AdamW, the chunked fp32 loss, one host sync per step), health checks off; and in the same process
+   ``transformers``' ``LlamaForCausalLM`` of the same shape (SDPA, ``torch.compile`` of the whole
+   model, fused AdamW, bf16 autocast, its loss read back every step as the trainer reads its
+   scalars), timed in alternating rounds. tokens/s, MFU (6N + 12·L·H·Dh·S FLOPs per token,
+   ``model.flops``, against the device's dense bf16 peak), peak memory. A world of one rank creates
+   no process group, so the one-GPU trainer runs unsharded (FSDP on one rank would add only a copy).
+3. ``checkpoint``: the same trainer's state: pinned device-to-host copy time of all its tensors, the
    async save's blocking time (the second save: the first allocates the pinned staging cache), and
    steps/s during the background write against the steps just before it.
-3. ``transformers``: ``LlamaForCausalLM`` of the same shape in the same process (SDPA, ``torch.compile``
-   of the whole model, fused AdamW, bf16 autocast, the loss read back every step as the trainer does).
-4. ``health``: a second trainer with a real ``stalwart healthd`` process (heartbeats), the golden
-   workload and parameter fingerprints every ``--health-every`` steps; steps/s against phase 1.
-5. ``nvml``: what ``health.probes.GpuProbe`` and the NVML queries it makes read on this machine, and
-   that a GPU missing from NVML's count is reported as a fatal ``lost`` issue (the dead-GPU path).
+4. ``health``: a second trainer with a real ``stalwart healthd`` process (heartbeats, its GPU probes),
+   the golden workload and parameter fingerprints every ``--health-every`` steps (fingerprints need
+   a data-parallel replica: off on one GPU, and the JSON says so); tokens/s against phase 2's.
 
-On CPU the same phases run a tiny shape (the debug flavor, 2 layers, 2 x 64, eager) in seconds; the
-CI smoke test (tests/system/test_gpu_suite.py) keeps that path working.
+On CPU the same phases run a tiny shape (the debug flavor, 2 layers, 2 x 64, eager, fp32 unless
+``--dtype``/``--compile`` say otherwise) in seconds; the CI smoke test (tests/system/test_gpu_suite.py)
+keeps that path working. Its figures say nothing about a GPU.
 """
 
 from __future__ import annotations
@@ -45,6 +54,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
+from traceback import format_exc
 from typing import Any
 
 import torch
@@ -113,10 +123,9 @@ class Suite:
             t0 = time.monotonic()
             try:
                 entry = {"status": "ok", **phase()}
-            except Exception as e:  # one phase's failure must not lose the others' figures
-                import traceback
-
-                entry = {"status": "error", "error": f"{type(e).__name__}: {e}", "traceback": traceback.format_exc()}
+            except Exception as e:  # one phase's failure must not lose the others' figures (nor its own so far)
+                so_far = {k: v for k, v in self.results["phases"].get(name, {}).items() if k != "status"}
+                entry = {**so_far, "status": "error", "error": f"{type(e).__name__}: {e}", "traceback": format_exc()}
             entry["seconds"] = round(time.monotonic() - t0, 2)
         self.results["phases"][name] = entry
         self.write()
@@ -431,16 +440,19 @@ def mfu_phase(
         return {**ours, **throughput(times, run.tokens_per_step, args, shape.seq_len, peak)}
 
     record({"stalwart": figures()})  # kept if transformers' compilation runs past the command's limit
+    hf: HfRun | None = None
     try:
-        hf: HfRun | None = HfRun(shape, args, device)
-    except ImportError as e:
-        hf, theirs = None, {"status": "skipped", "reason": f"transformers is not importable here: {e}"}
-    else:
+        hf = HfRun(shape, args, device)
         reset_peak(device)
         theirs = {**hf.describe(), "warmup_seconds": [hf.step() for _ in range(shape.warmup_steps)]}
         if device.type == "cuda":
             own = torch.cuda.max_memory_allocated(device) - hf.allocated_before
             theirs["peak_memory_gib"] = own / 2**30  # beyond the trainer's state, resident meanwhile
+    except ImportError as e:
+        hf, theirs = None, {"status": "skipped", "reason": f"transformers is not importable here: {e}"}
+    except Exception as e:  # the baseline failing (a compile error, out of memory) keeps the trainer's figures
+        hf, theirs = None, {"status": "error", "reason": f"{type(e).__name__}: {e}", "traceback": format_exc()}
+        free_memory(device)
     hf_times: list[float] = []
     for i in range(rounds):  # stalwart, transformers, stalwart, transformers, ...
         if i > 0:
