@@ -303,12 +303,20 @@ class TrainerRun:
 
 
 def state_tensors(state: dict[str, Any]) -> list[torch.Tensor]:
-    """Every tensor of the trainer's checkpointed state (model and optimizer state dicts), as DCP saves them."""
+    """Every tensor of the trainer's checkpointed state (model and optimizer state dicts), each storage once.
+
+    Tied weights (the 1B flavor's embedding and output projection) appear under two keys; the bytes
+    that must cross to the host are one copy's.
+    """
     found: list[torch.Tensor] = []
+    seen: set[tuple[int, int]] = set()
 
     def walk(value: Any) -> None:
         if isinstance(value, torch.Tensor):
-            found.append(value)
+            key = (value.data_ptr(), value.numel())
+            if key not in seen:
+                seen.add(key)
+                found.append(value)
         elif isinstance(value, dict):
             for item in value.values():
                 walk(item)
