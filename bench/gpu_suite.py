@@ -28,7 +28,8 @@ and a phase that fails records its error and the next one runs):
    steps/s during the background write against the steps just before it.
 4. ``health``: a second trainer with a real ``stalwart healthd`` process (heartbeats, its GPU probes),
    the golden workload and parameter fingerprints every ``--health-every`` steps (fingerprints need
-   a data-parallel replica: off on one GPU, and the JSON says so); tokens/s against phase 2's.
+   a data-parallel replica: off on one GPU, and the JSON says so), stepped in alternating rounds with
+   phase 2's trainer (health checks off, still in memory); tokens/s on over off.
 
 On CPU the same phases run a tiny shape (the debug flavor, 2 layers, 2 x 64, eager, fp32 unless
 ``--dtype``/``--compile`` say otherwise) in seconds; the CI smoke test (tests/system/test_gpu_suite.py)
@@ -556,34 +557,47 @@ def healthd_process(run_dir: Path) -> Iterator[str]:
 
 
 def health_phase(
-    shape: Shape, device: torch.device, work: Path, health_every: int, off: dict[str, Any], budget: Budget
+    off: TrainerRun, shape: Shape, work: Path, health_every: int, budget: Budget, rounds: int = 2
 ) -> dict[str, Any]:
-    """The phase-1 run again with heartbeats, golden checks and fingerprints on; steps/s against phase 1's."""
+    """A second trainer with heartbeats, golden checks and fingerprints on, in rounds alternating with ``off``."""
     run_dir = work / "health-on"
-    torch.compiler.reset()  # fresh compiled blocks, as the first trainer had (no recompile limit reached)
+    torch.compiler.reset()  # fresh compiled blocks for the second trainer (no recompile limit reached)
     with healthd_process(run_dir) as address:
-        run = TrainerRun(trainer_config(shape, device, run_dir, health_every, healthd=address))
+        on = TrainerRun(trainer_config(shape, off.device, run_dir, health_every, healthd=address))
         try:
-            fingerprints = run.trainer.health.monitor.fingerprint_every > 0
-            warm = [run.step() for _ in range(shape.warmup_steps)]
-            n = max(shape.steps, 2 * health_every)
-            times = run.steps(n, budget, reserve_s=30)
-            beats = run.trainer.heartbeat is not None
+            fingerprints = on.trainer.health.monitor.fingerprint_every > 0
+            warm = [on.step() for _ in range(shape.warmup_steps)]
+            warm_off = [off.step() for _ in range(2)]  # its blocks compile again after the reset
+            timed_from = on.trainer.step
+            per_round = max(shape.steps // rounds, health_every)  # every round holds a golden check
+            on_times: list[float] = []
+            off_times: list[float] = []
+            for _ in range(rounds):
+                off_times += off.steps(per_round, budget, reserve_s=15)
+                on_times += on.steps(per_round, budget, reserve_s=15)
+            beats = on.trainer.heartbeat is not None
+            # Steps whose number the cadence names (the monitor runs the golden workload at each).
+            golden_checks = on.trainer.step // health_every - timed_from // health_every if health_every else 0
         finally:
-            run.close()
-    on_tps = run.tokens_per_step / statistics.median(times)
+            on.close()
+    on_tps = on.tokens_per_step / statistics.median(on_times)
+    off_tps = off.tokens_per_step / statistics.median(off_times)
     return {
         "healthd": address,
         "heartbeats": beats,
         "golden_every": health_every,
+        "golden_checks_in_timed_steps": golden_checks,
         "fingerprint_every": health_every,
         "fingerprints": "on" if fingerprints else "off: one rank has no data-parallel replica to compare with",
         "warmup_seconds": warm,
-        "step_seconds": spread(times),
+        "warmup_seconds_off": warm_off,
+        "rounds": rounds,
+        "step_seconds": spread(on_times),
+        "step_seconds_off": spread(off_times),
         "tokens_per_s_on": on_tps,
-        "tokens_per_s_off": off["tokens_per_s"],
-        "on_over_off": on_tps / off["tokens_per_s"],
-        "off_from": "the mfu phase's trainer (same process, health checks off, run before this one)",
+        "tokens_per_s_off": off_tps,
+        "on_over_off": on_tps / off_tps,
+        "off_from": "the mfu phase's trainer (health checks off), stepped in alternating rounds with this one",
     }
 
 
@@ -799,7 +813,7 @@ def main() -> int:
     needs = {"mfu": 200, "checkpoint": 60, "health": 60} if device.type == "cuda" else {}
 
     work = args.work_dir or Path(tempfile.mkdtemp(prefix="gpu-suite-"))
-    runs: list[TrainerRun] = []  # the phase-1 trainer, kept for the checkpoint phase
+    runs: list[TrainerRun] = []  # the mfu phase's trainer, kept for the checkpoint and health phases
 
     checkpoints = checkpoint_dir(args.checkpoint_dir, work, shape)
 
@@ -814,12 +828,9 @@ def main() -> int:
             suite.run_phase(
                 "checkpoint", needs.get("checkpoint", 0), lambda: checkpoint_phase(runs[0], shape.steps, budget)
             )
-        while runs:
-            runs.pop().close()
         if speed is not None:
-            off = speed["stalwart"]
             suite.run_phase(
-                "health", needs.get("health", 0), lambda: health_phase(shape, device, work, health_every, off, budget)
+                "health", needs.get("health", 0), lambda: health_phase(runs[0], shape, work, health_every, budget)
             )
     finally:
         while runs:
