@@ -133,6 +133,11 @@ class Suite:
         print(f"[{self.budget.elapsed():6.1f} s] {name}: {entry['status']}", flush=True)
         return entry if entry["status"] == "ok" else None
 
+    def skip(self, name: str, reason: str) -> None:
+        self.results["phases"][name] = {"status": "skipped", "reason": reason}
+        self.write()
+        print(f"[{self.budget.elapsed():6.1f} s] {name}: skipped", flush=True)
+
     def partial(self, name: str, figures: dict[str, Any]) -> None:
         """What a phase measured so far, on disk before its next part runs (replaced when it ends)."""
         self.results["phases"][name] = {"status": "partial", **figures}
@@ -828,10 +833,12 @@ def main() -> int:
             suite.run_phase(
                 "checkpoint", needs.get("checkpoint", 0), lambda: checkpoint_phase(runs[0], shape.steps, budget)
             )
-        if speed is not None:
             suite.run_phase(
                 "health", needs.get("health", 0), lambda: health_phase(runs[0], shape, work, health_every, budget)
             )
+        else:
+            for name in ("checkpoint", "health"):
+                suite.skip(name, "it steps the mfu phase's trainer, and the mfu phase did not complete")
     finally:
         while runs:
             runs.pop().close()

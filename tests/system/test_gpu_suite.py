@@ -94,7 +94,10 @@ def test_cpu_path_measures_every_phase(tmp_path):
 def test_budget_spent_skips_phases_and_says_why(tmp_path):
     results = run_suite(tmp_path / "out", "--budget-s", "0")
     phases = results["phases"]
-    assert set(phases) == {"nvml", "mfu"}  # the checkpoint and health phases need the mfu phase's trainer
-    for entry in phases.values():
+    assert list(phases) == ["nvml", "mfu", "checkpoint", "health"]
+    for name in ("nvml", "mfu"):
+        entry = phases[name]
         assert entry["status"] == "skipped" and "budget" in entry["reason"] and "--budget-s" in entry["reason"]
+    for name in ("checkpoint", "health"):  # they step the mfu phase's trainer
+        assert phases[name]["status"] == "skipped" and "mfu phase did not complete" in phases[name]["reason"]
     assert "skipped: budget" in (tmp_path / "out" / "summary.txt").read_text()
