@@ -290,14 +290,22 @@ class TrainerRun:
         t0 = time.perf_counter()
         if self.trainer._one_step(self.preemption):
             raise RuntimeError("the trainer was preempted (SIGTERM) during the suite")
-        sync(self.device)  # the step already ended in the job sync's copy to the host; this costs nothing
+        # No device sync here: the job sync inside the step already waits for forward/backward, and the
+        # update runs on while the loop fetches the next batch, as in ``Trainer.run``.
         return time.perf_counter() - t0
+
+    def warm_up(self, n: int) -> list[float]:
+        """``n`` untimed-for-the-figures steps (compilation happens in the first); their seconds."""
+        times = [self.step() for _ in range(n)]
+        sync(self.device)
+        return times
 
     def steps(self, n: int, budget: Budget, reserve_s: float) -> list[float]:
         """Up to ``n`` timed steps, fewer (at least 2) when the budget runs short."""
         times: list[float] = []
         while len(times) < n and (len(times) < 2 or budget.left() > reserve_s):
             times.append(self.step())
+        sync(self.device)  # the last update finishes before whatever runs next is timed
         return times
 
     def close(self) -> None:
@@ -404,11 +412,18 @@ class HfRun:
         with torch.autocast(self.device.type, dtype=self.compute_dtype, enabled=autocast):
             out = self.forward(input_ids=self.inputs, labels=self.inputs)  # transformers shifts the labels
         out.loss.backward()
-        torch.nn.utils.clip_grad_norm_(self.model.parameters(), 1.0, foreach=True)
+        norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), 1.0, foreach=True)
+        # The logged scalars, read where the trainer's job sync reads its own: after clipping, before the update.
+        self.losses.append(torch.stack([out.loss.detach().float(), norm]).tolist()[0])
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
-        self.losses.append(out.loss.item())  # the logged scalar: one host sync per step, as the trainer
         return time.perf_counter() - t0
+
+    def steps(self, n: int) -> list[float]:
+        """``n`` timed steps, then the last update finishes (untimed, as the trainer's :meth:`TrainerRun.steps`)."""
+        times = [self.step() for _ in range(n)]
+        sync(self.device)
+        return times
 
     def describe(self) -> dict[str, Any]:
         return {
@@ -431,7 +446,7 @@ def mfu_phase(
     args = trainer.model_args
     peak = trainer.peak_flops or peak_flops(device, 0.0)
     reset_peak(device)
-    warm = [run.step() for _ in range(shape.warmup_steps)]
+    warm = run.warm_up(shape.warmup_steps)
     ours: dict[str, Any] = {
         "model": {
             "flavor": shape.flavor,
@@ -458,7 +473,7 @@ def mfu_phase(
     try:
         hf = HfRun(shape, args, device)
         reset_peak(device)
-        theirs = {**hf.describe(), "warmup_seconds": [hf.step() for _ in range(shape.warmup_steps)]}
+        theirs = {**hf.describe(), "warmup_seconds": hf.steps(shape.warmup_steps)}
         if device.type == "cuda":
             own = torch.cuda.max_memory_allocated(device) - hf.allocated_before
             theirs["peak_memory_gib"] = own / 2**30  # beyond the trainer's state, resident meanwhile
@@ -472,7 +487,7 @@ def mfu_phase(
         if i > 0:
             times += run.steps(per_round, budget, reserve_s=90)
         if hf is not None:
-            hf_times += [hf.step() for _ in range(per_round if budget.left() > 90 else 2)]
+            hf_times += hf.steps(per_round if budget.left() > 90 else 2)
     ours = figures()
     ours["loss_last"] = trainer.history[-1].loss
     result: dict[str, Any] = {"stalwart": ours, "transformers": theirs, "rounds": rounds}
@@ -571,8 +586,8 @@ def health_phase(
         on = TrainerRun(trainer_config(shape, off.device, run_dir, health_every, healthd=address))
         try:
             fingerprints = on.trainer.health.monitor.fingerprint_every > 0
-            warm = [on.step() for _ in range(shape.warmup_steps)]
-            warm_off = [off.step() for _ in range(2)]  # its blocks compile again after the reset
+            warm = on.warm_up(shape.warmup_steps)
+            warm_off = off.warm_up(2)  # its blocks compile again after the reset
             timed_from = on.trainer.step
             per_round = max(shape.steps // rounds, health_every)  # every round holds a golden check
             on_times: list[float] = []
