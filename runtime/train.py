@@ -372,6 +372,9 @@ class Trainer:
             memory=memory,
             lease_ttl_s=c.lease_ttl_s,
             joining=self.replacing,
+            # On GPU hosts async saves stage into one pinned copy reused across saves: the blocking
+            # part is then a device-to-host copy at PCIe speed (a pageable copy per save is far slower).
+            cache_staging=self.env.device.type == "cuda",
         )
         meta = SaveMeta(self.dims.as_dict(), self.cfg.layout_hash(), hf_config_from_args(self.model_args))
         # on_save is the health side's checkpoint phase; bound once the health components exist.
