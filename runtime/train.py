@@ -242,6 +242,9 @@ class Trainer:
         step_seconds = time.perf_counter() - t0
         self._log_step(result, lr, step_seconds, data_seconds)
         if result.preempted:
+            # Only a rank that got the signal itself was preempted; the others stop with it (the job
+            # agrees job-wide) and their agents must re-form, not take it for the end of training.
+            self.preempted = preemption.raised
             self._save_on_preemption(preemption.at or time.monotonic())
             return True
         if result.stop:
@@ -536,7 +539,6 @@ class Trainer:
         return self.checkpointer.newest_local_dir() if self.checkpointer is not None else None
 
     def _save_on_preemption(self, signalled_at: float) -> None:
-        self.preempted = True
         if self.checkpointer is None:
             return
         grace = self.cfg.checkpoint.preemption_grace_s
