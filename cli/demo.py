@@ -272,6 +272,11 @@ class Demo:
                     why = "was excluded" if code == EXIT_NODE_EXCLUDED else f"was lost ({signal.Signals(-code).name})"
                     print(f"stalwart demo: {node.name} {why}; the scheduler will bring up a replacement", flush=True)
                     waiting.append((f"{node.name} {why}", time.time()))
+                elif code == 0 and self.last_step() < self.args.steps:
+                    # A preempted node: the scheduler takes the whole job (its other nodes would re-form
+                    # and wait for a peer that is not coming), then requeues it.
+                    for other in running:
+                        other.proc.terminate()
             # A replacement takes a while to arrive: the survivors re-form without the node and train
             # (or three minutes pass), as on a cluster, then the new node grows the job back.
             while waiting and (
