@@ -729,6 +729,7 @@ class _Builder:
                 and e["ts"] >= after
                 and self.gap_of(e["ts"]) == g
                 and isinstance(e.get("step"), int)
+                and e.get("rank") in (None, self.lowest_rank(e))  # one load per restore, as consequence() reads it
             ]
             if loads and loads[0]["step"] < step:
                 d.fallback_to = loads[0]["step"]
