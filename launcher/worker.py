@@ -24,11 +24,11 @@ EXIT_REJOIN = 75  # EX_TEMPFAIL: stopped with the group, not finished; restart m
 
 
 def wait_as_spare(rank: int, world_size: int) -> int:
+    stop = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())  # before saying so: a stop right after is a clean one
     print(
         f"rank {rank}: hot spare (the layout trains on {world_size} ranks); waiting for the next rendezvous", flush=True
     )
-    stop = threading.Event()
-    signal.signal(signal.SIGTERM, lambda *_: stop.set())
     while not stop.wait(3600):
         pass
     return 0

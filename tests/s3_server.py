@@ -2,7 +2,8 @@
 
 moto keeps bucket contents in this process's memory, not in the server thread, so ``stop()`` then
 ``start()`` on the same port models an outage that loses nothing (a real S3 outage), while
-``reset()`` wipes every bucket.
+``reset()`` wipes every bucket. A new ``LocalS3`` starts empty (its first start resets), so tests
+in one pytest process do not see each other's buckets.
 """
 
 from __future__ import annotations
@@ -27,10 +28,14 @@ class LocalS3:
         self.endpoint = f"http://127.0.0.1:{self.port}"
         self._server_cls = ThreadedMotoServer
         self._server: Any = None
+        self._started_once = False
 
     def start(self) -> None:
         self._server = self._server_cls(ip_address="127.0.0.1", port=self.port, verbose=False)
         self._server.start()
+        if not self._started_once:  # moto's buckets are this process's, shared by every server: a new one starts empty
+            self._started_once = True
+            self.reset()
 
     def stop(self) -> None:
         if self._server is not None:

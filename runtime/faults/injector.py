@@ -11,6 +11,7 @@ from __future__ import annotations
 import os
 import random
 import signal
+import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -145,8 +146,35 @@ class FaultInjector:
         elif kind == FaultKind.KILL_AGENT:
             kill_agent_and_workers()
         elif kind == FaultKind.SIGTERM:
-            launcher = os.getppid() if "TORCHELASTIC_RUN_ID" in os.environ else os.getpid()
-            os.kill(launcher, signal.SIGTERM)
+            preempt_and_wait()
+
+
+def preempt_and_wait(timeout_s: float = 30.0) -> None:
+    """SIGTERM to the launcher (or this rank without one), as a scheduler preempts; return once it reached this rank.
+
+    The launcher relays the signal to its ranks; waiting for it here makes the fault's step the one
+    that stops (a busy 2-core box can otherwise relay it a step later) without changing what the
+    trainer does with the signal: its own handler still runs.
+    """
+    if "TORCHELASTIC_RUN_ID" not in os.environ:
+        os.kill(os.getpid(), signal.SIGTERM)  # handled before the next bytecode: nothing to wait for
+        return
+    arrived = threading.Event()
+    previous = signal.getsignal(signal.SIGTERM)
+
+    def relay(signum: int, frame: object) -> None:
+        arrived.set()
+        if callable(previous):
+            previous(signum, frame)
+
+    signal.signal(signal.SIGTERM, relay)
+    try:
+        os.kill(os.getppid(), signal.SIGTERM)
+        deadline = time.monotonic() + timeout_s
+        while not arrived.is_set() and time.monotonic() < deadline:
+            time.sleep(0.01)  # Python runs signal handlers in the main thread, between these sleeps
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 def burn_cpu(seconds: float) -> None:
