@@ -242,7 +242,7 @@ class JobController:
         with self._lock:
             for m in batch.metrics:
                 if m.node not in self._excluded:
-                    self._stragglers.observe(m.rank, m.node, m.step, m.step_seconds, m.compute_seconds, m.ts)
+                    self._stragglers.observe(m.rank, m.node, m.step, m.step_seconds, m.compute_seconds, m.ts, m.pid)
 
     # ---------------------------------------------------------------- actions
 

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 import threading
 import time
 from collections import deque
@@ -81,6 +82,7 @@ class ControllerClient:
                 step_seconds=float(step_seconds),
                 compute_seconds=float(compute_seconds),
                 ts=time.time(),
+                pid=os.getpid(),  # this client reports from the rank's own process
             )
             if not (
                 math.isfinite(m.step_seconds)

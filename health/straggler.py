@@ -11,6 +11,11 @@ a straggler when its score reaches ``threshold`` with at least ``min_samples`` s
 stays one it earns a strike at once and then one per further ``window`` of samples, which the
 exclusion policy counts.
 
+A new process in a rank's place (a replacement, a restart: the report's ``pid`` changed) starts a
+fresh history, and every process's first ``warmup_steps`` steps are not sampled: a process that
+just joined runs its first steps cold (allocator, caches, a peer's state still arriving) and would
+otherwise be flagged for it.
+
 Pure logic with explicit timestamps; evaluation is O(ranks x window), run off the RPC path.
 """
 
@@ -27,8 +32,11 @@ class StragglerConfig:
     min_samples: int = 5
     threshold: float = 1.5
     stale_after_s: float = 300.0  # ranks silent this long (relative to the newest sample) are not scored
+    warmup_steps: int = 5  # a new process's first steps, not sampled
 
     def __post_init__(self) -> None:
+        if self.warmup_steps < 0:
+            raise ValueError(f"warmup_steps must be >= 0 (got {self.warmup_steps})")
         if not 1 <= self.min_samples <= self.window:
             raise ValueError(f"need 1 <= min_samples ({self.min_samples}) <= window ({self.window})")
         if self.threshold <= 1.0:
@@ -52,6 +60,8 @@ class RankScore:
 @dataclass
 class _RankHistory:
     node: str
+    pid: int  # the reporting process (0: not told)
+    warmup_left: int  # steps of this process still to skip
     step: int
     ts: float
     step_seconds: float
@@ -66,17 +76,22 @@ class StragglerDetector:
     config: StragglerConfig = field(default_factory=StragglerConfig)
     _ranks: dict[int, _RankHistory] = field(default_factory=dict)
 
-    def observe(self, rank: int, node: str, step: int, step_seconds: float, compute_seconds: float, ts: float) -> None:
+    def observe(
+        self, rank: int, node: str, step: int, step_seconds: float, compute_seconds: float, ts: float, pid: int = 0
+    ) -> None:
         """Record one finished step; a repeat of the rank's last step (a resend) is ignored."""
         h = self._ranks.get(rank)
-        if h is None or h.node != node:
+        if h is None or h.node != node or h.pid != pid:
             w = self.config.window
             h = self._ranks[rank] = _RankHistory(
-                node, step - 1, ts, 0.0, 0.0, deque(maxlen=w), deque(maxlen=w), since_strike=w
+                node, pid, self.config.warmup_steps, step - 1, ts, 0.0, 0.0, deque(maxlen=w), deque(maxlen=w), w
             )
         if step == h.step:
             return
         h.step, h.ts, h.step_seconds, h.compute_seconds = step, ts, step_seconds, compute_seconds
+        if h.warmup_left > 0:
+            h.warmup_left -= 1
+            return
         h.steps.append(step_seconds)
         if compute_seconds > 0:
             h.computes.append(compute_seconds)

@@ -26,7 +26,7 @@ from google.protobuf import empty_pb2 as google_dot_protobuf_dot_empty__pb2
 from stalwart.health.proto import healthd_pb2 as stalwart_dot_health_dot_proto_dot_healthd__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n&stalwart/health/proto/controller.proto\x12\x0fstalwart.health\x1a\x1bgoogle/protobuf/empty.proto\x1a#stalwart/health/proto/healthd.proto\"r\n\x0bRankMetrics\x12\x0c\n\x04rank\x18\x01 \x01(\x05\x12\x0c\n\x04node\x18\x02 \x01(\t\x12\x0c\n\x04step\x18\x03 \x01(\x03\x12\x14\n\x0cstep_seconds\x18\x04 \x01(\x01\x12\x17\n\x0f\x63ompute_seconds\x18\x05 \x01(\x01\x12\n\n\x02ts\x18\x06 \x01(\x01\"B\n\x11RankMetricsReport\x12-\n\x07metrics\x18\x01 \x03(\x0b\x32\x1c.stalwart.health.RankMetrics\"/\n\x0bReportReply\x12\x10\n\x08\x65xcluded\x18\x01 \x01(\x08\x12\x0e\n\x06reason\x18\x02 \x01(\t\"\x1f\n\x0f\x43ontrollerState\x12\x0c\n\x04json\x18\x01 \x01(\t\"=\n\x0e\x45xcludeRequest\x12\r\n\x05token\x18\x01 \x01(\t\x12\x0c\n\x04node\x18\x02 \x01(\t\x12\x0e\n\x06reason\x18\x03 \x01(\t\"&\n\x0c\x45xcludeReply\x12\x16\n\x0enewly_excluded\x18\x01 \x01(\x08\"e\n\x0fRollbackRequest\x12\r\n\x05token\x18\x01 \x01(\t\x12\x0e\n\x04step\x18\x02 \x01(\x03H\x00\x12\x19\n\x0flatest_verified\x18\x03 \x01(\x08H\x00\x12\x0e\n\x06reason\x18\x04 \x01(\tB\x08\n\x06target\"5\n\rRollbackReply\x12\x0c\n\x04step\x18\x01 \x01(\x03\x12\x16\n\x0enotified_nodes\x18\x02 \x03(\t2\x90\x03\n\nController\x12G\n\nReportNode\x12\x1b.stalwart.health.NodeStatus\x1a\x1c.stalwart.health.ReportReply\x12O\n\x11ReportRankMetrics\x12\".stalwart.health.RankMetricsReport\x1a\x16.google.protobuf.Empty\x12\x44\n\x08GetState\x12\x16.google.protobuf.Empty\x1a .stalwart.health.ControllerState\x12M\n\x0b\x45xcludeNode\x12\x1f.stalwart.health.ExcludeRequest\x1a\x1d.stalwart.health.ExcludeReply\x12S\n\x0fRequestRollback\x12 .stalwart.health.RollbackRequest\x1a\x1e.stalwart.health.RollbackReplyb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n&stalwart/health/proto/controller.proto\x12\x0fstalwart.health\x1a\x1bgoogle/protobuf/empty.proto\x1a#stalwart/health/proto/healthd.proto\"\x7f\n\x0bRankMetrics\x12\x0c\n\x04rank\x18\x01 \x01(\x05\x12\x0c\n\x04node\x18\x02 \x01(\t\x12\x0c\n\x04step\x18\x03 \x01(\x03\x12\x14\n\x0cstep_seconds\x18\x04 \x01(\x01\x12\x17\n\x0f\x63ompute_seconds\x18\x05 \x01(\x01\x12\n\n\x02ts\x18\x06 \x01(\x01\x12\x0b\n\x03pid\x18\x07 \x01(\x03\"B\n\x11RankMetricsReport\x12-\n\x07metrics\x18\x01 \x03(\x0b\x32\x1c.stalwart.health.RankMetrics\"/\n\x0bReportReply\x12\x10\n\x08\x65xcluded\x18\x01 \x01(\x08\x12\x0e\n\x06reason\x18\x02 \x01(\t\"\x1f\n\x0f\x43ontrollerState\x12\x0c\n\x04json\x18\x01 \x01(\t\"=\n\x0e\x45xcludeRequest\x12\r\n\x05token\x18\x01 \x01(\t\x12\x0c\n\x04node\x18\x02 \x01(\t\x12\x0e\n\x06reason\x18\x03 \x01(\t\"&\n\x0c\x45xcludeReply\x12\x16\n\x0enewly_excluded\x18\x01 \x01(\x08\"e\n\x0fRollbackRequest\x12\r\n\x05token\x18\x01 \x01(\t\x12\x0e\n\x04step\x18\x02 \x01(\x03H\x00\x12\x19\n\x0flatest_verified\x18\x03 \x01(\x08H\x00\x12\x0e\n\x06reason\x18\x04 \x01(\tB\x08\n\x06target\"5\n\rRollbackReply\x12\x0c\n\x04step\x18\x01 \x01(\x03\x12\x16\n\x0enotified_nodes\x18\x02 \x03(\t2\x90\x03\n\nController\x12G\n\nReportNode\x12\x1b.stalwart.health.NodeStatus\x1a\x1c.stalwart.health.ReportReply\x12O\n\x11ReportRankMetrics\x12\".stalwart.health.RankMetricsReport\x1a\x16.google.protobuf.Empty\x12\x44\n\x08GetState\x12\x16.google.protobuf.Empty\x1a .stalwart.health.ControllerState\x12M\n\x0b\x45xcludeNode\x12\x1f.stalwart.health.ExcludeRequest\x1a\x1d.stalwart.health.ExcludeReply\x12S\n\x0fRequestRollback\x12 .stalwart.health.RollbackRequest\x1a\x1e.stalwart.health.RollbackReplyb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -34,21 +34,21 @@ _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'stalwart.health.proto.contr
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
   _globals['_RANKMETRICS']._serialized_start=125
-  _globals['_RANKMETRICS']._serialized_end=239
-  _globals['_RANKMETRICSREPORT']._serialized_start=241
-  _globals['_RANKMETRICSREPORT']._serialized_end=307
-  _globals['_REPORTREPLY']._serialized_start=309
-  _globals['_REPORTREPLY']._serialized_end=356
-  _globals['_CONTROLLERSTATE']._serialized_start=358
-  _globals['_CONTROLLERSTATE']._serialized_end=389
-  _globals['_EXCLUDEREQUEST']._serialized_start=391
-  _globals['_EXCLUDEREQUEST']._serialized_end=452
-  _globals['_EXCLUDEREPLY']._serialized_start=454
-  _globals['_EXCLUDEREPLY']._serialized_end=492
-  _globals['_ROLLBACKREQUEST']._serialized_start=494
-  _globals['_ROLLBACKREQUEST']._serialized_end=595
-  _globals['_ROLLBACKREPLY']._serialized_start=597
-  _globals['_ROLLBACKREPLY']._serialized_end=650
-  _globals['_CONTROLLER']._serialized_start=653
-  _globals['_CONTROLLER']._serialized_end=1053
+  _globals['_RANKMETRICS']._serialized_end=252
+  _globals['_RANKMETRICSREPORT']._serialized_start=254
+  _globals['_RANKMETRICSREPORT']._serialized_end=320
+  _globals['_REPORTREPLY']._serialized_start=322
+  _globals['_REPORTREPLY']._serialized_end=369
+  _globals['_CONTROLLERSTATE']._serialized_start=371
+  _globals['_CONTROLLERSTATE']._serialized_end=402
+  _globals['_EXCLUDEREQUEST']._serialized_start=404
+  _globals['_EXCLUDEREQUEST']._serialized_end=465
+  _globals['_EXCLUDEREPLY']._serialized_start=467
+  _globals['_EXCLUDEREPLY']._serialized_end=505
+  _globals['_ROLLBACKREQUEST']._serialized_start=507
+  _globals['_ROLLBACKREQUEST']._serialized_end=608
+  _globals['_ROLLBACKREPLY']._serialized_start=610
+  _globals['_ROLLBACKREPLY']._serialized_end=663
+  _globals['_CONTROLLER']._serialized_start=666
+  _globals['_CONTROLLER']._serialized_end=1066
 # @@protoc_insertion_point(module_scope)

@@ -9,20 +9,22 @@ from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 DESCRIPTOR: _descriptor.FileDescriptor
 
 class RankMetrics(_message.Message):
-    __slots__ = ("rank", "node", "step", "step_seconds", "compute_seconds", "ts")
+    __slots__ = ("rank", "node", "step", "step_seconds", "compute_seconds", "ts", "pid")
     RANK_FIELD_NUMBER: _ClassVar[int]
     NODE_FIELD_NUMBER: _ClassVar[int]
     STEP_FIELD_NUMBER: _ClassVar[int]
     STEP_SECONDS_FIELD_NUMBER: _ClassVar[int]
     COMPUTE_SECONDS_FIELD_NUMBER: _ClassVar[int]
     TS_FIELD_NUMBER: _ClassVar[int]
+    PID_FIELD_NUMBER: _ClassVar[int]
     rank: int
     node: str
     step: int
     step_seconds: float
     compute_seconds: float
     ts: float
-    def __init__(self, rank: _Optional[int] = ..., node: _Optional[str] = ..., step: _Optional[int] = ..., step_seconds: _Optional[float] = ..., compute_seconds: _Optional[float] = ..., ts: _Optional[float] = ...) -> None: ...
+    pid: int
+    def __init__(self, rank: _Optional[int] = ..., node: _Optional[str] = ..., step: _Optional[int] = ..., step_seconds: _Optional[float] = ..., compute_seconds: _Optional[float] = ..., ts: _Optional[float] = ..., pid: _Optional[int] = ...) -> None: ...
 
 class RankMetricsReport(_message.Message):
     __slots__ = ("metrics",)

@@ -94,7 +94,7 @@ def serving(address: str, service: str = "", credentials: grpc.ChannelCredential
 
 
 def test_straggler_scores_against_the_other_ranks_median():
-    d = StragglerDetector(StragglerConfig(window=6, min_samples=3, threshold=1.5))
+    d = StragglerDetector(StragglerConfig(window=6, min_samples=3, threshold=1.5, warmup_steps=0))
     for step in range(1, 4):
         d.observe(0, "0", step, 1.0, 0.5, ts=step)
         d.observe(1, "0", step, 1.0, 1.5, ts=step)  # 3x slower compute; equal step times (synchronous job)
@@ -108,7 +108,7 @@ def test_straggler_scores_against_the_other_ranks_median():
         d.observe(1, "0", step, 1.0, 1.5, ts=step)
         assert bool(d.evaluate()[1]) == (step == 9)
 
-    one_slow_step = StragglerDetector(StragglerConfig(window=5, min_samples=3))
+    one_slow_step = StragglerDetector(StragglerConfig(window=5, min_samples=3, warmup_steps=0))
     for step in range(1, 6):
         for rank in range(4):
             one_slow_step.observe(rank, str(rank // 2), step, 1.0, 5.0 if (rank, step) == (2, 3) else 1.0, ts=step)
@@ -116,6 +116,26 @@ def test_straggler_scores_against_the_other_ranks_median():
     assert not any(s.straggler for s in scores.values()) and struck == []  # a GC pause is not a straggler
     one_slow_step.forget_node("1")
     assert sorted(one_slow_step.evaluate()[0]) == [0, 1]
+
+
+def test_a_new_process_in_a_ranks_place_is_scored_after_its_warmup_on_its_own_samples():
+    d = StragglerDetector(StragglerConfig(window=6, min_samples=3, threshold=1.5, warmup_steps=2))
+    for step in range(1, 6):  # two steps of warm-up, then three samples each
+        d.observe(0, "0", step, 1.0, 1.0, ts=step, pid=100)
+        d.observe(1, "0", step, 1.0, 9.0 if step <= 2 else 1.0, ts=step, pid=101)  # a cold start, then normal
+        assert d.evaluate()[0][1].score == (0.0 if step < 5 else pytest.approx(1.0))
+    for step in range(6, 12):  # rank 1 is replaced (a new pid): its cold steps are not the old process's history
+        d.observe(0, "0", step, 1.0, 1.0, ts=step, pid=100)
+        d.observe(1, "0", step, 1.0, 5.0 if step <= 7 else 1.0, ts=step, pid=202)
+        scores, struck = d.evaluate()
+        assert not scores[1].straggler and struck == []
+    assert scores[1].score == pytest.approx(1.0)
+    for step in range(12, 15):  # persistently slow after the warm-up: a straggler all the same
+        d.observe(0, "0", step, 1.0, 1.0, ts=step, pid=100)
+        d.observe(1, "0", step, 1.0, 3.0, ts=step, pid=202)
+    assert [s.rank for s in d.evaluate()[1]] == [1]
+    with pytest.raises(ValueError, match="warmup_steps"):
+        StragglerConfig(warmup_steps=-1)
 
 
 def test_exclusion_list_is_atomic_shared_and_strikes_count(tmp_path):
