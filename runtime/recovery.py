@@ -99,8 +99,8 @@ class InProcessRecovery:
         shard: Callable[[], tuple[int, ...]],
         abandon_step: Callable[[], None],
         restore_completed: Callable[[Completed], None],
+        load_committed: Callable[[], int | None],
         checkpointer: Checkpointer | None = None,
-        load_committed: Callable[[], int | None] | None = None,
         heartbeat: HeartbeatClient | None = None,
         max_reformations: int = 10,
         timeout_s: float = 60.0,
@@ -120,8 +120,7 @@ class InProcessRecovery:
         self.abandon_step = abandon_step
         self.restore_completed = restore_completed
         self.checkpointer = checkpointer
-        # Storage restores go through the trainer's own resume (a pending rollback order first).
-        self.load_committed = load_committed or (lambda: checkpointer.resume("latest") if checkpointer else None)
+        self.load_committed = load_committed  # the trainer's own resume: a pending rollback order first
         self.heartbeat = heartbeat
         self.max_reformations = max_reformations
         self.timeout_s = timeout_s

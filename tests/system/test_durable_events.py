@@ -9,26 +9,13 @@ import subprocess
 import sys
 from pathlib import Path
 
+from tiny import tiny_overrides
+
 from stalwart.checkpoint.catalog import CheckpointCatalog
 from stalwart.events import FLUSH_INTERVAL_ENV, read_events
 
 ROOT = Path(__file__).resolve().parents[2]
-SMALL = [
-    "--model.n_layers",
-    "1",
-    "--data.seq_len",
-    "32",
-    "--data.max_tokens",
-    "20000",
-    "--training.global_batch_size",
-    "4",
-    "--training.microbatch_size",
-    "4",
-    "--health.golden_every",
-    "0",
-    "--checkpoint.mode",
-    "sync",
-]
+SMALL = tiny_overrides(training__global_batch_size=4, training__threads_per_rank=None, checkpoint__mode="sync")
 
 
 def test_a_kill_right_after_a_commit_keeps_the_committed_steps_step_end(tmp_path: Path) -> None:

@@ -19,6 +19,7 @@ from pathlib import Path
 import psutil
 import pytest
 from polling import free_port
+from tiny import tiny_overrides
 
 from stalwart.events import read_events
 from stalwart.launcher import EXIT_NODE_EXCLUDED, exclude_node
@@ -30,28 +31,7 @@ from stalwart.runtime.config import load_config
 ROOT = Path(__file__).resolve().parents[2]
 LAUNCH = [sys.executable, "-m", "stalwart", "launch", "--config", "debug"]
 # 2 ranks per node with tp=2: dp = nodes; global batch 8 / microbatch 4 fits dp 1 and 2.
-TINY = [
-    "--parallel.tp",
-    "2",
-    "--model.n_layers",
-    "2",
-    "--data.seq_len",
-    "32",
-    "--data.max_tokens",
-    "20000",
-    "--training.global_batch_size",
-    "8",
-    "--training.microbatch_size",
-    "4",
-    "--training.threads_per_rank",
-    "1",
-    "--health.golden_every",
-    "0",
-    "--health.fingerprint_every",
-    "0",
-    "--checkpoint.interval",
-    "2",
-]
+TINY = tiny_overrides(parallel__tp=2, model__n_layers=2, health__fingerprint_every=0, checkpoint__interval=2)
 FAST_RDZV = [
     "--rdzv-conf",
     "last_call_timeout=2,keep_alive_interval=1,keep_alive_max_attempt=3,join_timeout=300,read_timeout=20",

@@ -17,34 +17,14 @@ from pathlib import Path
 import psutil
 import pytest
 from polling import free_port, wait_for
+from tiny import tiny_overrides
 
 from stalwart.events import read_events
 from stalwart.jobenv import PARENT_PID_ENV
 
 ROOT = Path(__file__).resolve().parents[2]
 GONE_WITHIN_S = 10.0
-TINY = [
-    "--model.n_layers",
-    "2",
-    "--data.seq_len",
-    "32",
-    "--data.max_tokens",
-    "20000",
-    "--training.steps",
-    "400",
-    "--training.global_batch_size",
-    "8",
-    "--training.microbatch_size",
-    "4",
-    "--training.threads_per_rank",
-    "1",
-    "--health.golden_every",
-    "0",
-    "--health.fingerprint_every",
-    "0",
-    "--checkpoint.interval",
-    "5",
-]
+TINY = tiny_overrides(model__n_layers=2, training__steps=400, health__fingerprint_every=0, checkpoint__interval=5)
 
 
 def start(argv: list[str], run_dir: Path) -> subprocess.Popen:

@@ -17,29 +17,13 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from tiny import tiny_overrides
 
 from stalwart.checkpoint.catalog import CheckpointCatalog
 from stalwart.events import read_events
 
 ROOT = Path(__file__).resolve().parents[2]
-SMALL = [
-    "--model.n_layers",
-    "1",
-    "--data.seq_len",
-    "32",
-    "--data.max_tokens",
-    "20000",
-    "--training.global_batch_size",
-    "8",
-    "--training.microbatch_size",
-    "4",
-    "--training.threads_per_rank",
-    "1",
-    "--health.golden_every",
-    "0",
-    "--checkpoint.keep_last",
-    "20",
-]
+SMALL = tiny_overrides(checkpoint__keep_last=20)
 
 
 def train(run_dir: Path, *args: str, plan: list[dict] | None = None, nproc: int = 1) -> subprocess.CompletedProcess:

@@ -18,6 +18,7 @@ from pathlib import Path
 import psutil
 import pytest
 from polling import wait_for
+from tiny import tiny_overrides
 
 from stalwart.checkpoint import naming
 from stalwart.checkpoint.catalog import CheckpointCatalog
@@ -26,28 +27,7 @@ from stalwart.events import read_events
 from stalwart.jobenv import JOB_ID_ENV, PARENT_PID_ENV
 
 ROOT = Path(__file__).resolve().parents[2]
-TINY = [
-    "--model.n_layers",
-    "1",
-    "--data.seq_len",
-    "32",
-    "--data.max_tokens",
-    "20000",
-    "--training.global_batch_size",
-    "8",
-    "--training.microbatch_size",
-    "4",
-    "--training.threads_per_rank",
-    "1",
-    "--health.golden_every",
-    "0",
-    "--health.fingerprint_every",
-    "0",
-    "--checkpoint.interval",
-    "2",
-    "--checkpoint.keep_last",
-    "20",
-]
+TINY = tiny_overrides(health__fingerprint_every=0, checkpoint__interval=2, checkpoint__keep_last=20)
 
 
 def train_argv(run_dir: Path, steps: int, *extra: str) -> list[str]:
