@@ -129,9 +129,11 @@ class HealthDaemon:
         self.report_interval_s = report_interval_s
         self.reporter: ControllerClient | None = None
         # "culprit": kill only the stopped rank (in-process recovery re-forms the rest); a hang without
-        # a culprit on this node is given one more limit before the whole group is killed after all.
+        # a culprit on this node is given one more limit, then the ranks still stuck are killed after all
+        # (not those that moved on meanwhile, e.g. into the recovery: they re-form around the others).
         self.hang_kill = hang_kill
         self._escalate_at: float | None = None
+        self._escalate_ranks: dict[int, float] = {}  # rank -> its progress mark when declared hung
         self._culprit_killed_at: float | None = None  # ranks stalling right after it are blocked on the culprit
 
         self._lock = threading.RLock()
@@ -248,7 +250,7 @@ class HealthDaemon:
                 age = min(max(now - request.ts, 0.0), MAX_BEAT_AGE_S)
                 progress = max(now_mono - age, entry.progress_mono + 1e-6)
                 self.detector.observe(request.rank, phase, progress)
-                self._escalate_at = None  # progress again: the ranks recovered without the group kill
+                self._escalate_ranks.pop(request.rank, None)  # progress again: this one recovered without a kill
                 entry.beat_ts, entry.progress_mono = request.ts, progress
                 entry.step, entry.phase, entry.step_seconds = request.step, phase, request.step_seconds
             entry.heard_mono = now_mono
@@ -359,13 +361,21 @@ class HealthDaemon:
                     del self._ranks[rank]
                     self.detector.forget(rank)
             hangs = self.detector.check(time.monotonic())
-            escalate = self._escalate_at is not None and time.monotonic() >= self._escalate_at and bool(self._ranks)
+            escalate = self._escalate_at is not None and time.monotonic() >= self._escalate_at
+            stuck = sorted(
+                rank
+                for rank, mark in self._escalate_ranks.items()
+                if rank in self._ranks and self._ranks[rank].progress_mono <= mark
+            )
+            if escalate:
+                self._escalate_at, self._escalate_ranks = None, {}
         if hangs:
             self._on_hangs(hangs)
-        elif escalate:
-            self._escalate_at = None
-            killed = self.kill_workers("hang without a culprit on this node outlived the recovery window")
-            log.error("no progress since the hang was declared and no culprit found here: killed the group %s", killed)
+        elif escalate and stuck:
+            killed = self.kill_ranks(stuck, "hang without a culprit on this node outlived the recovery window")
+            log.error(
+                "no progress since the hang was declared and no culprit found here: killed ranks %s (%s)", stuck, killed
+            )
 
     def _on_hangs(self, hangs: list) -> None:
         with self._lock:
@@ -398,7 +408,13 @@ class HealthDaemon:
             self._culprit_killed_at = time.monotonic()
         else:
             killed = []  # blocked on a culprit elsewhere (or the one just killed here): they re-form
-            self._escalate_at = time.monotonic() + max(h.limit_s for h in hangs)
+        blocked = [h for h in hangs if h.rank not in culprits]
+        if self.hang_kill != "group" and blocked:  # one more limit to move on, or they are killed after all
+            self._escalate_at = time.monotonic() + max(h.limit_s for h in blocked)
+            with self._lock:
+                self._escalate_ranks.update(
+                    {h.rank: self._ranks[h.rank].progress_mono for h in blocked if h.rank in self._ranks}
+                )
         # Ranks that stall within a limit of this node killing a culprit were waiting on that culprit.
         after_kill = (
             not culprits

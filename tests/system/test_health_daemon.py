@@ -310,26 +310,34 @@ def test_healthd_serves_on_unix_socket_until_sigterm(tmp_path):
             HealthDaemon(tmp_path, TOKEN, bind=running.address).start()
 
 
-def test_culprit_mode_kills_only_the_stopped_rank_and_escalates_if_nobody_recovers(tmp_path):
-    """--hang-kill culprit (in-process recovery): the stopped rank dies, its blocked peer is left to re-form.
+def test_culprit_mode_kills_only_the_stopped_rank_and_escalates_to_the_ranks_still_stuck(tmp_path):
+    """--hang-kill culprit (in-process recovery): the stopped rank dies, its blocked peers are left to re-form.
 
-    The peer stalls right after (blocked on the culprit): reported as ``hang_blocked``, not killed. When
-    it does not recover within one more limit, the group is killed after all (the world-restart fallback).
+    The peers stall right after (blocked on the culprit): reported as ``hang_blocked``, not killed. One
+    of them moves into the recovery (an INIT beat); the other does not within one more limit and is
+    killed after all (its replacement, or the world-restart fallback, takes over); the recovering one lives.
     """
     with HealthDaemon(tmp_path, TOKEN, hang_config=FAST, probe_interval_s=0.2, hang_kill="culprit") as d:
         culprit = spawn_beater(d.address, tmp_path, rank=0)
         blocked = spawn_beater(d.address, tmp_path, rank=1, mode="stall")  # wedges after 5 steps, keeps beating
+        recovering = spawn_beater(d.address, tmp_path, rank=2, mode="recover")
         try:
             culprit.send_signal(signal.SIGSTOP)
             (hang,) = wait_for(lambda: faults(tmp_path, "hang"), 15, "the culprit's hang event")
             assert hang["target"] == "rank0" and hang["detail"]["killed_pids"] == [culprit.pid]
             assert culprit.wait(timeout=5) == -signal.SIGKILL
-            assert blocked.poll() is None  # not killed with it
-            (peer,) = wait_for(lambda: faults(tmp_path, "hang_blocked"), 15, "the blocked peer's event")
-            assert peer["target"] == "rank1" and peer["detail"]["killed_pids"] == []
-            assert blocked.wait(timeout=15) == -signal.SIGKILL  # no recovery came: the group kill after all
+            assert blocked.poll() is None and recovering.poll() is None  # not killed with it
+            peers = wait_for(
+                lambda: len(found := faults(tmp_path, "hang_blocked")) >= 2 and found, 15, "the blocked peers' events"
+            )
+            assert sorted(p["target"] for p in peers) == ["rank1", "rank2"], peers
+            assert not {blocked.pid, recovering.pid} & {pid for p in peers for pid in p["detail"]["killed_pids"]}
+            (tmp_path / "recover-rank2").touch()  # rank 2 is released into the recovery
+            assert blocked.wait(timeout=15) == -signal.SIGKILL  # no recovery came for rank 1: killed after all
+            time.sleep(1.0)
+            assert recovering.poll() is None  # the rank that moved on is left to re-form
         finally:
-            for proc in (culprit, blocked):
+            for proc in (culprit, blocked, recovering):
                 proc.kill()
                 proc.wait()
 
