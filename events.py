@@ -78,7 +78,13 @@ from typing import Any
 
 SCHEMA_VERSION = 1
 FLUSH_INTERVAL_ENV = "STALWART_EVENTS_FLUSH_S"  # seconds between background flushes (tests lengthen it)
-FLUSH_INTERVAL_S = float(os.environ.get(FLUSH_INTERVAL_ENV) or 1.0)
+
+
+def flush_interval_s() -> float:
+    """Read when a log starts flushing, not at import: a process forked after the import has its own."""
+    return float(os.environ.get(FLUSH_INTERVAL_ENV) or 1.0)
+
+
 MAX_UNWRITTEN_BYTES = 16 << 20  # events waiting for a full disk; beyond this the oldest are dropped
 
 
@@ -264,8 +270,9 @@ class EventLog:
         return json.dumps(record, separators=(",", ":"), default=str)
 
     def _flush_periodically(self) -> None:
+        interval_s = flush_interval_s()
         while not self._stop.is_set():
-            self._wake.wait(FLUSH_INTERVAL_S)
+            self._wake.wait(interval_s)
             self._wake.clear()
             try:
                 self.flush()
