@@ -20,16 +20,20 @@ from stalwart.jobenv import LAUNCHER_ENV, WARM_SPARE_ENV
 
 if TYPE_CHECKING:
     from stalwart.runtime.config import Config
+    from stalwart.runtime.plan import JobPlan
+
+
+MAX_RANKS_PER_NODE = 1024
 
 
 def positive_int(text: str) -> int:
-    """An argparse type: a whole number >= 1, or one line saying so."""
+    """An argparse type: a whole number of ranks in [1, MAX_RANKS_PER_NODE], or one line saying so."""
     try:
         value = int(text)
     except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"{value} must be at least 1")
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number; use e.g. 4") from None
+    if not 1 <= value <= MAX_RANKS_PER_NODE:
+        raise argparse.ArgumentTypeError(f"{value} must be at least 1 and at most {MAX_RANKS_PER_NODE}")
     return value
 
 
@@ -50,11 +54,26 @@ def _under_launcher() -> bool:
     return "TORCHELASTIC_RUN_ID" in os.environ or "RANK" in os.environ
 
 
-def run(args: argparse.Namespace, overrides: list[str]) -> int:
+def check_train(args: argparse.Namespace, overrides: list[str]) -> tuple[Config, JobPlan]:
+    """The config and the job plan ``stalwart train`` would run, every check done; one UserError otherwise.
+
+    Torch-free and side-effect free: the same path runs before any rank starts, and in-process in tests.
+    """
     from stalwart.runtime.config import load_config
     from stalwart.runtime.plan import plan_job
 
     cfg = load_config(args.config, overrides)
+    world_size = int(os.environ.get("WORLD_SIZE", "1")) if _under_launcher() else args.nproc_per_node
+    return cfg, plan_job(cfg, world_size)
+
+
+def run(args: argparse.Namespace, overrides: list[str]) -> int:
+    from stalwart.runtime.config import load_config
+
+    if os.environ.get(WARM_SPARE_ENV) or os.environ.get(LAUNCHER_ENV):  # the launcher checked the plan already
+        cfg = load_config(args.config, overrides)
+    else:
+        cfg, plan = check_train(args, overrides)
     if os.environ.get(WARM_SPARE_ENV):
         from stalwart.launcher.worker import warm_spare_main
 
@@ -76,7 +95,6 @@ def run(args: argparse.Namespace, overrides: list[str]) -> int:
 
             leave(0)
         return 0
-    plan = plan_job(cfg, args.nproc_per_node)
     refuse_a_second_job(cfg, f"train:{uuid.uuid4().hex}")  # a new job: any live holder is another one
     print(
         f"stalwart train: {args.nproc_per_node} ranks, layout {plan.dims.describe()}, run dir {cfg.run_dir}", flush=True
