@@ -24,6 +24,7 @@ from stalwart.checkpoint import naming
 from stalwart.checkpoint.manifest import MANIFEST_NAME, CheckpointManifest, find_damage, list_damage
 from stalwart.checkpoint.retention import steps_to_keep
 from stalwart.checkpoint.storage import Storage
+from stalwart.errors import UserError
 
 logger = logging.getLogger(__name__)
 
@@ -31,11 +32,23 @@ _READ_ERRORS = (OSError, ValueError, KeyError, TypeError, AttributeError)
 
 
 class CheckpointError(RuntimeError):
-    """A save or load that did not happen; the message says what to do."""
+    """A save or load that did not happen; the message says what to do, ``reason`` only why."""
+
+    def __init__(self, message: str, reason: str = "") -> None:
+        super().__init__(message)
+        self.reason = reason or message
 
 
 class NoCheckpointError(CheckpointError):
     """No committed, intact checkpoint matches the request."""
+
+
+class LastSaveFailed(CheckpointError, UserError):
+    """The save the job cannot go on without (its last step, or the one a preemption asked for) did not commit.
+
+    Periodic saves that fail are reported and retried at the next interval; only this one ends the job
+    non-zero, with one line that names why and what is still committed.
+    """
 
 
 @dataclass(frozen=True)

@@ -133,6 +133,25 @@ class Storage:
             pass
         self.invalidate_cache()
 
+    def local_condition(self) -> str:
+        """Why local writes may fail, in words ("read-only", "3.0 MiB free of 48 MiB"); "" for remote storage.
+
+        Torch's shard writer can report a full disk as a bare ``enforce fail ... unexpected pos``: this
+        says what the file system itself shows.
+        """
+        if not self.is_local:
+            return ""
+        try:
+            st = os.statvfs(self.root)
+        except OSError as e:
+            return f"its file system cannot be read ({e.strerror or e})"
+        if st.f_flag & os.ST_RDONLY:
+            return "its file system is mounted read-only"
+        if not os.access(self.root, os.W_OK):
+            return f"{self.root} is not writable by this user"
+        free, total = st.f_bavail * st.f_frsize, st.f_blocks * st.f_frsize
+        return f"{free / 2**20:.1f} MiB free of {total / 2**20:.0f} MiB on its file system"
+
     def rename_dir(self, src: str, dst: str) -> None:
         """Atomic directory rename; local disk only (on S3 a rename is copy + delete)."""
         if not self.is_local:

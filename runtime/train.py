@@ -543,7 +543,7 @@ class Trainer:
             return
         grace = self.cfg.checkpoint.preemption_grace_s
         with grace_deadline(signalled_at, grace, self.step, self.events, announce=self.env.is_main):
-            self.checkpointer.save(self.step, sync=True)
+            self.checkpointer.save_or_raise(self.step, "the preempted step")
         if self.env.is_main:
             print(f"preempted: committed step {self.step} to {self.cfg.checkpoint_url}; exiting cleanly", flush=True)
 

@@ -95,7 +95,7 @@ def test_interrupted_saves_stay_invisible(tmp_path: Path) -> None:
     with pytest.raises(CheckpointError, match="step 2 was not saved"):
         manager.save(2, {"w": torch.full((4,), 2.0), "bad": lambda: None})
     leftovers = [n for n in os.listdir(root) if n.startswith("step-00000002.tmp-")]
-    assert len(leftovers) == 1  # the partial directory exists, but is not a checkpoint
+    assert leftovers == []  # a failed save's partial directory goes at once (on a full disk it holds the space)
     # A save that wrote everything but died before its marker, and one whose marker vanished.
     manager.save(3, {"w": torch.full((4,), 3.0)})
     os.remove(root / "step-00000003" / "COMMITTED")
