@@ -157,6 +157,16 @@ class CheckpointCatalog:
                 continue
         return out
 
+    def newest_manifest(self) -> tuple[int, CheckpointManifest] | None:
+        """The newest committed step whose manifest can be read, with it; None when there is none."""
+        dirs = self.committed_dirs()
+        for step in sorted(dirs, reverse=True):
+            try:
+                return step, self.manifest(step, dirs[step])
+            except CheckpointError:
+                continue
+        return None
+
     def verified_steps(self) -> list[int]:
         return sorted(s for s, m in self._readable_manifests(self.committed_dirs()).items() if m.verified)
 

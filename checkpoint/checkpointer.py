@@ -48,6 +48,8 @@ class SaveMeta:
     layout: dict[str, Any] = field(default_factory=dict)
     config_hash: str = ""
     model: dict[str, Any] = field(default_factory=dict)
+    tokenizer: str = ""
+    """The tokenizer's identity: a run directory's checkpoints must be read with the same one."""
 
 
 class Checkpointer:
@@ -102,6 +104,7 @@ class Checkpointer:
                 verified=verified,
                 async_=self.cadence.async_saves and not sync,
                 model=self.meta.model,
+                tokenizer=self.meta.tokenizer,
             )
 
     def save_or_raise(self, step: int, what: str) -> None:

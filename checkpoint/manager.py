@@ -171,6 +171,7 @@ class CheckpointManager:
         verified: bool = False,
         async_: bool = False,
         model: dict[str, Any] | None = None,
+        tokenizer: str = "",
     ) -> None:
         """Save ``state`` as step ``step``; collective. Finishes the previous async save first.
 
@@ -189,7 +190,13 @@ class CheckpointManager:
         started = time.monotonic()
         token = self._broadcast(uuid.uuid4().hex[:12] if self.rank == 0 else None)
         tmp = naming.tmp_name(step, token)
-        meta = dict(layout=dict(layout or {}), config_hash=config_hash, verified=verified, model=dict(model or {}))
+        meta = dict(
+            layout=dict(layout or {}),
+            config_hash=config_hash,
+            verified=verified,
+            model=dict(model or {}),
+            tokenizer=tokenizer,
+        )
         writer = self._writer(tmp)
         try:
             if async_:

@@ -61,6 +61,8 @@ class CheckpointManifest:
     config_hash: str = ""
     model: dict[str, Any] = field(default_factory=dict)
     """The model's shape as a Hugging Face config.json (what ``stalwart ckpt export --format hf`` needs)."""
+    tokenizer: str = ""
+    """The tokenizer's identity (``byte-v1``, ``hf-<digest>-<bos>-<eos>``); empty in older manifests."""
     files: dict[str, FileEntry] = field(default_factory=dict)
     checksum: str = "crc32"
     verified: bool = False

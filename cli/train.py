@@ -73,7 +73,10 @@ def run(args: argparse.Namespace, overrides: list[str]) -> int:
     if os.environ.get(WARM_SPARE_ENV) or os.environ.get(LAUNCHER_ENV):  # the launcher checked the plan already
         cfg = load_config(args.config, overrides)
     else:
+        from stalwart.runtime.plan import check_run_directory
+
         cfg, plan = check_train(args, overrides)
+        check_run_directory(cfg, plan)  # the run directory's checkpoints are of this model, before anything starts
     if os.environ.get(WARM_SPARE_ENV):
         from stalwart.launcher.worker import warm_spare_main
 

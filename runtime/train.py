@@ -379,7 +379,9 @@ class Trainer:
             # part is then a device-to-host copy at PCIe speed (a pageable copy per save is far slower).
             cache_staging=self.env.device.type == "cuda",
         )
-        meta = SaveMeta(self.dims.as_dict(), self.cfg.layout_hash(), hf_config_from_args(self.model_args))
+        meta = SaveMeta(
+            self.dims.as_dict(), self.cfg.layout_hash(), hf_config_from_args(self.model_args), self.tokenizer.identity
+        )
         # on_save is the health side's checkpoint phase; bound once the health components exist.
         return Checkpointer(manager, self.state, SaveCadence(c.interval, c.memory_interval, c.mode == "async"), meta)
 
