@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
@@ -28,7 +29,7 @@ from stalwart.errors import UserError
 
 logger = logging.getLogger(__name__)
 
-_READ_ERRORS = (OSError, ValueError, KeyError, TypeError, AttributeError)
+_READ_ERRORS = (OSError, ValueError, KeyError, TypeError, AttributeError, RecursionError)
 
 
 class CheckpointError(RuntimeError):
@@ -117,13 +118,14 @@ class CheckpointCatalog:
         step that loads fall back past (every marker this code writes names its epoch).
         """
         written_by = self._marker(name).get("epoch")
-        return isinstance(written_by, int) and written_by != epoch
+        return isinstance(written_by, int) and not isinstance(written_by, bool) and written_by != epoch
 
     def _committed_at(self, name: str) -> float:
         """When ``name`` was committed; -1 for an unreadable marker (it loses against any intact copy)."""
         try:
-            value = json.loads(self.storage.read_bytes(f"{name}/{naming.COMMIT_MARKER}"))["committed_at"]
-            return float(value) if isinstance(value, (int, float)) else -1.0
+            value = self._marker(name)["committed_at"]
+            usable = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+            return float(value) if usable else -1.0
         except _READ_ERRORS:
             return -1.0
 

@@ -99,7 +99,13 @@ def run_report(args: argparse.Namespace, extra: list[str]) -> int:
     until = parse_time(args.until) if args.until else None
     if since is not None and until is not None and until <= since:
         raise GoodputUsageError(f"--until ({args.until}) must be later than --since ({args.since})")
-    events = list(read_events(args.run))
+    damaged: list[str] = []
+    events = list(read_events(args.run, damaged))
+    if damaged:  # named, never silently used
+        print(
+            f"stalwart goodput: skipped {len(damaged)} damaged event lines (first: {damaged[0]})",
+            file=sys.stderr,
+        )
     if not events:
         raise GoodputUsageError(f"no readable events under {events_dir}: did the job start?")
     report = compute_goodput(events, since=since, until=until)
