@@ -40,6 +40,20 @@ def remount(path: Path, mode: str) -> None:
     assert done.returncode == 0, f"remount,{mode} {path}: {done.stderr}"
 
 
+@contextmanager
+def read_only(path: Path) -> Iterator[Path]:
+    """``path`` read-only for the body: a read-only bind mount of it over itself (files open for writing
+    elsewhere on its file system, like an event log beside it, do not keep it from going read-only)."""
+    done = _mount("--bind", str(path), str(path))
+    assert done.returncode == 0, f"bind mount {path}: {done.stderr}"
+    try:
+        remount_ro = _mount("-o", "remount,bind,ro", str(path))
+        assert remount_ro.returncode == 0, f"remount,bind,ro {path}: {remount_ro.stderr}"
+        yield path
+    finally:
+        subprocess.run(["umount", str(path)], capture_output=True, timeout=30)
+
+
 def fill(path: Path, leave_bytes: int) -> Path:
     """Fill the file system of ``path`` until ``leave_bytes`` are free; returns the filler (delete it to free)."""
     filler = path / "filler.bin"
