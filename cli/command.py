@@ -37,6 +37,22 @@ class CommandLineParser(argparse.ArgumentParser):
         raise CommandLineError(self.prog, f"{message}; see {self.prog} --help")
 
 
+def whole_number(low: int, high: int, example: int) -> Callable[[str], int]:
+    """An argparse type: a whole number in [low, high], or one line saying which and giving ``example``."""
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not a whole number; use e.g. {example}") from None
+        if not low <= value <= high:
+            raise argparse.ArgumentTypeError(f"{value} must be at least {low} and at most {high}")
+        return value
+
+    parse.__name__ = "whole number"  # what argparse calls the type in its messages
+    return parse
+
+
 def subcommand(
     sub: Subparsers,
     name: str,

@@ -15,7 +15,7 @@ import time
 import uuid
 from typing import TYPE_CHECKING
 
-from stalwart.cli.command import Subparsers, subcommand
+from stalwart.cli.command import Subparsers, subcommand, whole_number
 from stalwart.jobenv import LAUNCHER_ENV, WARM_SPARE_ENV
 
 if TYPE_CHECKING:
@@ -24,17 +24,8 @@ if TYPE_CHECKING:
 
 
 MAX_RANKS_PER_NODE = 1024
-
-
-def positive_int(text: str) -> int:
-    """An argparse type: a whole number of ranks in [1, MAX_RANKS_PER_NODE], or one line saying so."""
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number; use e.g. 4") from None
-    if not 1 <= value <= MAX_RANKS_PER_NODE:
-        raise argparse.ArgumentTypeError(f"{value} must be at least 1 and at most {MAX_RANKS_PER_NODE}")
-    return value
+positive_int = whole_number(1, MAX_RANKS_PER_NODE, example=4)
+"""``--nproc-per-node``: ranks on this machine, 1 to MAX_RANKS_PER_NODE."""
 
 
 def register(sub: Subparsers) -> None:

@@ -18,6 +18,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from stalwart.cli.demo import check_demo
 from stalwart.cli.main import build_parser, main
 from stalwart.cli.train import check_train
 from stalwart.errors import UserError
@@ -159,6 +160,19 @@ def test_launch_flags_and_config_give_a_node_plan_or_one_user_error(flags: dict[
         assert 1 <= launch.nproc_per_node and math.isfinite(launch.peer_timeout) and launch.peer_timeout > 0
 
 
+@settings(max_examples=60, deadline=3000, suppress_health_check=[HealthCheck.too_slow])
+@given(flags=st.dictionaries(st.sampled_from(_flags_of("demo")), _flag_value(), max_size=4), overrides=_overrides())
+def test_demo_flags_and_config_are_checked_before_anything_starts(flags: dict[str, str], overrides: list[str]) -> None:
+    flags.pop("--chaos", None)  # a switch, no value
+    argv = ["demo", *(f"{k}={v}" for k, v in flags.items()), *overrides]
+
+    def check() -> None:
+        args, extra = build_parser().parse_known_args(argv)
+        check_demo(args, extra)
+
+    _outcome_of(check)
+
+
 TOML_VALUES = st.one_of(
     _numbers.map(lambda v: "nan" if v != v else ("inf" if v == math.inf else "-inf" if v == -math.inf else repr(v))),
     st.booleans().map(lambda b: "true" if b else "false"),
@@ -206,6 +220,10 @@ def test_every_numeric_key_has_a_declared_bound() -> None:
         (["launch", "--config", "debug", "--peer-timeout", "nan"], "--peer-timeout nan"),
         (["launch", "--config", "debug", "--rdzv-backend", "zk"], "invalid choice: 'zk'"),
         (["ckpt", "nonsense"], "invalid choice: 'nonsense'"),
+        (["demo", "--nodes", "0"], "argument --nodes: 0 must be at least 1"),
+        (["demo", "--nproc-per-node", "-1"], "argument --nproc-per-node: -1 must be at least 1"),
+        (["demo", "--training.lr", "nan"], "training.lr = nan"),
+        (["goodput", "simulate", "--days", "nan"], "0 < --days <= 3650"),
     ],
 )
 def test_cli_bad_input_is_one_line_exit_2(
