@@ -97,14 +97,14 @@ def _outcome_of(run: typing.Callable[[], object]) -> object:
 
 
 PROPERTY = settings(
-    max_examples=150, deadline=2000, suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture]
+    max_examples=100, deadline=5000, suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture]
 )
 
 
 _RANKS = st.sampled_from(["1", "2", "4"])
 
 
-@settings(max_examples=100, deadline=2000)
+@settings(max_examples=100, deadline=5000)
 @given(nproc=_flag_value())
 def test_train_rank_count_flag_gives_a_plan_or_one_user_error(nproc: str) -> None:
     def plan() -> tuple[Config, JobPlan]:
@@ -160,7 +160,7 @@ def test_launch_flags_and_config_give_a_node_plan_or_one_user_error(flags: dict[
         assert 1 <= launch.nproc_per_node and math.isfinite(launch.peer_timeout) and launch.peer_timeout > 0
 
 
-@settings(max_examples=60, deadline=3000, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=60, deadline=5000, suppress_health_check=[HealthCheck.too_slow])
 @given(flags=st.dictionaries(st.sampled_from(_flags_of("demo")), _flag_value(), max_size=4), overrides=_overrides())
 def test_demo_flags_and_config_are_checked_before_anything_starts(flags: dict[str, str], overrides: list[str]) -> None:
     flags.pop("--chaos", None)  # a switch, no value
@@ -181,7 +181,7 @@ TOML_VALUES = st.one_of(
 )
 
 
-@settings(max_examples=60, deadline=2000, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@settings(max_examples=60, deadline=5000, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(items=st.lists(st.tuples(st.sampled_from(KEYS), TOML_VALUES), max_size=5))
 def test_toml_values_of_every_type_give_a_config_or_one_user_error(tmp_path: Path, items: list) -> None:
     by_section: dict[str, dict[str, str]] = {}

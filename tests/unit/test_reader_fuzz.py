@@ -32,6 +32,9 @@ JSON = st.recursive(
     lambda children: st.lists(children, max_size=3) | st.dictionaries(st.text(max_size=6), children, max_size=3),
     max_leaves=8,
 )
+# Values that once escaped a reader or would (times past datetime's range, NaN, bools where numbers go).
+NASTY = st.sampled_from([1e300, -1e300, -1, 0, float("nan"), float("inf"), True, False, "", [], {}, 2**70])
+PAYLOAD = st.one_of(NASTY, JSON)
 FIELDS = ["step", "world_size", "files", "checksum", "layout", "model", "verified", "rolled_back", "created", "x"]
 
 
@@ -82,7 +85,7 @@ DAMAGE = st.tuples(
     st.sampled_from([MANIFEST_NAME, naming.COMMIT_MARKER, "__0_0.distcp", ".metadata"]),
     st.sampled_from(["truncate", "flip", "replace", "field", "deep", "binary", "delete"]),
     st.integers(min_value=0, max_value=10_000),
-    JSON,
+    PAYLOAD,
     st.sampled_from(FIELDS),
 )
 
@@ -94,9 +97,65 @@ def _run_cli(argv: list[str], capsys: pytest.CaptureFixture) -> tuple[int, str]:
     return rc, out.out + out.err
 
 
+def _damaged_root(damages: list, duplicate: bool) -> Path:
+    """Step 1 intact, step 2 with ``damages`` applied (and, with ``duplicate``, an older intact copy of step 2)."""
+    root = Path(tempfile.mkdtemp(prefix="fuzz-ckpt-"))
+    _write_step(root, 1)
+    damaged_dir = _write_step(root, 2)
+    if duplicate:
+        _write_step(root, 2, naming.tmp_name(2, "older0000000"))
+        marker = root / naming.tmp_name(2, "older0000000") / naming.COMMIT_MARKER
+        marker.write_text(json.dumps({"step": 2, "dir": marker.parent.name, "committed_at": 1.0, "epoch": None}))
+    for file, how, position, payload, field in damages:
+        path = damaged_dir / file
+        if not path.exists():
+            continue
+        data = _corrupt(path.read_bytes(), how, position, payload, field)
+        if data is None:
+            path.unlink()
+        else:
+            path.write_bytes(data)
+    return root
+
+
+def _check_readers(root: Path, duplicate: bool, capsys: pytest.CaptureFixture) -> None:
+    """Every reader answers; step 2's damage is named and fallen back past; step 1 stays intact."""
+    catalog = CheckpointCatalog.open(str(root))
+    committed = catalog.committed_steps()
+    assert 1 in committed
+    heard: list[tuple[int, str]] = []
+    choice = catalog.choose("latest", on_damage=lambda step, why: heard.append((step, why)))
+    assert choice.step in (1, 2)
+    if 2 in committed:
+        problems = catalog.verify(2)
+        assert all(isinstance(p, str) and p for p in problems)  # each problem a named line
+        try:
+            rolled_back = catalog.manifest(2).rolled_back
+        except Exception:
+            rolled_back = False
+        if problems or rolled_back:
+            if not duplicate:
+                assert choice.step == 1, (problems, choice)
+            if problems and not rolled_back and choice.step == 1:
+                assert any(step == 2 for step, _ in heard), (problems, heard)  # the fallback says why
+        else:
+            assert choice.step == 2
+    assert catalog.verify(1) == []
+    catalog.verified_steps()
+    catalog.latest(verified_only=True)
+    catalog.prune(keep_last=5)
+
+    rc, text = _run_cli(["ckpt", "ls", str(root)], capsys)
+    assert rc == 0 and "1" in text
+    rc, text = _run_cli(["ckpt", "verify", str(root)], capsys)
+    assert rc in (0, 1)
+    if rc == 1:
+        assert "step 2:" in text  # the damaged step is named
+
+
 @settings(
-    max_examples=80,
-    deadline=3000,
+    max_examples=50,
+    deadline=5000,
     suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
 )
 @given(damages=st.lists(DAMAGE, min_size=1, max_size=3), duplicate=st.booleans())
@@ -104,58 +163,30 @@ def test_damaged_checkpoint_metadata_is_named_and_skipped_never_raised(
     damages: list, duplicate: bool, capsys: pytest.CaptureFixture, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.delenv(PARENT_PID_ENV, raising=False)
-    root = Path(tempfile.mkdtemp(prefix="fuzz-ckpt-"))
+    root = _damaged_root(damages, duplicate)
     try:
-        _write_step(root, 1)
-        damaged_dir = _write_step(root, 2)
-        if duplicate:  # two copies of step 2: an older intact one and the damaged newer one
-            _write_step(root, 2, naming.tmp_name(2, "older0000000"))
-            marker = root / naming.tmp_name(2, "older0000000") / naming.COMMIT_MARKER
-            marker.write_text(json.dumps({"step": 2, "dir": marker.parent.name, "committed_at": 1.0, "epoch": None}))
-        for file, how, position, payload, field in damages:
-            path = damaged_dir / file
-            if not path.exists():
-                continue
-            data = _corrupt(path.read_bytes(), how, position, payload, field)
-            if data is None:
-                path.unlink()
-            else:
-                path.write_bytes(data)
-
-        catalog = CheckpointCatalog.open(str(root))
-        committed = catalog.committed_steps()
-        assert 1 in committed
-        heard: list[tuple[int, str]] = []
-        choice = catalog.choose("latest", on_damage=lambda step, why: heard.append((step, why)))
-        assert choice.step in (1, 2)
-        if 2 in committed:
-            problems = catalog.verify(2)
-            if problems:  # damaged: every problem is a named line, and the load falls back past it, saying so
-                assert all(isinstance(p, str) and p for p in problems)
-            try:
-                rolled_back = catalog.manifest(2).rolled_back
-            except Exception:
-                rolled_back = False
-            if problems or rolled_back:
-                if not duplicate:
-                    assert choice.step == 1, (problems, choice)
-                if problems and not rolled_back and choice.step == 1:
-                    assert any(step == 2 for step, _ in heard), (problems, heard)
-            else:
-                assert choice.step == 2
-        assert catalog.verify(1) == []
-        catalog.verified_steps()
-        catalog.latest(verified_only=True)
-        catalog.prune(keep_last=5)
-
-        rc, text = _run_cli(["ckpt", "ls", str(root)], capsys)
-        assert rc == 0 and "1" in text
-        rc, text = _run_cli(["ckpt", "verify", str(root)], capsys)
-        assert rc in (0, 1)
-        if rc == 1:
-            assert "step 2:" in text  # the damaged step is named
+        _check_readers(root, duplicate, capsys)
     finally:
         shutil.rmtree(root, ignore_errors=True)
+
+
+NASTY_VALUES = [1e300, -1, float("nan"), float("inf"), True, "", [], 2**70]
+
+
+@pytest.mark.parametrize("file", [MANIFEST_NAME, naming.COMMIT_MARKER])
+def test_every_field_set_to_every_nasty_value_is_named_not_raised(
+    file: str, capsys: pytest.CaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The systematic part of the fuzz: each field of a manifest or marker, each value that breaks arithmetic."""
+    monkeypatch.delenv(PARENT_PID_ENV, raising=False)
+    fields = FIELDS if file == MANIFEST_NAME else ["step", "dir", "committed_at", "epoch", "x"]
+    for field in fields:
+        for value in NASTY_VALUES:
+            root = _damaged_root([(file, "field", 0, value, field)], duplicate=False)
+            try:
+                _check_readers(root, False, capsys)
+            finally:
+                shutil.rmtree(root, ignore_errors=True)
 
 
 def _valid_events(n_steps: int) -> list[dict]:
@@ -172,14 +203,14 @@ def _valid_events(n_steps: int) -> list[dict]:
 EVENT_DAMAGE = st.one_of(
     st.binary(max_size=40).map(lambda b: ("bytes", b)),
     JSON.map(lambda v: ("json", v)),
-    st.tuples(st.sampled_from(["ts", "kind", "step", "step_seconds", "tokens", "status", "v", "pid"]), JSON).map(
+    st.tuples(st.sampled_from(["ts", "kind", "step", "step_seconds", "tokens", "status", "v", "pid"]), PAYLOAD).map(
         lambda kv: ("field", kv)
     ),
     st.sampled_from([1e300, -1.0, float("nan"), "2026-12-01", True]).map(lambda ts: ("field", ("ts", ts))),
 )
 
 
-@settings(max_examples=80, deadline=3000, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@settings(max_examples=60, deadline=5000, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(damage=st.lists(st.tuples(st.integers(min_value=0, max_value=30), EVENT_DAMAGE), min_size=1, max_size=4))
 def test_damaged_event_lines_are_named_and_never_used(
     damage: list, capsys: pytest.CaptureFixture, monkeypatch: pytest.MonkeyPatch
