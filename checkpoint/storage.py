@@ -38,6 +38,22 @@ def s3_storage_options(endpoint: str = "", max_attempts: int = 0) -> dict[str, A
     return options or None
 
 
+def url_problem(url: str) -> str | None:
+    """What is wrong with a checkpoint root URL before anything opens it (scheme, bucket); None when usable."""
+    scheme, sep, rest = url.partition("://")
+    if not sep:
+        return None  # a local path
+    if scheme in ("s3", "s3a") and not rest.split("/", 1)[0]:
+        return f"{url!r} names no bucket; write s3://BUCKET/PREFIX"
+    try:
+        fsspec.get_filesystem_class(scheme)
+    except ValueError:
+        return f"{url!r}: no storage is known for {scheme}://; use a path, file:// or s3://BUCKET/PREFIX"
+    except ImportError as e:
+        return f"{url!r}: {scheme}:// needs a package that is not installed ({e}); use a path or s3://BUCKET/PREFIX"
+    return None
+
+
 class Storage:
     """Bytes in, bytes out, under ``base_url``; ``storage_options`` go to ``fsspec.url_to_fs``."""
 

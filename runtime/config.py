@@ -465,6 +465,14 @@ def validate(cfg: Config) -> None:
             "braces as {{ and }})"
         ) from None
     d = cfg.data
+    if cfg.checkpoint.url and "://" in cfg.checkpoint.url:
+        from stalwart.checkpoint.storage import url_problem  # fsspec: only for URLs
+
+        problem = url_problem(cfg.checkpoint.url)
+    else:
+        problem = None
+    if problem:
+        raise ConfigError(f"checkpoint.url = {problem}")
     if d.source == "files":
         if not d.path:
             raise ConfigError('data.source = "files" needs data.path: a file or folder of .txt/.jsonl text')

@@ -220,6 +220,8 @@ def test_every_numeric_key_has_a_declared_bound() -> None:
         (["launch", "--config", "debug", "--peer-timeout", "nan"], "--peer-timeout nan"),
         (["launch", "--config", "debug", "--rdzv-backend", "zk"], "invalid choice: 'zk'"),
         (["ckpt", "nonsense"], "invalid choice: 'nonsense'"),
+        (["train", "--config", "debug", "--checkpoint.url", "ftp2://x/y"], "no storage is known for ftp2://"),
+        (["train", "--config", "debug", "--checkpoint.url", "s3://"], "names no bucket"),
         (["demo", "--nodes", "0"], "argument --nodes: 0 must be at least 1"),
         (["demo", "--nproc-per-node", "-1"], "argument --nproc-per-node: -1 must be at least 1"),
         (["demo", "--training.lr", "nan"], "training.lr = nan"),
