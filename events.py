@@ -296,19 +296,88 @@ class EventLog:
                 self._fd = None
 
 
-def read_events(run_dir: str | Path) -> Iterator[dict[str, Any]]:
-    """Every well-formed event of a run, file by file; torn or foreign lines are skipped.
+# Types of the keys the readers compute with; a line whose key has another type is damaged, not used.
+_INT_KEYS = frozenset(
+    {"v", "pid", "attempt", "step", "steps", "tokens", "bytes", "generation", "world_size", "exit_code"}
+)
+_NUMBER_KEYS = frozenset(
+    {
+        "seconds",
+        "blocking_seconds",
+        "step_seconds",
+        "data_seconds",
+        "tokens_per_second",
+        "loss",
+        "grad_norm",
+        "lr",
+        "mfu",
+        "mono",
+        "signalled_ts",
+        "last_progress_ts",
+    }
+)
+_TEXT_KEYS = frozenset({"role", "host", "status", "reason", "tier", "fault", "detector", "source"})
+_KINDS = frozenset(k.value for k in EventKind)
+TS_RANGE = (0.0, 1e11)  # seconds since the epoch: 1970 to year ~5138; anything else is damage
 
-    A process killed mid-write can leave a partial last line; that line is dropped, not fatal.
-    Callers sort by ``ts`` when they need one timeline.
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def event_damage(record: Any) -> str | None:
+    """Why ``record`` (one parsed line) breaks the schema above; None when it is a usable event.
+
+    Missing optional keys are fine; a key present with the wrong type is not (``"step": "7"`` would
+    make arithmetic nonsense downstream). ``None`` is allowed for optional numbers (``mfu`` on CPU).
+    """
+    if not isinstance(record, dict):
+        return f"not a JSON object ({type(record).__name__})"
+    kind, ts = record.get("kind"), record.get("ts")
+    if not isinstance(kind, str) or kind not in _KINDS:
+        return f"kind {kind!r} is not an event kind"
+    if not _is_number(ts) or not TS_RANGE[0] <= ts <= TS_RANGE[1]:  # NaN fails the range too
+        return f"ts {ts!r} is not a time in seconds since the epoch"
+    for key, value in record.items():
+        if value is None:
+            continue
+        if key in _INT_KEYS and not _is_int(value):
+            return f"{key} {value!r} is not an integer"
+        if key in _NUMBER_KEYS and not (_is_number(value) and value == value):
+            return f"{key} {value!r} is not a number"
+        if key in _TEXT_KEYS and not isinstance(value, str):
+            return f"{key} {value!r} is not a string"
+    return None
+
+
+def read_events(run_dir: str | Path, damaged: list[str] | None = None) -> Iterator[dict[str, Any]]:
+    """Every well-formed event of a run, file by file; torn, foreign or mistyped lines are skipped.
+
+    A process killed mid-write can leave a partial last line; that line is dropped, not fatal. Each
+    skipped line is named in ``damaged`` when given ("events/x.jsonl line 7: ts 1e300 is not a time
+    ..."), so reports can say what they did not use. Callers sort by ``ts`` when they need one timeline.
     """
     events_dir = Path(run_dir) / "events"
     for path in sorted(events_dir.glob("*.jsonl")):
-        with open(path, encoding="utf-8", errors="replace") as f:
-            for line in f:
+        try:
+            f = open(path, encoding="utf-8", errors="replace")
+        except OSError as e:
+            if damaged is not None:
+                damaged.append(f"{path.parent.name}/{path.name}: unreadable ({e.strerror or e})")
+            continue
+        with f:
+            for number, line in enumerate(f, 1):
                 try:
                     record = json.loads(line)
-                except json.JSONDecodeError:
-                    continue
-                if isinstance(record, dict) and "kind" in record and "ts" in record:
+                except (ValueError, RecursionError):  # JSONDecodeError, or nesting deeper than the parser goes
+                    why: str | None = "not JSON (a torn or foreign line)"
+                else:
+                    why = event_damage(record)
+                if why is None:
                     yield record
+                elif damaged is not None and line.strip():
+                    damaged.append(f"{path.parent.name}/{path.name} line {number}: {why}")

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
@@ -24,18 +25,31 @@ from stalwart.checkpoint import naming
 from stalwart.checkpoint.manifest import MANIFEST_NAME, CheckpointManifest, find_damage, list_damage
 from stalwart.checkpoint.retention import steps_to_keep
 from stalwart.checkpoint.storage import Storage
+from stalwart.errors import UserError
 
 logger = logging.getLogger(__name__)
 
-_READ_ERRORS = (OSError, ValueError, KeyError, TypeError, AttributeError)
+_READ_ERRORS = (OSError, ValueError, KeyError, TypeError, AttributeError, RecursionError)
 
 
 class CheckpointError(RuntimeError):
-    """A save or load that did not happen; the message says what to do."""
+    """A save or load that did not happen; the message says what to do, ``reason`` only why."""
+
+    def __init__(self, message: str, reason: str = "") -> None:
+        super().__init__(message)
+        self.reason = reason or message
 
 
 class NoCheckpointError(CheckpointError):
     """No committed, intact checkpoint matches the request."""
+
+
+class LastSaveFailed(CheckpointError, UserError):
+    """The save the job cannot go on without (its last step, or the one a preemption asked for) did not commit.
+
+    Periodic saves that fail are reported and retried at the next interval; only this one ends the job
+    non-zero, with one line that names why and what is still committed.
+    """
 
 
 @dataclass(frozen=True)
@@ -104,13 +118,14 @@ class CheckpointCatalog:
         step that loads fall back past (every marker this code writes names its epoch).
         """
         written_by = self._marker(name).get("epoch")
-        return isinstance(written_by, int) and written_by != epoch
+        return isinstance(written_by, int) and not isinstance(written_by, bool) and written_by != epoch
 
     def _committed_at(self, name: str) -> float:
         """When ``name`` was committed; -1 for an unreadable marker (it loses against any intact copy)."""
         try:
-            value = json.loads(self.storage.read_bytes(f"{name}/{naming.COMMIT_MARKER}"))["committed_at"]
-            return float(value) if isinstance(value, (int, float)) else -1.0
+            value = self._marker(name)["committed_at"]
+            usable = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+            return float(value) if usable else -1.0
         except _READ_ERRORS:
             return -1.0
 
@@ -143,6 +158,16 @@ class CheckpointCatalog:
             except CheckpointError:
                 continue
         return out
+
+    def newest_manifest(self) -> tuple[int, CheckpointManifest] | None:
+        """The newest committed step whose manifest can be read, with it; None when there is none."""
+        dirs = self.committed_dirs()
+        for step in sorted(dirs, reverse=True):
+            try:
+                return step, self.manifest(step, dirs[step])
+            except CheckpointError:
+                continue
+        return None
 
     def verified_steps(self) -> list[int]:
         return sorted(s for s, m in self._readable_manifests(self.committed_dirs()).items() if m.verified)

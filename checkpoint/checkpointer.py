@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from stalwart.checkpoint.catalog import LastSaveFailed
 from stalwart.checkpoint.manager import CheckpointError, CheckpointManager, LeaseLost, NoCheckpointError
 
 logger = logging.getLogger(__name__)
@@ -47,6 +48,8 @@ class SaveMeta:
     layout: dict[str, Any] = field(default_factory=dict)
     config_hash: str = ""
     model: dict[str, Any] = field(default_factory=dict)
+    tokenizer: str = ""
+    """The tokenizer's identity: a run directory's checkpoints must be read with the same one."""
 
 
 class Checkpointer:
@@ -67,9 +70,23 @@ class Checkpointer:
         self.on_save = on_save
 
     def maybe_save(self, step: int, *, last: bool = False) -> bool:
-        """Save what is due after ``step``; True when a persistent save started."""
-        if last or step % self.cadence.interval == 0:
-            self.save(step, sync=last)
+        """Save what is due after ``step``; True when a persistent save started.
+
+        A periodic save that fails (full disk, read-only or unreachable storage) costs nothing but
+        itself: the manager reported it (``ckpt_fail`` and one line), training goes on and the next
+        interval tries again. The last save failing raises :class:`LastSaveFailed`.
+        """
+        if last:
+            self.save_or_raise(step, "the last step")
+            return True
+        if step % self.cadence.interval == 0:
+            try:
+                self.save(step)
+            except LeaseLost:
+                raise
+            except CheckpointError as e:
+                logger.info("periodic checkpoint of step %d failed (%s); the next interval tries again", step, e)
+                return False
             return True
         memory = self.manager.memory
         if memory is not None and self.cadence.memory_interval and step % self.cadence.memory_interval == 0:
@@ -87,7 +104,28 @@ class Checkpointer:
                 verified=verified,
                 async_=self.cadence.async_saves and not sync,
                 model=self.meta.model,
+                tokenizer=self.meta.tokenizer,
             )
+
+    def save_or_raise(self, step: int, what: str) -> None:
+        """A sync save the job cannot end without; :class:`LastSaveFailed` (one line) when it does not commit."""
+        try:
+            self.save(step, sync=True)
+        except LeaseLost:
+            raise
+        except CheckpointError as e:
+            newest = self._newest_committed()
+            kept = f"step {newest} is the newest committed step" if newest is not None else "no step is committed"
+            raise LastSaveFailed(
+                f"the checkpoint of {what} ({step}) was not saved: {e.reason}; {kept}: fix the storage (space, "
+                "permissions, reachability) and rerun the same command to resume from there"
+            ) from None
+
+    def _newest_committed(self) -> int | None:
+        try:
+            return self.manager.latest()
+        except Exception:  # the storage that refused the save may refuse listing too
+            return None
 
     def resume(self, request: int | str = "latest") -> int | None:
         """Load ``request`` into the state; the step loaded, or None when there is nothing to resume from."""

@@ -108,7 +108,7 @@ def current_record(storage: Storage) -> LeaseRecord | None:
         return None
     try:
         return LeaseRecord.from_json(storage.read_bytes(record_name(epochs[-1])))
-    except (OSError, ValueError, TypeError, KeyError):
+    except (OSError, ValueError, TypeError, KeyError, AttributeError, RecursionError):
         return LeaseRecord(epochs[-1], "(unreadable record)", "", 0, 0.0, 0.0, 0.0, 0.0)
 
 

@@ -171,6 +171,7 @@ class CheckpointManager:
         verified: bool = False,
         async_: bool = False,
         model: dict[str, Any] | None = None,
+        tokenizer: str = "",
     ) -> None:
         """Save ``state`` as step ``step``; collective. Finishes the previous async save first.
 
@@ -183,13 +184,19 @@ class CheckpointManager:
             self.wait()
         except LeaseLost:
             raise
-        except CheckpointError as e:
-            logger.warning("%s; saving step %d anyway", e, step)
+        except CheckpointError as e:  # reported (ckpt_fail, one line) when it failed
+            logger.info("%s; saving step %d anyway", e, step)
         self._flush_events()  # the step's own events (step_end) reach the log before it can be committed
         started = time.monotonic()
         token = self._broadcast(uuid.uuid4().hex[:12] if self.rank == 0 else None)
         tmp = naming.tmp_name(step, token)
-        meta = dict(layout=dict(layout or {}), config_hash=config_hash, verified=verified, model=dict(model or {}))
+        meta = dict(
+            layout=dict(layout or {}),
+            config_hash=config_hash,
+            verified=verified,
+            model=dict(model or {}),
+            tokenizer=tokenizer,
+        )
         writer = self._writer(tmp)
         try:
             if async_:
@@ -203,9 +210,11 @@ class CheckpointManager:
             else:
                 dcp.save(state, storage_writer=writer, process_group=self.pg, no_dist=not self.distributed)
         except _SAVE_ERRORS as e:
-            self._fail(step, f"writing shards to {self.storage.url(tmp)} failed: {_describe(e)}")
+            reason = self._write_failure(tmp, e)
+            self._fail(step, reason)
+            self._discard_failed(tmp)
             raise CheckpointError(
-                f"checkpoint step {step} was not saved: {_describe(e)}; the previous committed step is intact"
+                f"checkpoint step {step} was not saved: {reason}; the previous committed step is intact", reason
             ) from e
         blocking = time.monotonic() - started
         self._emit(
@@ -263,8 +272,9 @@ class CheckpointManager:
         try:
             upload.result()
         except _SAVE_ERRORS as e:
-            reason = f"writing shards to {self.storage.url(tmp)} failed: {_describe(e)}"
+            reason = self._write_failure(tmp, e)
             self._fail(step, reason)
+            self._discard_failed(tmp)
             return reason
         return self._commit_on_rank0(step, tmp, meta, started)
 
@@ -294,8 +304,12 @@ class CheckpointManager:
             self._fail(step, f"not committed: {e}")
             return _FENCED + str(e)
         except _SAVE_ERRORS as e:
-            reason = f"committing {self.storage.url(tmp)} failed: {_describe(e)}"
+            condition = self.storage.local_condition()
+            reason = f"committing {self.storage.url(tmp)} failed: {_describe(e)}" + (
+                f" ({condition})" if condition else ""
+            )
             self._fail(step, reason)
+            self._discard_failed(tmp)
             return reason
         self._emit(
             EventKind.CKPT_COMMIT,
@@ -330,7 +344,7 @@ class CheckpointManager:
             raise LeaseLost(f"checkpoint step {step} was not committed: {error.removeprefix(_FENCED)}")
         if error is not None:
             raise CheckpointError(
-                f"checkpoint step {step} did not commit: {error}; the previous committed step is intact"
+                f"checkpoint step {step} did not commit: {error}; the previous committed step is intact", error
             )
 
     # ---------------------------------------------------------------------------------- query
@@ -553,8 +567,31 @@ class CheckpointManager:
         return box[0]
 
     def _fail(self, step: int, reason: str) -> None:
-        logger.error("checkpoint step %d: %s", step, reason)
+        """A ``ckpt_fail`` event from every rank; the console line from rank 0 only (the job's one line)."""
+        logger.log(logging.ERROR if self.rank == 0 else logging.INFO, "checkpoint step %d: %s", step, reason)
         self._emit(EventKind.CKPT_FAIL, step=step, reason=reason, tier=self.storage.scheme)
+
+    def _write_failure(self, tmp: str, e: BaseException) -> str:
+        """Why writing the shards of ``tmp`` failed, with what the local file system shows (full, read-only)."""
+        condition = self.storage.local_condition()
+        return f"writing shards to {self.storage.url(tmp)} failed: {_describe(e)}" + (
+            f" ({condition})" if condition else ""
+        )
+
+    def _discard_failed(self, tmp: str) -> None:
+        """Rank 0 deletes what a failed save left (its shards fill a full disk); never raises.
+
+        Every rank is past its writes when a failure is known (DCP gathers them), so nothing writes there
+        any more. A leftover that cannot be deleted now (read-only storage) goes with the next prune.
+        """
+        if self.rank != 0:
+            return
+        try:
+            # A marker there (the rename after it failed) makes it a committed step: never ours to delete.
+            if self.storage.exists(tmp) and not self.storage.exists(f"{tmp}/{naming.COMMIT_MARKER}"):
+                self.storage.delete_tree(tmp)
+        except Exception as e:
+            logger.info("could not delete the failed save's %s yet (%s); a later prune will", tmp, _describe(e))
 
     def _flush_events(self) -> None:
         if self.events is not None:

@@ -21,7 +21,7 @@ import time
 import zlib
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from typing import IO, Any
 
 FORMAT_VERSION = 1
@@ -61,6 +61,8 @@ class CheckpointManifest:
     config_hash: str = ""
     model: dict[str, Any] = field(default_factory=dict)
     """The model's shape as a Hugging Face config.json (what ``stalwart ckpt export --format hf`` needs)."""
+    tokenizer: str = ""
+    """The tokenizer's identity (``byte-v1``, ``hf-<digest>-<bos>-<eos>``); empty in older manifests."""
     files: dict[str, FileEntry] = field(default_factory=dict)
     checksum: str = "crc32"
     verified: bool = False
@@ -79,12 +81,62 @@ class CheckpointManifest:
 
     @classmethod
     def from_json(cls, text: str | bytes) -> CheckpointManifest:
-        raw = json.loads(text)
+        """Parse and type-check a manifest; ``ValueError`` naming the first bad field (the step is then damaged)."""
+        try:
+            raw = json.loads(text)
+        except RecursionError:
+            raise ValueError("manifest nests deeper than any manifest does") from None
+        if not isinstance(raw, dict):
+            raise ValueError(f"manifest is a JSON {type(raw).__name__}, not an object")
         version = raw.get("format_version")
         if version != FORMAT_VERSION:
             raise ValueError(f"manifest format_version {version} is not {FORMAT_VERSION}; this stalwart cannot read it")
-        raw["files"] = {path: FileEntry(**entry) for path, entry in raw["files"].items()}
+        unknown = set(raw) - {f.name for f in fields(cls)}
+        if unknown:
+            raise ValueError(f"manifest has unknown fields {sorted(unknown)}")
+        for name, kinds in {**_FIELD_TYPES, **_OPTIONAL_TYPES}.items():
+            if name not in raw:
+                if name in _FIELD_TYPES:
+                    raise ValueError(f"manifest field {name!r} is missing")
+                continue
+            value = raw[name]
+            if not isinstance(value, kinds) or (isinstance(value, bool) and bool not in kinds):
+                raise ValueError(f"manifest field {name!r} = {value!r:.80} is not {kinds[0].__name__}")
+        if raw["step"] < 0 or raw["world_size"] < 1:
+            raise ValueError(f"manifest step {raw['step']} / world_size {raw['world_size']} are out of range")
+        created = raw.get("created", 0.0)
+        if not 0 <= created <= 1e11:  # NaN fails too; seconds since the epoch
+            raise ValueError(f"manifest created = {created!r} is not a time in seconds since the epoch")
+        if raw["checksum"] not in CHECKSUMS:
+            raise ValueError(f"manifest checksum {raw['checksum']!r:.40} is not one of {CHECKSUMS}")
+        files = {}
+        for path, entry in raw["files"].items():
+            if not (isinstance(entry, dict) and set(entry) == {"size", "checksum"}):
+                raise ValueError(f"manifest entry for {path!r:.80} is not {{size, checksum}}")
+            size, checksum = entry["size"], entry["checksum"]
+            if not (isinstance(size, int) and not isinstance(size, bool) and size >= 0 and isinstance(checksum, str)):
+                raise ValueError(f"manifest entry for {path!r:.80} has a bad size or checksum")
+            files[path] = FileEntry(size=size, checksum=checksum)
+        raw["files"] = files
         return cls(**raw)
+
+
+# Required manifest fields and their JSON types (``bool`` only where listed: JSON true is no step number).
+_FIELD_TYPES: dict[str, tuple[type, ...]] = {
+    "step": (int,),
+    "world_size": (int,),
+    "files": (dict,),
+    "checksum": (str,),
+}
+_OPTIONAL_TYPES: dict[str, tuple[type, ...]] = {
+    "layout": (dict,),
+    "config_hash": (str,),
+    "model": (dict,),
+    "tokenizer": (str,),
+    "verified": (bool,),
+    "rolled_back": (bool,),
+    "created": (int, float),
+}
 
 
 def compute_files(

@@ -38,6 +38,22 @@ def s3_storage_options(endpoint: str = "", max_attempts: int = 0) -> dict[str, A
     return options or None
 
 
+def url_problem(url: str) -> str | None:
+    """What is wrong with a checkpoint root URL before anything opens it (scheme, bucket); None when usable."""
+    scheme, sep, rest = url.partition("://")
+    if not sep:
+        return None  # a local path
+    if scheme in ("s3", "s3a") and not rest.split("/", 1)[0]:
+        return f"{url!r} names no bucket; write s3://BUCKET/PREFIX"
+    try:
+        fsspec.get_filesystem_class(scheme)
+    except ValueError:
+        return f"{url!r}: no storage is known for {scheme}://; use a path, file:// or s3://BUCKET/PREFIX"
+    except ImportError as e:
+        return f"{url!r}: {scheme}:// needs a package that is not installed ({e}); use a path or s3://BUCKET/PREFIX"
+    return None
+
+
 class Storage:
     """Bytes in, bytes out, under ``base_url``; ``storage_options`` go to ``fsspec.url_to_fs``."""
 
@@ -132,6 +148,25 @@ class Storage:
         except FileNotFoundError:
             pass
         self.invalidate_cache()
+
+    def local_condition(self) -> str:
+        """Why local writes may fail, in words ("read-only", "3.0 MiB free of 48 MiB"); "" for remote storage.
+
+        Torch's shard writer can report a full disk as a bare ``enforce fail ... unexpected pos``: this
+        says what the file system itself shows.
+        """
+        if not self.is_local:
+            return ""
+        try:
+            st = os.statvfs(self.root)
+        except OSError as e:
+            return f"its file system cannot be read ({e.strerror or e})"
+        if st.f_flag & os.ST_RDONLY:
+            return "its file system is mounted read-only"
+        if not os.access(self.root, os.W_OK):
+            return f"{self.root} is not writable by this user"
+        free, total = st.f_bavail * st.f_frsize, st.f_blocks * st.f_frsize
+        return f"{free / 2**20:.1f} MiB free of {total / 2**20:.0f} MiB on its file system"
 
     def rename_dir(self, src: str, dst: str) -> None:
         """Atomic directory rename; local disk only (on S3 a rename is copy + delete)."""

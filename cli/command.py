@@ -10,9 +10,47 @@ from __future__ import annotations
 
 import argparse
 from collections.abc import Callable
+from typing import NoReturn
+
+from stalwart.errors import UserError
 
 Runner = Callable[[argparse.Namespace, list[str]], int]
 Subparsers = argparse._SubParsersAction
+
+
+class CommandLineError(UserError):
+    """A flag argparse refused (missing, unknown choice, wrong type); ``prog`` is the command it belongs to."""
+
+    def __init__(self, prog: str, message: str) -> None:
+        super().__init__(message)
+        self.prog = prog
+
+
+class CommandLineParser(argparse.ArgumentParser):
+    """An ArgumentParser whose errors are one :class:`CommandLineError` line, not usage text and ``exit(2)``.
+
+    Subcommand parsers inherit the class (``add_subparsers`` uses the parent's type), so every flag of
+    every command fails the same way as bad config values do.
+    """
+
+    def error(self, message: str) -> NoReturn:
+        raise CommandLineError(self.prog, f"{message}; see {self.prog} --help")
+
+
+def whole_number(low: int, high: int, example: int) -> Callable[[str], int]:
+    """An argparse type: a whole number in [low, high], or one line saying which and giving ``example``."""
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not a whole number; use e.g. {example}") from None
+        if not low <= value <= high:
+            raise argparse.ArgumentTypeError(f"{value} must be at least {low} and at most {high}")
+        return value
+
+    parse.__name__ = "whole number"  # what argparse calls the type in its messages
+    return parse
 
 
 def subcommand(

@@ -26,7 +26,7 @@ import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from stalwart.cli.command import Subparsers, subcommand
+from stalwart.cli.command import Subparsers, subcommand, whole_number
 from stalwart.errors import UserError
 from stalwart.jobenv import TOKEN_FILE_ENV
 from stalwart.launcher.exclusion import EXIT_NODE_EXCLUDED
@@ -336,18 +336,27 @@ def register(sub: Subparsers) -> None:
     )
     p.add_argument("--chaos", action="store_true", help="inject one fault of every kind on the way")
     p.add_argument("--config", default="demo", help="config to train (default: the shipped demo config)")
-    p.add_argument("--steps", type=int, default=60, help="target step (default 60)")
-    p.add_argument("--nodes", type=int, default=2, help="simulated nodes (default 2)")
-    p.add_argument("--nproc-per-node", type=int, default=4, help="CPU ranks per node (default 4)")
+    p.add_argument("--steps", type=whole_number(1, 10**9, 60), default=60, help="target step (default 60)")
+    p.add_argument("--nodes", type=whole_number(1, 64, 2), default=2, help="simulated nodes (default 2)")
+    p.add_argument("--nproc-per-node", type=whole_number(1, 1024, 4), default=4, help="CPU ranks per node (default 4)")
     p.add_argument("--run-dir", default=None, help="where the run goes (default runs/demo-<time>)")
     p.add_argument(
         "--soak",
-        type=int,
+        type=whole_number(0, 10**6, 30),
         default=0,
         metavar="N",
         help="soak test: N faults of random kinds at random steps (e.g. --soak 30 --steps 200)",
     )
-    p.add_argument("--seed", type=int, default=0, help="seed of the --soak schedule")
+    p.add_argument("--seed", type=whole_number(0, 2**63 - 1, 0), default=0, help="seed of the --soak schedule")
+
+
+def check_demo(args: argparse.Namespace, overrides: list[str]) -> None:
+    """The config and layout every node's launcher will run, checked before any process starts."""
+    from stalwart.launcher.plan import plan_nodes
+    from stalwart.runtime.config import load_config
+
+    cfg = load_config(args.config, [*overrides, "--training.steps", str(args.steps)])
+    plan_nodes(cfg, args.nproc_per_node, 1, args.nodes)
 
 
 def run(args: argparse.Namespace, overrides: list[str]) -> int:
@@ -356,6 +365,7 @@ def run(args: argparse.Namespace, overrides: list[str]) -> int:
         raise UserError("--chaos is written for --nodes 2")
     if args.soak and not 0 < args.soak <= args.steps - 4:
         raise UserError(f"--soak {args.soak} needs --steps of at least {args.soak + 4} (one fault per step at most)")
+    check_demo(args, overrides)
     demo = Demo(args)
     started = time.monotonic()
     ok = False

@@ -99,7 +99,13 @@ def run_report(args: argparse.Namespace, extra: list[str]) -> int:
     until = parse_time(args.until) if args.until else None
     if since is not None and until is not None and until <= since:
         raise GoodputUsageError(f"--until ({args.until}) must be later than --since ({args.since})")
-    events = list(read_events(args.run))
+    damaged: list[str] = []
+    events = list(read_events(args.run, damaged))
+    if damaged:  # named, never silently used
+        print(
+            f"stalwart goodput: skipped {len(damaged)} damaged event lines (first: {damaged[0]})",
+            file=sys.stderr,
+        )
     if not events:
         raise GoodputUsageError(f"no readable events under {events_dir}: did the job start?")
     report = compute_goodput(events, since=since, until=until)
@@ -139,12 +145,17 @@ def run_simulate(args: argparse.Namespace, extra: list[str]) -> int:
 
     from stalwart.goodput import simulate as sim
 
-    if any(g < 1 for g in args.gpus) or args.days <= 0 or args.replicas < 2 or not 0 < args.target < 100:
-        raise GoodputUsageError("need --gpus >= 1, --days > 0, --replicas >= 2 and 0 < --target < 100")
+    if (
+        any(g < 1 for g in args.gpus)
+        or not 0 < args.days <= 3650  # NaN fails this too
+        or args.replicas < 2
+        or not 0 < args.target < 100
+    ):
+        raise GoodputUsageError("need --gpus >= 1, 0 < --days <= 3650, --replicas >= 2 and 0 < --target < 100")
     costs = simulation_costs(args.costs)
     if args.interval is not None:
-        if args.interval <= 0:
-            raise GoodputUsageError(f"--interval must be > 0 seconds, got {args.interval}")
+        if not 0 < args.interval < float("inf"):  # NaN fails this too
+            raise GoodputUsageError(f"--interval must be a positive number of seconds, got {args.interval}")
         costs = dataclasses.replace(costs, interval_s=args.interval)
     target = args.target / 100.0
     model = sim.LLAMA3_MIX

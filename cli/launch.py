@@ -112,11 +112,12 @@ def register(sub: Subparsers) -> None:
 
 def run(args: argparse.Namespace, overrides: list[str]) -> int:
     from stalwart.cli.train import refuse_a_second_job
-    from stalwart.launcher.main import launch
-    from stalwart.runtime.config import load_config
+    from stalwart.launcher.main import check_launch, launch
+    from stalwart.runtime.plan import check_run_directory, plan_job
 
+    a, cfg, nodes = check_launch(args, overrides)  # bad flags and configs cost nothing
+    check_run_directory(cfg, plan_job(cfg, nodes.active_nodes(a.min_nodes) * a.nproc_per_node))
     # Every node of one job (and its restarts) is the same run-lease holder; another job is refused here.
-    cfg = load_config(args.config, [*overrides, *(["--job.run_dir", args.run_dir] if args.run_dir else [])])
     os.environ[JOB_ID_ENV] = f"launch:{args.rdzv_id}@{args.rdzv_endpoint}"  # what the ranks hold the lease as
     refuse_a_second_job(cfg, os.environ[JOB_ID_ENV])
     return launch(args, overrides)

@@ -12,6 +12,7 @@ import signal
 import sys
 
 from stalwart import __version__
+from stalwart.cli.command import CommandLineError, CommandLineParser
 from stalwart.errors import UserError
 
 COMMANDS = ("train", "launch", "demo", "healthd", "controller", "store", "goodput", "ckpt")
@@ -20,9 +21,7 @@ _SERVICES = ("healthd", "controller", "store")
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="stalwart", description="Fault-tolerant distributed training for Llama-style LLMs."
-    )
+    parser = CommandLineParser(prog="stalwart", description="Fault-tolerant distributed training for Llama-style LLMs.")
     parser.add_argument("--version", action="version", version=f"stalwart {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name in COMMANDS:
@@ -32,7 +31,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
-    args, extra = parser.parse_known_args(argv)
+    try:
+        args, extra = parser.parse_known_args(argv)
+    except CommandLineError as e:
+        print(f"{e.prog}: error: {e}", file=sys.stderr)
+        return 2
     if args.command is None:
         parser.print_help()
         return 0

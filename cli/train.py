@@ -15,22 +15,17 @@ import time
 import uuid
 from typing import TYPE_CHECKING
 
-from stalwart.cli.command import Subparsers, subcommand
+from stalwart.cli.command import Subparsers, subcommand, whole_number
 from stalwart.jobenv import LAUNCHER_ENV, WARM_SPARE_ENV
 
 if TYPE_CHECKING:
     from stalwart.runtime.config import Config
+    from stalwart.runtime.plan import JobPlan
 
 
-def positive_int(text: str) -> int:
-    """An argparse type: a whole number >= 1, or one line saying so."""
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"{value} must be at least 1")
-    return value
+MAX_RANKS_PER_NODE = 1024
+positive_int = whole_number(1, MAX_RANKS_PER_NODE, example=4)
+"""``--nproc-per-node``: ranks on this machine, 1 to MAX_RANKS_PER_NODE."""
 
 
 def register(sub: Subparsers) -> None:
@@ -50,11 +45,29 @@ def _under_launcher() -> bool:
     return "TORCHELASTIC_RUN_ID" in os.environ or "RANK" in os.environ
 
 
-def run(args: argparse.Namespace, overrides: list[str]) -> int:
+def check_train(args: argparse.Namespace, overrides: list[str]) -> tuple[Config, JobPlan]:
+    """The config and the job plan ``stalwart train`` would run, every check done; one UserError otherwise.
+
+    Torch-free and side-effect free: the same path runs before any rank starts, and in-process in tests.
+    """
     from stalwart.runtime.config import load_config
     from stalwart.runtime.plan import plan_job
 
     cfg = load_config(args.config, overrides)
+    world_size = int(os.environ.get("WORLD_SIZE", "1")) if _under_launcher() else args.nproc_per_node
+    return cfg, plan_job(cfg, world_size)
+
+
+def run(args: argparse.Namespace, overrides: list[str]) -> int:
+    from stalwart.runtime.config import load_config
+
+    if os.environ.get(WARM_SPARE_ENV) or os.environ.get(LAUNCHER_ENV):  # the launcher checked the plan already
+        cfg = load_config(args.config, overrides)
+    else:
+        from stalwart.runtime.plan import check_run_directory
+
+        cfg, plan = check_train(args, overrides)
+        check_run_directory(cfg, plan)  # the run directory's checkpoints are of this model, before anything starts
     if os.environ.get(WARM_SPARE_ENV):
         from stalwart.launcher.worker import warm_spare_main
 
@@ -76,7 +89,6 @@ def run(args: argparse.Namespace, overrides: list[str]) -> int:
 
             leave(0)
         return 0
-    plan = plan_job(cfg, args.nproc_per_node)
     refuse_a_second_job(cfg, f"train:{uuid.uuid4().hex}")  # a new job: any live holder is another one
     print(
         f"stalwart train: {args.nproc_per_node} ranks, layout {plan.dims.describe()}, run dir {cfg.run_dir}", flush=True

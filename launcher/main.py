@@ -57,6 +57,11 @@ class LaunchArgs:
     failure_stop_timeout: float
 
 
+MAX_NODES = 16384
+MAX_RANKS_PER_NODE = 1024
+_SECONDS = 7 * 24 * 3600.0  # a week: a longer timeout is a typo
+
+
 def parse_nnodes(spec: str) -> tuple[int, int]:
     lo, sep, hi = spec.partition(":")
     try:
@@ -65,6 +70,8 @@ def parse_nnodes(spec: str) -> tuple[int, int]:
         raise LaunchError(f"--nnodes {spec!r}: write N or MIN:MAX with whole numbers (e.g. 2:4)") from None
     if lo_n < 1:
         raise LaunchError(f"--nnodes {spec}: MIN must be at least 1")
+    if hi_n > MAX_NODES:
+        raise LaunchError(f"--nnodes {spec}: MAX must be at most {MAX_NODES} nodes")
     if lo_n > hi_n:
         raise LaunchError(f"--nnodes {spec}: MIN ({lo_n}) is larger than MAX ({hi_n}); write --nnodes {hi_n}:{lo_n}")
     return lo_n, hi_n
@@ -85,17 +92,32 @@ def parse_rdzv_conf(spec: str) -> dict[str, str]:
 def launch_args(args: argparse.Namespace, overrides: list[str]) -> LaunchArgs:
     """Checked :class:`LaunchArgs` from the parsed ``stalwart launch`` flags (see :mod:`stalwart.cli.launch`)."""
     min_nodes, max_nodes = parse_nnodes(args.nnodes)
-    if args.nproc_per_node < 1:
-        raise LaunchError(f"--nproc-per-node {args.nproc_per_node}: must be at least 1")
+    if not 1 <= args.nproc_per_node <= MAX_RANKS_PER_NODE:
+        raise LaunchError(
+            f"--nproc-per-node {args.nproc_per_node}: must be at least 1 and at most {MAX_RANKS_PER_NODE} ranks; "
+            "use the number of accelerators of this node (e.g. 8)"
+        )
     for flag, value in (
         ("--peer-timeout", args.peer_timeout),
         ("--rdzv-connect-timeout", args.rdzv_connect_timeout),
         ("--monitor-interval", args.monitor_interval),
     ):
-        if value <= 0:
-            raise LaunchError(f"{flag} {value:g}: must be positive")
-    if args.max_restarts < 0:
-        raise LaunchError(f"--max-restarts {args.max_restarts}: must be >= 0")
+        if not 0 < value <= _SECONDS:  # NaN fails this too
+            raise LaunchError(f"{flag} {value:g}: must be a positive number of seconds, at most {_SECONDS:g}")
+    if not 0 <= args.failure_stop_timeout <= _SECONDS:
+        raise LaunchError(
+            f"--failure-stop-timeout {args.failure_stop_timeout:g}: must be 0 or a positive number of seconds, at "
+            f"most {_SECONDS:g}"
+        )
+    if not 0 <= args.max_restarts <= 10**6:
+        raise LaunchError(f"--max-restarts {args.max_restarts}: must be >= 0 and at most 1000000 (e.g. 3)")
+    for flag, value in (
+        ("--rdzv-id", args.rdzv_id),
+        ("--node-id", args.node_id),
+        ("--rdzv-endpoint", args.rdzv_endpoint),
+    ):
+        if not value.strip():
+            raise LaunchError(f"{flag} is empty; give it a value (see stalwart launch --help)")
     return LaunchArgs(
         args.config,
         overrides,
@@ -147,16 +169,30 @@ def launch(args: argparse.Namespace, overrides: list[str]) -> int:
         return _stopped_by(e.sigval)
 
 
-def _launch(args: argparse.Namespace, overrides: list[str]) -> int:
-    from stalwart.launcher.exclusion import ExclusionWatch
+def check_launch(args: argparse.Namespace, overrides: list[str]) -> tuple[LaunchArgs, Config, NodePlan]:
+    """Flags, config and the node plan, every check done before anything starts; one UserError otherwise.
+
+    No files, network or processes are touched: ``stalwart launch`` runs it first, tests in-process.
+    """
     from stalwart.launcher.plan import plan_nodes
-    from stalwart.launcher.rendezvous import RendezvousOptions, build_handler
     from stalwart.runtime.config import load_config
 
     a = launch_args(args, overrides)
-    overrides = [*a.overrides, *(["--job.run_dir", a.run_dir] if a.run_dir else [])]
-    cfg = load_config(a.config, overrides)
-    plan = plan_nodes(cfg, a.nproc_per_node, a.min_nodes, a.max_nodes)
+    cfg = load_config(a.config, launch_overrides(a))
+    return a, cfg, plan_nodes(cfg, a.nproc_per_node, a.min_nodes, a.max_nodes)
+
+
+def launch_overrides(a: LaunchArgs) -> list[str]:
+    """The config overrides every rank of this node gets: the user's, and ``--run-dir`` as ``job.run_dir``."""
+    return [*a.overrides, *(["--job.run_dir", a.run_dir] if a.run_dir else [])]
+
+
+def _launch(args: argparse.Namespace, overrides: list[str]) -> int:
+    from stalwart.launcher.exclusion import ExclusionWatch
+    from stalwart.launcher.rendezvous import RendezvousOptions, build_handler
+
+    a, cfg, plan = check_launch(args, overrides)
+    overrides = launch_overrides(a)
     try:
         exclusion = ExclusionWatch(cfg.run_dir, a.node_id)
         reason = exclusion.reason()

@@ -85,6 +85,20 @@ class ModelArgs:
         return self.multiple_of * ((hidden + self.multiple_of - 1) // self.multiple_of)
 
 
+def hf_shape(args: ModelArgs) -> dict[str, int | bool]:
+    """The Hugging Face config.json keys that fix every tensor's shape (what a checkpoint must match)."""
+    return {
+        "hidden_size": args.dim,
+        "intermediate_size": args.ffn_hidden_dim,
+        "num_hidden_layers": args.n_layers,
+        "num_attention_heads": args.n_heads,
+        "num_key_value_heads": args.n_kv_heads,
+        "head_dim": args.head_dim,
+        "vocab_size": args.vocab_size,
+        "tie_word_embeddings": args.tie_embeddings,
+    }
+
+
 _LLAMA_3_1_SCALING = RopeScaling(factor=8.0)
 _LLAMA_3_2_SCALING = RopeScaling(factor=32.0)
 _LLAMA_3_VOCAB = 128256

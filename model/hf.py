@@ -17,7 +17,7 @@ from safetensors.torch import load_file, save_file
 from torch import Tensor
 
 from stalwart.errors import MissingInputError
-from stalwart.model.args import FLAVORS, ModelArgs, RopeScaling
+from stalwart.model.args import FLAVORS, ModelArgs, RopeScaling, hf_shape
 
 _CONFIG_FILE = "config.json"
 _INDEX_FILE = "model.safetensors.index.json"
@@ -198,18 +198,11 @@ def hf_config_from_args(args: ModelArgs, dtype: torch.dtype | None = None) -> di
     config: dict[str, Any] = {
         "architectures": ["LlamaForCausalLM"],
         "model_type": "llama",
-        "hidden_size": args.dim,
-        "intermediate_size": args.ffn_hidden_dim,
-        "num_hidden_layers": args.n_layers,
-        "num_attention_heads": args.n_heads,
-        "num_key_value_heads": args.n_kv_heads,
-        "head_dim": args.head_dim,
-        "vocab_size": args.vocab_size,
+        **hf_shape(args),
         "max_position_embeddings": context,
         "rms_norm_eps": args.norm_eps,
         "rope_theta": args.rope_theta,
         "rope_scaling": None if scaling is None else {"rope_type": "llama3", **dataclasses.asdict(scaling)},
-        "tie_word_embeddings": args.tie_embeddings,
         "hidden_act": "silu",
         "attention_bias": False,
         "mlp_bias": False,

@@ -12,6 +12,7 @@ All checks run before any process group exists, so a bad layout costs nothing bu
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -35,7 +36,9 @@ class ParallelLayoutError(ConfigError):
 
 
 def _divisors(n: int) -> list[int]:
-    return [d for d in range(1, n + 1) if n % d == 0]
+    """Every divisor of ``n``, ascending; O(sqrt n), so an absurd batch or length still answers at once."""
+    small = [d for d in range(1, math.isqrt(n) + 1) if n % d == 0]
+    return small + [n // d for d in reversed(small) if d * d != n]
 
 
 def _fmt_set(values: list[int]) -> str:

@@ -312,9 +312,17 @@ def load_config(spec: str | None = None, overrides: list[str] | None = None) -> 
     if spec:
         path = resolve_config_path(spec)
         try:
-            data = tomllib.loads(path.read_text())
+            data = tomllib.loads(path.read_text(encoding="utf-8"))
         except tomllib.TOMLDecodeError as e:
             raise ConfigError(f"{path} is not valid TOML: {e}") from None
+        except UnicodeDecodeError as e:
+            raise ConfigError(
+                f"{path} is not UTF-8 text (byte {e.start}: {e.reason}); TOML files must be UTF-8: save it as UTF-8"
+            ) from None
+        except OSError as e:
+            raise ConfigError(
+                f"cannot read config {path}: {e.strerror or e}; check the path and its permissions"
+            ) from None
         for section, values in data.items():
             if not isinstance(values, dict):
                 raise ConfigError(f"top-level key '{section}' in {path} must be a [section] table")
@@ -326,61 +334,145 @@ def load_config(spec: str | None = None, overrides: list[str] | None = None) -> 
     return cfg
 
 
+@dataclass(frozen=True)
+class Bound:
+    """The allowed range of one numeric key; ``fix`` says what a sensible value is."""
+
+    low: float
+    high: float
+    fix: str
+    low_open: bool = False
+    """``low`` itself is not allowed (a strictly positive number)."""
+    high_open: bool = False
+    allow_inf: bool = False
+    """``inf`` is a meaningful setting (e.g. no clipping); NaN never is."""
+    zero: str = ""
+    """What 0 means when it is allowed outside the range (``"off"``); 0 then passes."""
+
+    def rule(self) -> str:
+        low = f"greater than {self.low:g}" if self.low_open else f"at least {self.low:g}"
+        high = f"below {self.high:g}" if self.high_open else f"at most {self.high:g}"
+        text = f"{low} and {high}"
+        if self.zero:
+            text = f"0 ({self.zero}) or a number {text}"
+        if self.allow_inf:
+            text += ", or inf"
+        return text
+
+    def admits(self, value: float) -> bool:
+        if isinstance(value, float) and math.isnan(value):
+            return False
+        if isinstance(value, float) and math.isinf(value):
+            return self.allow_inf and value > 0
+        if self.zero and value == 0:
+            return True
+        above = value > self.low if self.low_open else value >= self.low
+        below = value < self.high if self.high_open else value <= self.high
+        return above and below
+
+
+_BIG = 10**9  # counts of steps or samples beyond this are typos, not jobs
+_DEGREE = 1 << 16  # no parallel degree or world beyond 65,536 ranks
+_SECONDS = 7 * 24 * 3600.0  # a week: longer timeouts are typos
+
+BOUNDS: dict[str, Bound] = {
+    "job.seed": Bound(0, 2**63 - 1, "use a non-negative integer"),
+    "model.vocab_size": Bound(1, 1 << 22, "use 0 for the flavor's vocabulary or the tokenizer's size", zero="flavor's"),
+    "model.n_layers": Bound(1, 1024, "use 0 for the flavor's depth or a small positive count", zero="flavor's"),
+    "data.seq_len": Bound(1, 1 << 20, "use a positive sequence length such as 128"),
+    "data.max_tokens": Bound(1, 10**15, "use 0 for the whole corpus or a positive token cap", zero="whole corpus"),
+    "training.steps": Bound(1, _BIG, "use a positive number of optimizer steps"),
+    "training.global_batch_size": Bound(1, _BIG, "use a positive number of samples per step"),
+    "training.microbatch_size": Bound(1, _BIG, "use a positive number of samples per forward pass"),
+    "training.lr": Bound(0, 10, "use a small positive learning rate such as 3e-4", low_open=True),
+    "training.min_lr_ratio": Bound(0, 1, "use a fraction of lr such as 0.1"),
+    "training.warmup_steps": Bound(0, _BIG, "use 0 or a positive number of steps"),
+    "training.weight_decay": Bound(0, 10, "use a non-negative decay such as 0.1"),
+    "training.beta1": Bound(0, 1, "AdamW needs 0 <= beta1 < 1; use 0.9", high_open=True),
+    "training.beta2": Bound(0, 1, "AdamW needs 0 <= beta2 < 1; use 0.95", high_open=True),
+    "training.eps": Bound(0, 1, "AdamW needs a small positive eps; use 1e-8", low_open=True),
+    "training.max_grad_norm": Bound(
+        0,
+        1e12,
+        "clipping multiplies every gradient by max_grad_norm / norm: a negative or NaN value turns the update into "
+        "NaN, 0 into nothing; use a positive number such as 1.0, or inf for no clipping",
+        low_open=True,
+        allow_inf=True,
+    ),
+    "training.threads_per_rank": Bound(1, 4096, "use 0 to share the machine's cores among the ranks", zero="auto"),
+    "training.activation_checkpoint_every": Bound(1, 1024, "use a positive block cadence such as 2"),
+    "parallel.dp_replicate": Bound(1, _DEGREE, "use a positive degree, or -1 for 'whatever is left'"),
+    "parallel.dp_shard": Bound(1, _DEGREE, "use a positive degree, or -1 for 'whatever is left'"),
+    "parallel.cp": Bound(1, _DEGREE, "use a positive degree (1 is off)"),
+    "parallel.tp": Bound(1, _DEGREE, "use a positive degree (1 is off)"),
+    "parallel.pp": Bound(1, _DEGREE, "use a positive degree (1 is off)"),
+    "parallel.pp_microbatches": Bound(1, _BIG, "use 0 for one per stage or a positive count", zero="one per stage"),
+    "checkpoint.s3_max_attempts": Bound(1, 100, "use 0 or a number of attempts such as 5", zero="botocore's default"),
+    "checkpoint.interval": Bound(1, _BIG, "use a positive number of steps between saves"),
+    "checkpoint.keep_last": Bound(1, 10**6, "keep at least the newest checkpoint"),
+    "checkpoint.keep_every": Bound(1, _BIG, "use 0 to keep only the last ones, or a step cadence", zero="off"),
+    "checkpoint.preemption_grace_s": Bound(0, _SECONDS, "use a positive number of seconds such as 60", low_open=True),
+    "checkpoint.memory_interval": Bound(1, _BIG, "use 0 (off) or a number of steps", zero="off"),
+    "checkpoint.lease_ttl_s": Bound(0, _SECONDS, "use a positive number of seconds such as 30", low_open=True),
+    "health.heartbeat_interval_s": Bound(0, 3600, "use a positive number of seconds such as 0.5", low_open=True),
+    "health.fingerprint_every": Bound(1, _BIG, "use 0 to turn the check off, or a step cadence", zero="off"),
+    "health.golden_every": Bound(1, _BIG, "use 0 to turn the check off, or a step cadence", zero="off"),
+    "health.spike_factor": Bound(0, 1e6, "use 0 (NaN/Inf only) or a factor such as 10", low_open=True, zero="off"),
+    "recovery.max_reformations": Bound(0, 10**6, "use 0 (always restart the world) or a count"),
+    "recovery.reform_timeout_s": Bound(0, _SECONDS, "use a positive number of seconds such as 60", low_open=True),
+    "logging.log_every": Bound(1, _BIG, "use a positive number of steps"),
+    "logging.peak_tflops": Bound(
+        0, 1e6, "use 0 to detect known GPUs, or the accelerator's peak", low_open=True, zero="detect"
+    ),
+}
+"""Every int and float key of :class:`Config` (``tests/unit/test_config.py`` checks none is missing)."""
+
+_ANY_DEGREE = ("parallel.dp_replicate", "parallel.dp_shard")  # -1 fills the rest of the world
+
+
+def check_bounds(cfg: Config) -> None:
+    """Every numeric key against :data:`BOUNDS`: type, finiteness and range, one line naming the fix."""
+    for key, bound in BOUNDS.items():
+        section, name = key.split(".")
+        value = getattr(getattr(cfg, section), name)
+        if key in _ANY_DEGREE and value == -1:
+            continue
+        if not bound.admits(value):
+            raise ConfigError(f"{key} = {value!r} must be {bound.rule()}; {bound.fix}")
+
+
 def validate(cfg: Config) -> None:
-    """Checks that need more than one field or the file system; parallel degrees live in parallel.dims."""
+    """Every key's range (:data:`BOUNDS`), then checks that need more than one field or the file system."""
     from stalwart.model.args import get_flavor
 
     try:
         get_flavor(cfg.model.flavor)
     except ValueError as e:
         raise ConfigError(f"model.flavor: {e}") from None
-    t, d = cfg.training, cfg.data
-    for key, value in (
-        ("training.steps", t.steps),
-        ("training.global_batch_size", t.global_batch_size),
-        ("training.microbatch_size", t.microbatch_size),
-        ("data.seq_len", d.seq_len),
-        ("logging.log_every", cfg.logging.log_every),
-        ("checkpoint.interval", cfg.checkpoint.interval),
-        ("checkpoint.keep_last", cfg.checkpoint.keep_last),
-    ):
-        if value < 1:
-            raise ConfigError(f"{key} = {value} must be at least 1")
-    if cfg.checkpoint.s3_max_attempts < 0:
+    check_bounds(cfg)
+    for key, text in (("job.name", cfg.job.name), ("job.run_dir", cfg.job.run_dir)):
+        if not text.strip():
+            raise ConfigError(f"{key} = {text!r} must not be empty; name the job (e.g. --{key} my-run)")
+    for section, values in cfg.to_dict().items():
+        for name, value in values.items():
+            if isinstance(value, str) and "\x00" in value:
+                raise ConfigError(f"{section}.{name} = {value!r} holds a NUL character; remove it")
+    try:
+        cfg.job.run_dir.format(name=cfg.job.name)
+    except (KeyError, IndexError, ValueError, AttributeError):
         raise ConfigError(
-            f"checkpoint.s3_max_attempts = {cfg.checkpoint.s3_max_attempts} must be 0 (botocore's default) or a "
-            "number of attempts"
-        )
-    if cfg.checkpoint.memory_interval < 0:
-        raise ConfigError(
-            f"checkpoint.memory_interval = {cfg.checkpoint.memory_interval} must be 0 (off) or a number of steps"
-        )
-    if not (math.isfinite(cfg.checkpoint.lease_ttl_s) and cfg.checkpoint.lease_ttl_s > 0):
-        raise ConfigError(f"checkpoint.lease_ttl_s = {cfg.checkpoint.lease_ttl_s} must be a positive number of seconds")
-    if cfg.checkpoint.preemption_grace_s <= 0:
-        raise ConfigError(f"checkpoint.preemption_grace_s = {cfg.checkpoint.preemption_grace_s} must be positive")
-    if not (math.isfinite(t.lr) and t.lr > 0):
-        raise ConfigError(f"training.lr = {t.lr} must be a positive number")
-    if not t.max_grad_norm > 0:  # NaN fails this too; inf is allowed: it turns clipping off
-        raise ConfigError(
-            f"training.max_grad_norm = {t.max_grad_norm} cannot train (clipping multiplies every gradient by "
-            "max_grad_norm / norm: a negative or NaN value turns the update into NaN, 0 into nothing); use a positive "
-            "number such as 1.0, or inf for no clipping"
-        )
-    h = cfg.health
-    for key, value in (
-        ("health.fingerprint_every", h.fingerprint_every),
-        ("health.golden_every", h.golden_every),
-        ("health.spike_factor", h.spike_factor),
-    ):
-        if value < 0:
-            raise ConfigError(f"{key} = {value} must be >= 0 (0 turns the check off)")
-    if h.heartbeat_interval_s <= 0:
-        raise ConfigError(f"health.heartbeat_interval_s = {h.heartbeat_interval_s} must be positive")
-    if not 0 <= t.min_lr_ratio <= 1:
-        raise ConfigError(f"training.min_lr_ratio = {t.min_lr_ratio} must be within [0, 1]")
-    if t.warmup_steps < 0:
-        raise ConfigError(f"training.warmup_steps = {t.warmup_steps} must be >= 0")
+            f"job.run_dir = {cfg.job.run_dir!r} is not a valid template; the only placeholder is {{name}} (write "
+            "braces as {{ and }})"
+        ) from None
+    d = cfg.data
+    if cfg.checkpoint.url and "://" in cfg.checkpoint.url:
+        from stalwart.checkpoint.storage import url_problem  # fsspec: only for URLs
+
+        problem = url_problem(cfg.checkpoint.url)
+    else:
+        problem = None
+    if problem:
+        raise ConfigError(f"checkpoint.url = {problem}")
     if d.source == "files":
         if not d.path:
             raise ConfigError('data.source = "files" needs data.path: a file or folder of .txt/.jsonl text')

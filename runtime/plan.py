@@ -10,7 +10,7 @@ import dataclasses
 from dataclasses import dataclass
 
 from stalwart.errors import ConfigError
-from stalwart.model.args import ModelArgs, get_flavor
+from stalwart.model.args import ModelArgs, get_flavor, hf_shape
 from stalwart.parallel.dims import ParallelDims
 from stalwart.runtime.config import Config
 from stalwart.runtime.data.tokenizer import Tokenizer, build_tokenizer
@@ -53,3 +53,27 @@ def plan_job(cfg: Config, world_size: int) -> JobPlan:
     model_args = model_args_for(cfg, tokenizer.vocab_size)
     dims.validate_model(model_args, cfg.data.seq_len)
     return JobPlan(dims, tokenizer, model_args)
+
+
+def check_run_directory(cfg: Config, plan: JobPlan) -> None:
+    """A run that resumes must find checkpoints of this model and tokenizer; one line naming what differs else.
+
+    Runs before any rank starts (``stalwart train``, ``stalwart launch``): otherwise DCP fails with
+    "Missing key" deep in the load, or loads a state of another shape. The parallel layout may differ
+    (loads reshard). Storage that cannot be read is left to the trainer's start-up, which reports it.
+    """
+    if not cfg.checkpoint.enabled or cfg.checkpoint.resume == "none":
+        return
+    from stalwart.checkpoint.catalog import CheckpointCatalog
+    from stalwart.checkpoint.identity import check_identity
+    from stalwart.checkpoint.storage import s3_storage_options
+
+    c = cfg.checkpoint
+    try:
+        catalog = CheckpointCatalog.open(cfg.checkpoint_url, s3_storage_options(c.s3_endpoint, c.s3_max_attempts))
+        newest = catalog.newest_manifest()
+    except Exception:  # unreachable or unknown storage: not this check's to report
+        return
+    if newest is not None:
+        step, manifest = newest
+        check_identity(step, manifest, hf_shape(plan.model_args), plan.tokenizer.identity, cfg.checkpoint_url)

@@ -379,7 +379,9 @@ class Trainer:
             # part is then a device-to-host copy at PCIe speed (a pageable copy per save is far slower).
             cache_staging=self.env.device.type == "cuda",
         )
-        meta = SaveMeta(self.dims.as_dict(), self.cfg.layout_hash(), hf_config_from_args(self.model_args))
+        meta = SaveMeta(
+            self.dims.as_dict(), self.cfg.layout_hash(), hf_config_from_args(self.model_args), self.tokenizer.identity
+        )
         # on_save is the health side's checkpoint phase; bound once the health components exist.
         return Checkpointer(manager, self.state, SaveCadence(c.interval, c.memory_interval, c.mode == "async"), meta)
 
@@ -543,7 +545,7 @@ class Trainer:
             return
         grace = self.cfg.checkpoint.preemption_grace_s
         with grace_deadline(signalled_at, grace, self.step, self.events, announce=self.env.is_main):
-            self.checkpointer.save(self.step, sync=True)
+            self.checkpointer.save_or_raise(self.step, "the preempted step")
         if self.env.is_main:
             print(f"preempted: committed step {self.step} to {self.cfg.checkpoint_url}; exiting cleanly", flush=True)
 

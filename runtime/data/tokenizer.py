@@ -14,7 +14,7 @@ from typing import Protocol, runtime_checkable
 
 import numpy as np
 
-from stalwart.errors import MissingInputError
+from stalwart.errors import ConfigError, MissingInputError
 
 __all__ = [
     "Tokenizer",
@@ -155,7 +155,16 @@ def build_tokenizer(spec: str) -> Tokenizer:
             f"tokenizer '{spec}' not found (looked for '{path}'); pass \"byte\" for the built-in "
             "byte-level tokenizer, or a path to a tokenizer.json (or a folder containing one)"
         )
-    return HFTokenizer(path)
+    try:
+        return HFTokenizer(path)
+    except MissingInputError:
+        raise
+    except Exception as e:  # the Rust parser raises a bare Exception for a file that is not a tokenizer.json
+        reason = (str(e).strip().splitlines() or [type(e).__name__])[0][:300]
+        raise ConfigError(
+            f"data.tokenizer '{spec}' is not a usable Hugging Face tokenizer.json ({reason}); pass a tokenizer.json "
+            'exported by `tokenizers`/`transformers`, or "byte"'
+        ) from None
 
 
 def encode_documents(tokenizer: Tokenizer, docs: Iterable[str], batch_size: int = 256) -> Iterator[np.ndarray]:

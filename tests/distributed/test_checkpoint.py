@@ -9,8 +9,11 @@ import pytest
 import torch
 from dist_harness import run_ranks
 from s3_server import LocalS3
+from storage_faults import read_only, small_tmpfs
 from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 
+from stalwart.checkpoint.catalog import LastSaveFailed
+from stalwart.checkpoint.checkpointer import Checkpointer, SaveCadence, SaveMeta
 from stalwart.checkpoint.manager import CheckpointError, CheckpointManager, NoCheckpointError
 from stalwart.checkpoint.retention import steps_to_keep
 from stalwart.events import EventLog, read_events
@@ -95,7 +98,7 @@ def test_interrupted_saves_stay_invisible(tmp_path: Path) -> None:
     with pytest.raises(CheckpointError, match="step 2 was not saved"):
         manager.save(2, {"w": torch.full((4,), 2.0), "bad": lambda: None})
     leftovers = [n for n in os.listdir(root) if n.startswith("step-00000002.tmp-")]
-    assert len(leftovers) == 1  # the partial directory exists, but is not a checkpoint
+    assert leftovers == []  # a failed save's partial directory goes at once (on a full disk it holds the space)
     # A save that wrote everything but died before its marker, and one whose marker vanished.
     manager.save(3, {"w": torch.full((4,), 3.0)})
     os.remove(root / "step-00000003" / "COMMITTED")
@@ -109,6 +112,31 @@ def test_interrupted_saves_stay_invisible(tmp_path: Path) -> None:
     assert sorted(os.listdir(root)) == ["step-00000001", "step-00000004"]
     with pytest.raises(FileExistsError):  # the commit marker is create-if-absent
         manager.storage.write_bytes("step-00000004/COMMITTED", b"{}", exclusive=True)
+
+
+@pytest.mark.parametrize("async_saves", [True, False], ids=["async", "sync"])
+def test_on_read_only_storage_a_periodic_save_is_skipped_and_only_the_last_one_raises(
+    tmp_path: Path, async_saves: bool
+) -> None:
+    log = EventLog(tmp_path / "run", role="trainer", rank=0)
+    with small_tmpfs(tmp_path / "ckpt", size_mb=16) as root:
+        manager = CheckpointManager(str(root), events=log)
+        cadence = SaveCadence(interval=2, async_saves=async_saves)
+        checkpointer = Checkpointer(manager, {"w": torch.ones(4)}, cadence, SaveMeta())
+        assert checkpointer.maybe_save(2)
+        manager.wait()
+        with read_only(root):
+            checkpointer.maybe_save(4)  # fails (in the background when async): reported as ckpt_fail, never raised
+            with pytest.raises(
+                LastSaveFailed,
+                match=r"the checkpoint of the last step \(5\) was not saved: .*mounted read-only.*step 2 is the newest",
+            ):
+                checkpointer.maybe_save(5, last=True)
+        assert manager.committed_steps() == [2] and manager.verify(2) == []
+        assert checkpointer.maybe_save(6)  # writable again: the next interval commits
+        checkpointer.close()
+    log.close()
+    assert [e["step"] for e in read_events(tmp_path / "run") if e["kind"] == "ckpt_fail"] == [4, 5]
 
 
 def test_resaving_a_step_after_rollback_replaces_it(tmp_path: Path) -> None:
