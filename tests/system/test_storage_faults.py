@@ -18,6 +18,7 @@ from pathlib import Path
 
 import pytest
 from storage_faults import fill, read_only, small_tmpfs
+from tiny import tiny_overrides
 
 from stalwart.checkpoint import naming
 from stalwart.checkpoint.catalog import CheckpointCatalog
@@ -28,28 +29,9 @@ STEPS = 24
 INTERVAL = 4
 KEEP = 2
 TRAIN = [
-    sys.executable,
-    "-m",
-    "stalwart",
-    "train",
-    "--config",
-    "debug",
-    "--training.steps",
-    str(STEPS),
-    "--checkpoint.interval",
-    str(INTERVAL),
-    "--checkpoint.keep_last",
-    str(KEEP),
-    "--data.seq_len",
-    "32",
-    "--data.max_tokens",
-    "20000",
-    "--training.global_batch_size",
-    "4",
-    "--training.microbatch_size",
-    "4",
-    "--health.golden_every",
-    "0",
+    *(sys.executable, "-m", "stalwart", "train", "--config", "debug", "--training.steps", str(STEPS)),
+    *("--checkpoint.interval", str(INTERVAL), "--checkpoint.keep_last", str(KEEP)),
+    *tiny_overrides(model__n_layers=None, training__global_batch_size=4, training__threads_per_rank=None),
 ]
 
 

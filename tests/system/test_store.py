@@ -36,6 +36,9 @@ LAYOUT = [
     "2",
 ]
 _REFERENCE: dict[int, float] = {}
+ETCD_ELECTION_RDZV = (
+    "last_call_timeout=2,keep_alive_interval=1,keep_alive_max_attempt=6,join_timeout=300,read_timeout=20"
+)
 
 
 def reference(tmp_path_factory) -> dict[int, float]:
@@ -283,8 +286,17 @@ def test_etcd_rendezvous_one_member_of_three_lost_unnoticed_then_the_first_node_
     then the first training node is lost, the others re-form and it joins back."""
     etcd = EtcdCluster(tmp_path / "etcd", size=3)
     etcd.start()
+    # Killing the member the clients use first may kill etcd's leader: its election (timeout 1 s, longer
+    # on a busy 2-core box) must fit in the rendezvous keep-alive expiry, 6 s here, for the loss to go unseen.
     cluster = Cluster(
-        tmp_path / "run", LAYOUT, nnodes="1:3", nproc=1, backend="etcd-v2", rdzv=etcd.endpoints, healthd=False
+        tmp_path / "run",
+        LAYOUT,
+        nnodes="1:3",
+        nproc=1,
+        backend="etcd-v2",
+        rdzv=etcd.endpoints,
+        healthd=False,
+        extra=["--rdzv-conf", ETCD_ELECTION_RDZV],
     )
     exported: dict[str, str] = {}
     member_lost_at: list[float] = []
