@@ -362,7 +362,7 @@ def test_store_lost_for_seconds_the_ranks_train_on_and_membership_is_rebuilt(for
         tmp_path / "run", LAYOUT, nnodes="2", nproc=1, backend=backend, rdzv=rdzv, hosted=False, healthd=False
     )
     # Slow steps from step 3: the job is still training when the store comes back.
-    cluster.plan = [{"kind": "slow", "step": 3, "rank": 0, "seconds": 1.5, "steps": 7}]
+    cluster.plan = [{"kind": "slow", "step": 3, "rank": 0, "seconds": 2.0, "steps": 7}]
     try:
         cluster.start("node0")
         cluster.start("node1")
