@@ -361,17 +361,17 @@ class HealthDaemon:
                     del self._ranks[rank]
                     self.detector.forget(rank)
             hangs = self.detector.check(time.monotonic())
-            escalate = self._escalate_at is not None and time.monotonic() >= self._escalate_at
-            stuck = sorted(
-                rank
-                for rank, mark in self._escalate_ranks.items()
-                if rank in self._ranks and self._ranks[rank].progress_mono <= mark
-            )
-            if escalate:
+            stuck: list[int] = []
+            if not hangs and self._escalate_at is not None and time.monotonic() >= self._escalate_at:
+                stuck = sorted(  # declared hung and no progress since: what the recovery did not release
+                    rank
+                    for rank, mark in self._escalate_ranks.items()
+                    if rank in self._ranks and self._ranks[rank].progress_mono <= mark
+                )
                 self._escalate_at, self._escalate_ranks = None, {}
         if hangs:
             self._on_hangs(hangs)
-        elif escalate and stuck:
+        elif stuck:
             killed = self.kill_ranks(stuck, "hang without a culprit on this node outlived the recovery window")
             log.error(
                 "no progress since the hang was declared and no culprit found here: killed ranks %s (%s)", stuck, killed

@@ -14,6 +14,7 @@ was most of a 16-rank test. Each rank is still its own process with its own gloo
 
 from __future__ import annotations
 
+import functools
 import multiprocessing
 import os
 import tempfile
@@ -27,15 +28,13 @@ from stalwart.net import free_port
 
 REPO = Path(__file__).resolve().parent.parent
 PRELOAD = ["torch", "torch.distributed", "stalwart.runtime.train", "dist_harness"]
-_CONTEXT: Any = None
 
 
+@functools.cache
 def _context() -> Any:
-    global _CONTEXT
-    if _CONTEXT is None:
-        _CONTEXT = multiprocessing.get_context("forkserver")
-        _CONTEXT.set_forkserver_preload(PRELOAD)
-    return _CONTEXT
+    context = multiprocessing.get_context("forkserver")
+    context.set_forkserver_preload(PRELOAD)
+    return context
 
 
 def _rank_entry(path: str, func: str, tmp: str, env: dict[str, str], log: str) -> None:
